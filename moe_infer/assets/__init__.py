@@ -1,0 +1,1 @@
+"""Tiny trained models shipped with moe_infer."""
