@@ -1,1 +1,5 @@
-"""kernels subpackage."""
+"""MoE layer kernels: the torch reference of the `fused_moe` contract."""
+
+from .reference import reference_moe
+
+__all__ = ["reference_moe"]

@@ -1,3 +1,15 @@
-"""moe_infer: Mixture-of-Experts inference for Hugging Face transformers models."""
+"""moe_infer: Mixture-of-Experts inference for Hugging Face `transformers` models.
+
+    import moe_infer
+    model = moe_infer.wrap(hf_model)      # same outputs, MoE layers run by moe_infer
+    moe_infer.executor(model).stats()     # tokens and expert activations per layer
+    moe_infer.unwrap(model)               # the original blocks back, bit-exact
+"""
 
 __version__ = "0.1.0"
+
+from moe_infer.api import executor, is_wrapped, load, unwrap, wrap
+from moe_infer.config import MoEConfig
+from moe_infer.families import UnsupportedModel, supported_families
+
+__all__ = ["MoEConfig", "UnsupportedModel", "executor", "is_wrapped", "load", "supported_families", "unwrap", "wrap"]

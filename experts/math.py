@@ -1,0 +1,154 @@
+"""Reference expert math: one expert's gated MLP, and a whole MoE layer grouped by expert.
+
+Shape legend: T tokens, H hidden, I intermediate (per expert), E experts, K top-k.
+
+`moe_forward` is the torch ground truth of the executor and of `kernels.reference_moe`: it groups
+the (token, k) pairs by expert, runs every hit expert once on its batch of rows, weights each row
+by its routing weight and sums the K contributions of each token in the original order, in the
+same arithmetic as `transformers`' default `grouped_mm` experts implementation. It never loops
+over tokens in Python, only over the experts that were hit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    """One expert's weights in the canonical orientation (rows = output features).
+
+    `w13` [2I, H] holds the gate rows then the up rows, unless `interleaved` (GPT-OSS keeps gate
+    and up alternating: rows 0, 2, 4, ... are gate). `w2` [H, I]. Biases optional.
+    """
+
+    w13: Tensor  # [2I, H]
+    w2: Tensor  # [H, I]
+    b13: Tensor | None = None  # [2I]
+    b2: Tensor | None = None  # [H]
+    interleaved: bool = False
+
+    def canonical(self) -> "ExpertTensors":
+        """Contiguous copy with gate rows first (what converted checkpoints and kernels store)."""
+        if not self.interleaved:
+            return ExpertTensors(self.w13.contiguous(), self.w2.contiguous(),
+                                 None if self.b13 is None else self.b13.contiguous(),
+                                 None if self.b2 is None else self.b2.contiguous())
+        order = torch.cat((torch.arange(0, self.w13.shape[0], 2), torch.arange(1, self.w13.shape[0], 2)))
+        order = order.to(self.w13.device)
+        return ExpertTensors(self.w13[order].contiguous(), self.w2.contiguous(),
+                             None if self.b13 is None else self.b13[order].contiguous(),
+                             None if self.b2 is None else self.b2.contiguous())
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The gated activation act(gate) * up, by `transformers` activation name (`hidden_act`), or
+    GPT-OSS's clamped SwiGLU: clamp(gate, max=limit) * sigmoid(alpha * gate) * (clamp(up, +-limit) + 1)."""
+
+    name: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        from transformers.activations import ACT2FN
+
+        if self.name != "gpt_oss" and self.name not in ACT2FN:
+            raise ValueError(
+                f"unknown activation {self.name!r}; use 'gpt_oss' or a transformers activation name "
+                f"such as {', '.join(sorted(k for k in ACT2FN if isinstance(k, str))[:12])}, ..."
+            )
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.name == "gpt_oss":
+            gate = gate.clamp(min=None, max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return _act_fn(self.name)(gate) * up
+
+
+_ACT_CACHE: dict[str, Callable[[Tensor], Tensor]] = {}
+
+
+def _act_fn(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in _ACT_CACHE:
+        from transformers.activations import ACT2FN
+
+        _ACT_CACHE[name] = ACT2FN[name]
+    return _ACT_CACHE[name]
+
+
+def as_activation(activation: str | Activation) -> Activation:
+    return activation if isinstance(activation, Activation) else Activation(activation)
+
+
+def expert_forward(x: Tensor, expert: ExpertTensors, activation: Activation) -> Tensor:
+    """x [T, H] -> [T, H] through one gated expert MLP, in the dtype of x."""
+    gate_up = F.linear(x, expert.w13, expert.b13)  # [T, 2I]
+    if expert.interleaved:
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+    return F.linear(activation(gate, up), expert.w2, expert.b2)
+
+
+def group_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
+    """Sort the T*K (token, k) slots by expert.
+
+    Returns `order` [T*K] (slot indices, expert-major, stable) and `counts` (a list of E ints):
+    expert e owns order[sum(counts[:e]) : sum(counts[:e+1])]. Slots whose id is outside [0, E)
+    (another rank's experts, or "no expert") sort to the end and belong to no expert.
+    """
+    flat_ids = expert_ids.reshape(-1)
+    valid = (flat_ids >= 0) & (flat_ids < num_experts)
+    sort_key = torch.where(valid, flat_ids, torch.full_like(flat_ids, num_experts))
+    sorted_ids, order = torch.sort(sort_key, stable=True)
+    counts = torch.bincount(sorted_ids, minlength=num_experts + 1)[:num_experts]
+    return order, counts.tolist()  # the one host sync: the loop below needs the sizes
+
+
+ExpertSource = Callable[[int], ExpertTensors]
+
+
+def moe_forward(
+    hidden: Tensor,
+    expert_ids: Tensor,
+    expert_weights: Tensor,
+    expert: ExpertSource,
+    num_experts: int,
+    activation: Activation,
+    *,
+    grouping: tuple[Tensor, list[int]] | None = None,
+) -> Tensor:
+    """Weighted sum over each token's K experts: hidden [T, H], expert_ids/expert_weights [T, K]
+    -> [T, H] in hidden's dtype. `expert(e)` gives expert e's tensors (resident or fetched).
+
+    Rows are weighted in the promoted dtype of the expert output and the routing weights (fp32
+    when a family keeps fp32 weights) and the K rows of a token are summed in that dtype, as
+    `transformers`' `grouped_mm` does. `grouping` reuses a `group_by_expert` result.
+    """
+    num_tokens, top_k = expert_ids.shape
+    if hidden.ndim != 2 or hidden.shape[0] != num_tokens or expert_weights.shape != expert_ids.shape:
+        raise ValueError(
+            f"moe_forward: expected hidden [T, H] and expert_ids/expert_weights [T, K] with the same T and K; "
+            f"got hidden {tuple(hidden.shape)}, expert_ids {tuple(expert_ids.shape)}, "
+            f"expert_weights {tuple(expert_weights.shape)}"
+        )
+    order, counts = grouping if grouping is not None else group_by_expert(expert_ids, num_experts)
+    flat_weights = expert_weights.reshape(-1)
+    out_dtype = torch.promote_types(hidden.dtype, expert_weights.dtype)
+    weighted = hidden.new_zeros((num_tokens * top_k, hidden.shape[-1]), dtype=out_dtype)  # [T*K, H]
+    start = 0
+    for expert_idx, count in enumerate(counts):
+        if count == 0:
+            continue
+        slots = order[start : start + count]
+        start += count
+        rows = expert_forward(hidden[slots // top_k], expert(expert_idx), activation)  # [count, H]
+        weighted[slots] = rows * flat_weights[slots, None]
+    return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)

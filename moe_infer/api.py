@@ -1,0 +1,148 @@
+"""Public entry points: `wrap`, `unwrap`, `executor`, `load` (DESIGN section 3).
+
+`wrap` replaces every sparse MoE block of a model, in place, by a `MoELayer` that computes the
+same outputs. Everything that can fail is checked before the first block is replaced, so an
+error leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_infer.config import MoEConfig, check_field_names
+from moe_infer.executor import ModelExecutor, check_supported
+from moe_infer.families import UnsupportedModel, find_moe_blocks
+from moe_infer.experts.layout import UnsupportedExperts
+from moe_infer.layer import MoELayer
+
+_EXECUTOR_ATTR = "_moe_infer_executor"
+_PROBE_TOKENS = 64
+
+
+def executor(model: nn.Module) -> ModelExecutor:
+    """The executor behind a wrapped model."""
+    ex = getattr(model, _EXECUTOR_ATTR, None)
+    if ex is None:
+        raise ValueError(f"{type(model).__name__} is not wrapped; call moe_infer.wrap(model) first")
+    return ex
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return getattr(model, _EXECUTOR_ATTR, None) is not None
+
+
+def wrap(model: nn.Module, config: MoEConfig | None = None, **fields: Any) -> nn.Module:
+    """Make every sparse MoE block of `model` run through moe_infer; returns the same object.
+
+    `config` and/or MoEConfig fields as keywords. On an already wrapped model this reconfigures it:
+    the fields given replace those of the current configuration (or of `config`, if given).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap expects a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if config is not None and not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a moe_infer.MoEConfig, got {type(config).__name__}")
+    check_field_names(fields)
+    wrapped = getattr(model, _EXECUTOR_ATTR, None)
+    base = config if config is not None else (wrapped.config if wrapped is not None else MoEConfig())
+    new_config = base.replace(**fields) if fields else base
+    check_supported(new_config)
+    if wrapped is not None:
+        wrapped.configure(new_config)
+        return model
+
+    blocks = find_moe_blocks(model)
+    hidden_act = getattr(getattr(model, "config", None), "hidden_act", None)
+    layers = []
+    for found in blocks:
+        try:
+            layers.append(MoELayer(found, _text_hidden_act(model, found.module) or hidden_act))
+        except UnsupportedExperts as err:
+            raise UnsupportedModel(f"{type(model).__name__}: MoE block at '{found.name}': {err}") from None
+    for layer in layers:
+        _verify_routing(layer)
+
+    # nothing can fail from here on: swap the blocks in
+    for found, layer in zip(blocks, layers):
+        parent_name, _, attr = found.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, layer)
+    object.__setattr__(model, _EXECUTOR_ATTR, ModelExecutor(model, layers, new_config))
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put the original MoE blocks back; the model then computes exactly what it did before `wrap`."""
+    ex = executor(model)
+    for layer in ex.layers:
+        parent_name, _, attr = layer.block_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, layer.restore())
+    object.__delattr__(model, _EXECUTOR_ATTR)
+    return model
+
+
+def _text_hidden_act(model: nn.Module, block: nn.Module) -> str | None:
+    """The activation name of the config the experts were built from (multimodal models nest it)."""
+    cfg = getattr(block.experts, "config", None)
+    return getattr(cfg, "hidden_act", None) if cfg is not None else None
+
+
+@torch.no_grad()
+def _verify_routing(layer: MoELayer) -> None:
+    """Route a random probe batch through the adapter and through the family's own router: ids must
+    be identical and weights equal, or the model is refused (wrapping must not change outputs)."""
+    router = layer.router
+    weights = [p for p in router.parameters()] + [p for p in router.buffers()]
+    if any(p.is_meta for p in weights) or layer.experts.gate_up_proj.is_meta:
+        return  # nothing to compare on the meta device (the weights arrive later)
+    param = layer.experts.gate_up_proj
+    generator = torch.Generator().manual_seed(0)  # a private generator: the user's RNG stream is untouched
+    hidden_size = layer.expert_source.hidden_size
+    probe = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator).to(param.device, param.dtype)
+    was_training = router.training
+    router.train(False)
+    try:
+        expected = layer.family_router_output(probe)
+    finally:
+        router.train(was_training)
+    got = layer.route(probe)
+    _, expected_weights, expected_ids = expected
+    same = (
+        torch.equal(got.expert_ids, expected_ids)
+        and got.expert_weights.dtype == expected_weights.dtype
+        and torch.allclose(got.expert_weights, expected_weights, rtol=1e-6, atol=0)
+    )
+    if not same:
+        raise UnsupportedModel(
+            f"MoE block at '{layer.block_name}' ({type(router).__name__}): the {layer.adapter.name} routing "
+            f"adapter does not reproduce this router on a probe batch; refusing to wrap (please report this model)"
+        )
+
+
+def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.device | None = None,
+         **fields: Any) -> nn.Module:
+    """Load a `transformers` model directory and wrap it (MoEConfig fields as keywords)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"load: {path!r} is not a directory")
+    if os.path.exists(os.path.join(path, "moe_infer.json")):
+        with open(os.path.join(path, "moe_infer.json")) as f:
+            fmt = json.load(f).get("format")
+        raise ValueError(f"load: {path!r} is a converted checkpoint ({fmt}); this version of moe_infer loads "
+                         f"plain transformers directories only")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"load: {path!r} has no config.json; expected a transformers model directory")
+    check_field_names(fields)
+    check_supported(MoEConfig().replace(**fields))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return wrap(model, **fields)

@@ -1,0 +1,146 @@
+"""`MoEConfig`: the one dataclass that configures a wrapped model (DESIGN section 3).
+
+Owns validation of every field (a bad value raises `ValueError` naming the field, the value and
+what is allowed) and the parsing of byte budgets such as "20GiB". It does not decide whether a
+valid value is implemented by this version: `moe_infer.api` checks that when a model is wrapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+KERNELS = ("auto", "triton", "torch")
+CACHE_POLICIES = ("lru", "lfu", "expertflow", "static")
+SIMULATOR_ONLY_POLICIES = ("belady",)
+PREDICTORS = ("gate-lookahead", "markov", "expertflow", "pregate")
+LOADERS = ("on-demand", "ring")
+CPU_COMPUTE = ("never", "auto", "always")
+PARALLEL_MODES = ("auto", "ep", "tp")
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: int | str, *, name: str = "value") -> int:
+    """Return a byte count from an int or a string like "20GiB", "512MB", "1.5 GiB"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: expected a byte count (int) or a size string like '20GiB'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{name}={value!r}: a byte budget must be positive")
+        return value
+    if isinstance(value, str):
+        match = _BYTES_RE.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            count = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            if count > 0:
+                return count
+        raise ValueError(
+            f"{name}={value!r}: expected a positive size such as 20GiB, 512MB or 1073741824 "
+            f"(units: {', '.join(u for u in _UNITS if u)}; case-insensitive)"
+        )
+    raise ValueError(f"{name}={value!r}: expected an int or a size string, got {type(value).__name__}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"MoEConfig.{name}={value!r}: allowed values are {', '.join(map(repr, allowed))}")
+
+
+def _existing_path(name: str, value: Any) -> None:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"MoEConfig.{name}={value!r}: expected None or a file path")
+    if not os.path.exists(value):
+        raise ValueError(f"MoEConfig.{name}={value!r}: no such file or directory")
+
+
+@dataclass
+class MoEConfig:
+    """How a wrapped model runs its MoE layers. Every field is validated on construction.
+
+    Byte budgets (`gpu_memory`, `cpu_memory`) accept ints or strings like "20GiB" and are stored
+    as ints.
+    """
+
+    kernel: str = "auto"
+    gpu_memory: int | str | None = None
+    cpu_memory: int | str | None = None
+    offload_dir: str | os.PathLike | None = None
+    cache_policy: str = "lru"
+    predictor: str | os.PathLike | None = None
+    prefetch_depth: int = 1
+    loader: str = "on-demand"
+    cpu_compute: str = "auto"
+    token_scheduling: bool = False
+    placement: str | os.PathLike | None = None
+    parallel: str | int | None = None
+    routing_override: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _choice("kernel", self.kernel, KERNELS)
+        for name in ("gpu_memory", "cpu_memory"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, parse_bytes(value, name=f"MoEConfig.{name}"))
+        if self.offload_dir is not None and not isinstance(self.offload_dir, (str, os.PathLike)):
+            raise ValueError(f"MoEConfig.offload_dir={self.offload_dir!r}: expected None or a directory path")
+        if self.cache_policy in SIMULATOR_ONLY_POLICIES:
+            raise ValueError(
+                f"MoEConfig.cache_policy={self.cache_policy!r}: belady needs the future and exists only "
+                f"in moe_infer.cache.simulate; allowed values are {', '.join(map(repr, CACHE_POLICIES))}"
+            )
+        _choice("cache_policy", self.cache_policy, CACHE_POLICIES)
+        if self.predictor is not None and self.predictor not in PREDICTORS:
+            if not isinstance(self.predictor, (str, os.PathLike)) or not os.path.exists(self.predictor):
+                raise ValueError(
+                    f"MoEConfig.predictor={self.predictor!r}: expected None, one of "
+                    f"{', '.join(map(repr, PREDICTORS))}, or the path of a saved predictor"
+                )
+        if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
+            raise ValueError(f"MoEConfig.prefetch_depth={self.prefetch_depth!r}: expected an int >= 0")
+        _choice("loader", self.loader, LOADERS)
+        _choice("cpu_compute", self.cpu_compute, CPU_COMPUTE)
+        if not isinstance(self.token_scheduling, bool):
+            raise ValueError(f"MoEConfig.token_scheduling={self.token_scheduling!r}: expected True or False")
+        if self.placement is not None:
+            _existing_path("placement", self.placement)
+        if self.parallel is not None:
+            is_int = isinstance(self.parallel, int) and not isinstance(self.parallel, bool)
+            if not (self.parallel in PARALLEL_MODES or (is_int and self.parallel >= 0)):
+                raise ValueError(
+                    f"MoEConfig.parallel={self.parallel!r}: expected None, "
+                    f"{', '.join(map(repr, PARALLEL_MODES))} or a sharding factor r >= 0"
+                )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **fields: Any) -> "MoEConfig":
+        """A copy with `fields` changed (validated like the constructor)."""
+        check_field_names(fields)
+        return dataclasses.replace(self, **fields)
+
+    def non_default_fields(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not f.default and getattr(self, f.name) != f.default
+        }
+
+
+def check_field_names(fields: dict[str, Any]) -> None:
+    unknown = sorted(set(fields) - set(MoEConfig.field_names()))
+    if unknown:
+        raise TypeError(
+            f"unknown MoEConfig field(s) {', '.join(map(repr, unknown))}; "
+            f"fields are {', '.join(MoEConfig.field_names())}"
+        )

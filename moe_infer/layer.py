@@ -1,0 +1,142 @@
+"""`MoELayer`: the executor of one sparse MoE block, put in the block's place by `wrap`.
+
+Data flow (DESIGN section 4): route (router adapter) -> group the (token, k) pairs by expert ->
+compute every hit expert once on its rows -> weighted combine in the original token order ->
+shared experts. The layer registers the original block's children under their own names, so
+parameter names, `state_dict`, `.to()` and `output_router_logits` hooks are those of the
+unwrapped model; the original block is kept aside (not as a submodule) for `unwrap`.
+
+Shape legend: T tokens, H hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from moe_infer.experts.layout import ModuleExperts
+from moe_infer.experts.math import group_by_expert, moe_forward
+from moe_infer.families import FoundBlock
+from moe_infer.routing.adapters import Routing
+
+if TYPE_CHECKING:
+    from moe_infer.executor import ModelExecutor
+
+
+class LayerStats:
+    """Counters of one layer, kept on the host (the grouping already synchronises once per call)."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.tokens = 0
+        self.expert_counts = [0] * self.num_experts  # (token, k) pairs routed to each expert
+        self.expert_loads = 0  # experts acquired: one per expert used per call
+
+    def record(self, num_tokens: int, counts: list[int]) -> None:
+        self.calls += 1
+        self.tokens += num_tokens
+        self.expert_counts = [a + b for a, b in zip(self.expert_counts, counts)]
+        self.expert_loads += sum(1 for c in counts if c)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, found: FoundBlock, hidden_act: str | None):
+        super().__init__()
+        block = found.module
+        # not a submodule: the original block is restored by unwrap, and must not be saved twice
+        object.__setattr__(self, "original", block)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        for name, param in block.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in block.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in block._non_persistent_buffers_set)
+
+        self.block_name = found.name
+        self.layer_idx = found.layer_idx
+        self.family = found.spec.family
+        self.router_attr = found.router_attr
+        self._shared = found.shared
+        self._returns_router_scores = found.spec.returns_router_scores
+        self._router_args = found.spec.router_args
+        self.expert_source = ModuleExperts.from_module(block.experts, hidden_act)
+        self.num_experts = self.expert_source.num_experts
+        self.adapter = found.spec.build_adapter(getattr(block, found.router_attr), self._block_attr, self.num_experts)
+        self.stats = LayerStats(self.num_experts)
+        self.executor: ModelExecutor | None = None  # set by the ModelExecutor that owns this layer
+        self.train(block.training)
+
+    # -- the block's own state, wherever it lives now (buffers on self follow .to(); the rest on the original)
+    def _block_attr(self, name: str):
+        if name in self._parameters or name in self._buffers or name in self._modules:
+            return getattr(self, name)
+        return getattr(self.original, name)
+
+    @property
+    def router(self) -> nn.Module:
+        return getattr(self, self.router_attr)
+
+    def family_router_output(self, hidden: Tensor) -> tuple:
+        """What the family's own router module returns for `hidden` [T, H] (for verification)."""
+        return self.router(hidden, *self._router_args(self._block_attr))
+
+    def route(self, hidden: Tensor) -> Routing:
+        return self.adapter.route(hidden)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        if self.training:
+            # moe_infer is for inference; training keeps the family's exact semantics (jitter, sampling)
+            self._sync_original()
+            self.original.train(True)
+            return self.original(hidden_states, *args, **kwargs)
+        shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        routing = self.route(hidden)
+        self._feed_router_hooks(hidden, routing)
+        grouping = group_by_expert(routing.expert_ids, self.num_experts)
+        out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
+                          self.num_experts, self.expert_source.activation, grouping=grouping)
+        self.stats.record(hidden.shape[0], grouping[1])
+        if self._shared is not None:
+            out = out + self._shared(self, hidden)
+        out = out.reshape(shape)
+        if self._returns_router_scores:
+            return out, routing.expert_weights
+        return out
+
+    def _feed_router_hooks(self, hidden: Tensor, routing: Routing) -> None:
+        """Run the router module's forward hooks as if it had been called: `transformers`
+        records `output_router_logits` with such hooks."""
+        router = self.router
+        if not router._forward_hooks:
+            return
+        output = self.adapter.router_output(routing)
+        for hook_id, hook in list(router._forward_hooks.items()):
+            if hook_id in router._forward_hooks_with_kwargs:
+                hook(router, (hidden,), {}, output)
+            else:
+                hook(router, (hidden,), output)
+
+    def _sync_original(self) -> None:
+        """Point the original block at this layer's current block-level tensors (they may have been
+        replaced by `.to()`, `.half()`, ... since wrapping)."""
+        for name, param in self._parameters.items():
+            self.original._parameters[name] = param
+        for name, buffer in self._buffers.items():
+            self.original._buffers[name] = buffer
+
+    def restore(self) -> nn.Module:
+        """The original block, holding the current tensors; used by unwrap."""
+        self._sync_original()
+        self.original.train(self.training)
+        return self.original
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_idx}, family={self.family}, experts={self.num_experts}, "
+                f"top_k={self.adapter.top_k}, router={self.adapter.name}")
