@@ -70,6 +70,8 @@ class MoELayer(nn.Module):
         self.adapter = found.spec.build_adapter(getattr(block, found.router_attr), self._block_attr, self.num_experts)
         self.stats = LayerStats(self.num_experts)
         self.executor: ModelExecutor | None = None  # set by the ModelExecutor that owns this layer
+        # callables (layer, hidden [T, H], routing) run after routing: profilers, predictors
+        self.routing_observers: list = []
         self.train(block.training)
 
     # -- the block's own state, wherever it lives now (buffers on self follow .to(); the rest on the original)
@@ -99,6 +101,8 @@ class MoELayer(nn.Module):
         hidden = hidden_states.reshape(-1, shape[-1])  # [T, H]
         routing = self.route(hidden)
         self._feed_router_hooks(hidden, routing)
+        for observer in self.routing_observers:
+            observer(self, hidden, routing)
         grouping = group_by_expert(routing.expert_ids, self.num_experts)
         out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
                           self.num_experts, self.expert_source.activation, grouping=grouping)
