@@ -11,5 +11,6 @@ __version__ = "0.1.0"
 from moe_infer.api import executor, is_wrapped, load, unwrap, wrap
 from moe_infer.config import MoEConfig
 from moe_infer.families import UnsupportedModel, supported_families
+from moe_infer.trace import Trace
 
-__all__ = ["MoEConfig", "UnsupportedModel", "executor", "is_wrapped", "load", "supported_families", "unwrap", "wrap"]
+__all__ = ["MoEConfig", "Trace", "UnsupportedModel", "executor", "is_wrapped", "load", "supported_families", "unwrap", "wrap"]
