@@ -21,6 +21,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from moe_infer.profiler import ProfileOptions, check_inputs_exist, load_model, record_trace
+
+    features = tuple(f.strip() for f in args.features.split(",") if f.strip()) if args.features else ()
+    options = ProfileOptions(mode=args.mode, seq_len=args.seq_len, batch_size=args.batch_size,
+                             new_tokens=args.new_tokens, max_tokens=args.max_tokens, features=features,
+                             router_logits=args.router_logits, chunk_tokens=args.chunk_tokens,
+                             progress=not args.no_progress)
+    if not args.text and args.prompts is None:
+        raise ValueError("give --text FILE... and/or --prompts JSONL")
+    check_inputs_exist(args.text or (), args.prompts)  # before the model is loaded
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    result = record_trace(model, args.out, texts=args.text or (), prompts=args.prompts, tokenizer=tokenizer,
+                          model_name=args.model, options=options)
+    print(f"wrote {result.path}: {result.tokens} tokens in {result.sequences} sequences "
+          f"({result.tokens / result.seconds:.1f} tokens/s, {result.parts} part(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-infer", description="Mixture-of-Experts inference for transformers models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -33,6 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     demo.set_defaults(run=_demo)
+
+    profile = sub.add_parser("profile", help="run a model over text or prompts and record an expert trace")
+    profile.add_argument("--model", required=True, help="a shipped model name or a transformers directory")
+    profile.add_argument("--text", nargs="+", metavar="FILE", help="text files, cut into windows of --seq-len tokens")
+    profile.add_argument("--prompts", metavar="JSONL", help='a JSONL file of {"prompt": "..."} lines')
+    profile.add_argument("--out", required=True, metavar="TRACE", help="the trace file to write (.safetensors)")
+    profile.add_argument("--mode", default="prefill", choices=["prefill", "generate"],
+                         help="prefill: teacher forcing over the text; generate: greedy decoding after each prompt")
+    profile.add_argument("--max-tokens", type=int, default=None, help="stop after recording this many tokens")
+    profile.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (window or prompt)")
+    profile.add_argument("--batch-size", type=int, default=8)
+    profile.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (generate mode)")
+    profile.add_argument("--features", default="",
+                         help="comma-separated: embedding, moe_input:LAYER (hidden state entering that MoE layer)")
+    profile.add_argument("--router-logits", action="store_true", help="also record router logits (float16)")
+    profile.add_argument("--chunk-tokens", type=int, default=65536,
+                         help="tokens of records held in memory before they are written to a part file")
+    profile.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    profile.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    profile.add_argument("--no-progress", action="store_true", help="no progress bar")
+    profile.set_defaults(run=_profile)
     return parser
 
 
