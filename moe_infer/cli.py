@@ -40,6 +40,18 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace_stats(args: argparse.Namespace) -> int:
+    from moe_infer.trace import Trace
+    from moe_infer.trace_stats import format_markdown, write_report
+
+    statistics, written = write_report(Trace.load(args.trace), plots=args.plots, json_path=args.json,
+                                       markdown_path=args.markdown, max_distance=args.max_distance)
+    print(format_markdown(statistics), end="")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-infer", description="Mixture-of-Experts inference for transformers models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -73,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     profile.add_argument("--no-progress", action="store_true", help="no progress bar")
     profile.set_defaults(run=_profile)
+
+    stats = sub.add_parser("trace-stats", help="routing statistics of a trace, beside a uniform random router")
+    stats.add_argument("trace", metavar="TRACE")
+    stats.add_argument("--plots", metavar="DIR", help="write PNG heatmaps (popularity, cross-layer affinity) here")
+    stats.add_argument("--json", metavar="OUT", help="write the statistics as JSON")
+    stats.add_argument("--markdown", metavar="OUT", help="write the markdown report")
+    stats.add_argument("--max-distance", type=int, default=3, help="cross-layer distances 1..D")
+    stats.set_defaults(run=_trace_stats)
     return parser
 
 
