@@ -82,7 +82,9 @@ class MoELayer(nn.Module):
 
     @property
     def router(self) -> nn.Module:
-        return getattr(self, self.router_attr)
+        # through _modules: for blocks whose router child is itself named `router` (GPT-OSS, Granite,
+        # PhiMoE, Jamba), getattr(self, "router") would find this property again
+        return self._modules[self.router_attr]
 
     def family_router_output(self, hidden: Tensor) -> tuple:
         """What the family's own router module returns for `hidden` [T, H] (for verification)."""
