@@ -11,11 +11,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 import moe_infer
-
-RANDOM_MODEL = "random-mixtral"
+from moe_infer.models import decode_tokens, encode_text, load_model
 
 
 @dataclass
@@ -28,52 +26,6 @@ class DemoResult:
     tokens_per_s_wrapped: float
     tokens_per_s_unwrapped: float
     stats: dict
-
-
-def _random_mixtral() -> tuple[nn.Module, None]:
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                           num_experts_per_tok=2, max_position_embeddings=1024, bos_token_id=None,
-                           eos_token_id=None, pad_token_id=0)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config).eval()
-    torch.random.set_rng_state(generator_state)
-    return model, None
-
-
-def load_demo_model(name: str, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer or None): a shipped asset name, "random-mixtral", or a transformers directory."""
-    from moe_infer import assets
-
-    if name == RANDOM_MODEL:
-        model, tokenizer = _random_mixtral()
-    elif name in assets.names():
-        model, tokenizer = assets.load_model(name, dtype=dtype)
-    else:
-        import os
-
-        if not os.path.isdir(name):
-            raise ValueError(f"--model {name!r}: not a shipped model ({', '.join(assets.names()) or 'none'}), "
-                             f"not {RANDOM_MODEL!r}, and not a directory")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name) if os.path.exists(os.path.join(name, "tokenizer_config.json")) else None
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
-
-
-def _encode(tokenizer, text: str, device) -> torch.Tensor:
-    ids = tokenizer(text)["input_ids"] if tokenizer is not None else list(text.encode("utf-8"))
-    return torch.tensor([ids], device=device)
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    if tokenizer is not None:
-        return tokenizer.decode(ids)
-    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 def _timed_generate(model, input_ids, new_tokens: int, pad_token_id: int) -> tuple[torch.Tensor, float]:
@@ -90,10 +42,9 @@ def _timed_generate(model, input_ids, new_tokens: int, pad_token_id: int) -> tup
 @torch.inference_mode()
 def run_demo(model_name: str = "tiny-mixtral", prompt: str = "def main(", new_tokens: int = 64,
              device: str | None = None, dtype: str = "float32") -> DemoResult:
-    device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_t = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model, tokenizer = load_demo_model(model_name, device_t, dtype_t)
-    input_ids = _encode(tokenizer, prompt, device_t)
+    model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    device_t = model.device
+    input_ids = torch.tensor([encode_text(tokenizer, prompt)], device=device_t)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
 
     reference_logits = model(input_ids).logits
@@ -105,7 +56,7 @@ def run_demo(model_name: str = "tiny-mixtral", prompt: str = "def main(", new_to
     moe_infer.executor(model).reset_stats()
     out, seconds_wrapped = _timed_generate(model, input_ids, new_tokens, pad)
     stats = moe_infer.executor(model).stats()
-    text = _decode(tokenizer, out[0].tolist())
+    text = decode_tokens(tokenizer, out[0].tolist())
     return DemoResult(model_name, str(device_t), max_diff, text, new_tokens,
                       new_tokens / seconds_wrapped, new_tokens / seconds_unwrapped, stats)
 

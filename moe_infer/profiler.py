@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from moe_infer.models import DTYPES, decode_tokens, encode_text, load_model  # noqa: F401 (re-exported)
 from moe_infer.trace import Trace
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 MODES = ("prefill", "generate")
 EMBEDDING_FEATURE = "embedding"
 MOE_INPUT_FEATURE = "moe_input"  # "moe_input:<decoder-layer index>"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Text files are read this many characters at a time (cut at a line end), so a corpus file is
 # never held in memory whole.
@@ -147,52 +147,6 @@ class ProfileResult:
 
 
 # ----------------------------------------------------------------------------- model and text
-
-
-def load_model(name: str, *, device: str | torch.device | None = None,
-               dtype: str = "float32") -> tuple[nn.Module, Any]:
-    """(model in eval mode, tokenizer or None) for a shipped asset name or a transformers directory.
-
-    ``device`` defaults to cuda when available. A directory without tokenizer files gives None:
-    its token ids are then read as UTF-8 bytes (see ``encode_text``).
-    """
-    from moe_infer import assets
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shipped = list(assets.names()) if hasattr(assets, "names") else []
-    if name in shipped:
-        model, tokenizer = assets.load_model(name, dtype=torch_dtype)
-    elif os.path.isdir(name):
-        if not os.path.exists(os.path.join(name, "config.json")):
-            raise ValueError(f"model {name!r}: the directory has no config.json; expected a "
-                             "transformers model directory")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        has_tokenizer = any(os.path.exists(os.path.join(name, file))
-                            for file in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = AutoTokenizer.from_pretrained(name) if has_tokenizer else None
-    else:
-        raise ValueError(f"model {name!r}: not a shipped model ({', '.join(shipped) or 'none'}) "
-                         "and not a directory")
-    return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
-
-
-def encode_text(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of ``text``; without a tokenizer (byte-level random models) its UTF-8 bytes."""
-    if tokenizer is None:
-        return list(text.encode("utf-8"))
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-def decode_tokens(tokenizer, token_ids: Sequence[int]) -> str:
-    """The inverse of ``encode_text``; without a tokenizer, ids >= 256 are dropped."""
-    if tokenizer is not None:
-        return tokenizer.decode(list(token_ids))
-    return bytes(i for i in token_ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 def check_inputs_exist(texts: Iterable[str | os.PathLike], prompts: str | os.PathLike | None) -> None:
