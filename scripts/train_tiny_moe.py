@@ -60,6 +60,7 @@ EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "i
 HELDOUT_PERCENT = 5
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("def ", "import ", "class ", "    for ")
+SAMPLE_PROMPTS = ("def ", "import os\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +348,16 @@ def evaluate(model, windows: torch.Tensor, unigram: torch.Tensor, batch: int, ca
     return result
 
 
+def correction_bias_ranges(model) -> dict[str, list[float]]:
+    """[min, max] of each MoE layer's e_score_correction_bias (empty for models without one)."""
+    out = {}
+    for layer in moe_layer_indices(model):
+        bias = getattr(gate_module(model, layer), "e_score_correction_bias", None)
+        if bias is not None:
+            out[str(layer)] = [round(float(bias.min()), 4), round(float(bias.max()), 4)]
+    return out
+
+
 def routing_stats(routes: dict[int, torch.Tensor], num_experts: int) -> dict:
     """Per MoE layer: load share per expert, load entropy, mean overlap of consecutive tokens'
     expert sets against the overlap expected if tokens chose independently."""
@@ -386,13 +397,20 @@ def routing_stats(routes: dict[int, torch.Tensor], num_experts: int) -> dict:
 
 
 @torch.no_grad()
-def generate_samples(model, tok, max_new_tokens: int = 160) -> dict[str, str]:
+def generate_samples(model, tok, seed: int = 0) -> dict[str, dict[str, str]]:
+    """Greedy continuations of PROMPTS (160 new bytes) and seeded samples at temperature 0.8
+    (240 new bytes)."""
     model.eval()
-    out = {}
+    out = {"greedy": {}, "sampled": {}}
     for prompt in PROMPTS:
         enc = tok(prompt, return_tensors="pt")
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        out[prompt] = tok.decode(gen[0], skip_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=160, do_sample=False)
+        out["greedy"][prompt] = tok.decode(gen[0], skip_special_tokens=False)
+    for prompt in SAMPLE_PROMPTS:
+        torch.manual_seed(seed)
+        enc = tok(prompt, return_tensors="pt")
+        gen = model.generate(**enc, max_new_tokens=240, do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
+        out["sampled"][prompt] = tok.decode(gen[0], skip_special_tokens=False)
     return out
 
 
@@ -417,7 +435,7 @@ def save_and_check(model, tok, out_dir: Path, probe: torch.Tensor) -> dict:
         b = reloaded(input_ids=probe, use_cache=False).logits
     if not torch.equal(a, b):
         raise AssertionError(f"reloaded model differs: max |diff| = {(a - b).abs().max():.3g}")
-    sizes = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()}
+    sizes = _file_sizes(out_dir)
     return {"reload_identical_logits": True, "files": sizes}
 
 
@@ -521,16 +539,28 @@ def write_model_card(out_dir: Path, summary: dict) -> None:
             f"| {layer} | {s['load_entropy_bits']:.3f} | {s['max_over_mean_load']:.2f} | {s['min_over_mean_load']:.2f} | "
             f"{s['consecutive_overlap']:.3f} ({s['consecutive_overlap_if_independent']:.3f}) | {_fmt_share(s['load_share'])} |"
         )
+    if rs.get("correction_bias_range"):
+        lines += [
+            "",
+            "Learned `e_score_correction_bias` per layer (min .. max; only differences between experts matter): "
+            + ", ".join(f"layer {k}: {v[0]:+.3f} .. {v[1]:+.3f}" for k, v in rs["correction_bias_range"].items())
+            + ".",
+        ]
     lines += [
         "",
         "Mutual information between the top-1 experts of consecutive MoE layers (bits): "
         + ", ".join(f"{k}: {v:.3f}" for k, v in rs["top1_mutual_information_bits"].items())
         + ".",
         "",
-        "## Samples (greedy, 160 new bytes)",
+        "## Samples",
+        "",
+        "Greedy decoding, 160 new bytes (greedy byte-level decoding soon falls into loops of spaces or phrases):",
         "",
     ]
-    for prompt, text in summary["samples"].items():
+    for prompt, text in summary["samples"]["greedy"].items():
+        lines += [f"Prompt `{prompt!r}`:", "", "```", text.replace("```", "'''"), "```", ""]
+    lines += [f"Sampled at temperature 0.8, 240 new bytes, `torch.manual_seed({summary['training']['seed']})`:", ""]
+    for prompt, text in summary["samples"]["sampled"].items():
         lines += [f"Prompt `{prompt!r}`:", "", "```", text.replace("```", "'''"), "```", ""]
     lines += [
         "## Files",
@@ -575,11 +605,41 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines")
     ap.add_argument("--eval-every", type=float, default=240.0, help="seconds between quick held-out evaluations")
     ap.add_argument("--eval-bytes", type=int, default=None, help="cap on held-out bytes in the final evaluation")
+    ap.add_argument(
+        "--card-only", action="store_true",
+        help="do not train: regenerate the samples, training_summary.json and README.md of the model in --out",
+    )
     return ap.parse_args(argv)
+
+
+def _file_sizes(out_dir: Path) -> dict[str, int]:
+    skip = ("README.md", "training_summary.json")
+    return {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file() and p.name not in skip}
+
+
+def rewrite_card(out_dir: Path, threads: int) -> int:
+    """Regenerate the samples and the model card of an already trained model from its summary."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    summary = json.loads((out_dir / "training_summary.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    summary["samples"] = generate_samples(model, AutoTokenizer.from_pretrained(out_dir), summary["training"]["seed"])
+    summary["config"] = json.loads((out_dir / "config.json").read_text())
+    summary["files"] = _file_sizes(out_dir)
+    summary["routing"]["correction_bias_range"] = correction_bias_ranges(model)
+    (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_model_card(out_dir, summary)
+    print(f"rewrote {out_dir / 'README.md'}", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.card_only:
+        return rewrite_card(args.out or REPO_ROOT / "moe_infer" / "assets" / args.model, args.threads)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     import transformers
@@ -705,6 +765,7 @@ def main(argv=None) -> int:
     capture.remove()
     num_experts = cfg.num_local_experts
     rstats = routing_stats(final.pop("routes"), num_experts)
+    rstats["correction_bias_range"] = correction_bias_ranges(model)
     print(f"held-out: {final['model_bpb']:.4f} bits/byte   unigram: {final['unigram_bpb']:.4f} bits/byte   ({final['bytes']:,} bytes)", flush=True)
     for layer, s in rstats["per_layer"].items():
         print(
@@ -720,9 +781,10 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    samples = generate_samples(reloaded, AutoTokenizer.from_pretrained(out_dir))
-    for prompt, text in samples.items():
-        print(f"--- greedy from {prompt!r}:\n{text}", flush=True)
+    samples = generate_samples(reloaded, AutoTokenizer.from_pretrained(out_dir), args.seed)
+    for kind, texts in samples.items():
+        for prompt, text in texts.items():
+            print(f"--- {kind} from {prompt!r}:\n{text}", flush=True)
 
     summary = {
         "model": args.model,
