@@ -44,7 +44,7 @@ def check_supported(config: MoEConfig) -> None:
             problems.append(f"{name}={value!r} (needs {needs})")
     if problems:
         raise NotImplementedError(
-            f"moe_infer {__import__('moe_infer').__version__} cannot run MoEConfig "
+            f"this version of moe_infer cannot run MoEConfig "
             f"{'; '.join(problems)}; only the default value of these fields works in this version"
         )
 

@@ -14,6 +14,7 @@ from the modules it finds.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,7 +40,7 @@ class Routing:
         return self.expert_ids.shape[1]
 
 
-class RouterAdapter:
+class RouterAdapter(ABC):
     """Base class. Subclasses implement `route`; `router_output` gives the tuple the family's
     router module returns, so its forward hooks (e.g. `output_router_logits`) can be fed."""
 
@@ -50,8 +51,9 @@ class RouterAdapter:
         self.num_experts = num_experts
         self.top_k = top_k
 
+    @abstractmethod
     def route(self, hidden: Tensor) -> Routing:  # hidden [T, H]
-        raise NotImplementedError
+        ...
 
     def router_output(self, routing: Routing) -> tuple:
         return routing.router_logits, routing.expert_weights, routing.expert_ids
