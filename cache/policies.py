@@ -45,6 +45,10 @@ class Policy(ABC):
     def removed(self, key: Key) -> None:
         """`key` left the cache."""
 
+    def worth_evicting(self, victim: Key, key: Key) -> bool:
+        """Whether a prefetch of `key` may evict `victim` (a guess must not push out a better one)."""
+        return True
+
     @abstractmethod
     def victim(self, candidates: list[Key]) -> Key:
         """The key to evict among `candidates` (non-empty, all resident and evictable)."""
@@ -98,6 +102,9 @@ class StaticPolicy(Policy):
         cold = [k for k in candidates if k not in self.hot]
         return self._oldest(cold or candidates)
 
+    def worth_evicting(self, victim: Key, key: Key) -> bool:
+        return key in self.hot or victim not in self.hot
+
     def admit(self, key: Key, candidates: list[Key]) -> bool:
         if key in self.hot or not self.hot:
             return True
@@ -134,6 +141,9 @@ class ExpertFlowPolicy(Policy):
     def victim(self, candidates: list[Key]) -> Key:
         return min(candidates, key=lambda k: (self.scores.get(k, -math.inf), self.last_use.get(k, 0)))
 
+    def worth_evicting(self, victim: Key, key: Key) -> bool:
+        return self.scores.get(victim, -math.inf) < self.scores.get(key, -math.inf)
+
 
 class BeladyPolicy(Policy):
     """Offline optimum (simulator only): evict the key whose next use is farthest ahead, and do not
@@ -151,6 +161,28 @@ class BeladyPolicy(Policy):
 
     def admit(self, key: Key, candidates: list[Key]) -> bool:
         return self.next_use(key) < max(self.next_use(k) for k in candidates)
+
+
+class RingPolicy(Policy):
+    """The SE-MoE ring (runtime, `loader="ring"`): layers form a cycle in execution order; the
+    victim is an expert of the layer whose next turn is farthest away (the one that just computed:
+    its section is overwritten next), least recently used first within it."""
+
+    name = "ring"
+
+    def __init__(self, order: list[int]) -> None:
+        super().__init__()
+        self.position = {layer: i for i, layer in enumerate(order)}
+        self.current = order[0]
+
+    def distance(self, key: Key) -> int:
+        return (self.position[key[0]] - self.position[self.current]) % len(self.position)
+
+    def victim(self, candidates: list[Key]) -> Key:
+        return max(candidates, key=lambda k: (self.distance(k), -self.last_use.get(k, 0)))
+
+    def worth_evicting(self, victim: Key, key: Key) -> bool:
+        return self.distance(victim) > self.distance(key)
 
 
 POLICIES: dict[str, type[Policy]] = {

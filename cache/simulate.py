@@ -120,7 +120,7 @@ class _Sim:
     def pool(self, key) -> set:
         return self.pools[key[0] if self.per_layer else 0]
 
-    def make_room(self, key, protected: set, *, prefetch_score: float | None = None) -> bool:
+    def make_room(self, key, protected: set, *, prefetch: bool = False) -> bool:
         """Evict one entry if `key`'s pool is full; False if `key` must not enter."""
         pool = self.pool(key)
         if len(pool) < self.capacity:
@@ -128,14 +128,12 @@ class _Sim:
         candidates = [k for k in pool if k not in protected]
         if not candidates:
             return False
-        if prefetch_score is None:
+        if not prefetch:
             if not self.policy.admit(key, candidates):
                 return False
         victim = self.policy.victim(candidates)
-        if prefetch_score is not None:
-            scores = getattr(self.policy, "scores", {})
-            if scores.get(victim, -math.inf) >= prefetch_score:
-                return False
+        if prefetch and not self.policy.worth_evicting(victim, key):
+            return False
         pool.discard(victim)
         self.policy.removed(victim)
         if victim in self.prefetched:
@@ -179,10 +177,10 @@ def simulate(trace: Trace, policy: str, capacity: int, *, per_layer: bool = True
         if isinstance(pol, ExpertFlowPolicy):
             pol.predict(l, predicted)
         keep = protected | set(predicted)
-        for key, score in predicted.items():
+        for key in predicted:
             if key in sim.pool(key):
                 continue
-            if sim.make_room(key, keep, prefetch_score=score):
+            if sim.make_room(key, keep, prefetch=True):
                 sim.pool(key).add(key)
                 pol.inserted(key)
                 sim.prefetched.add(key)

@@ -1,0 +1,118 @@
+"""Backing sources: where the expert cache reads an expert it does not hold.
+
+A backing source is the outermost tier: the model's own expert weights in host memory
+(`ModuleBacking`, over the layers' `ModuleExperts`) or a converted checkpoint on disk
+(`StoreBacking`, over `moe_infer.experts.store.ExpertStore`, memory-mapped). Both answer the same
+three questions: how big is an expert of a layer, what does an empty expert of that layer look
+like (to allocate cache buffers), and read expert e of layer l into given buffers.
+
+Shape legend: H hidden, I intermediate (per expert).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from moe_infer.experts.math import Activation, ExpertTensors
+
+
+def tensors_nbytes(t: ExpertTensors) -> int:
+    return sum(x.numel() * x.element_size() for x in (t.w13, t.w2, t.b13, t.b2) if x is not None)
+
+
+def empty_like_expert(template: ExpertTensors, device: torch.device | str, *, pin: bool = False) -> ExpertTensors:
+    """Uninitialised buffers shaped like `template` on `device` (pinned host memory if `pin`)."""
+
+    def make(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        return torch.empty(x.shape, dtype=x.dtype, device=device, pin_memory=pin)
+
+    return ExpertTensors(make(template.w13), make(template.w2), make(template.b13), make(template.b2),
+                         interleaved=template.interleaved)
+
+
+def copy_expert(dst: ExpertTensors, src: ExpertTensors, *, non_blocking: bool = False) -> None:
+    for d, s in ((dst.w13, src.w13), (dst.w2, src.w2), (dst.b13, src.b13), (dst.b2, src.b2)):
+        if (d is None) != (s is None):
+            raise ValueError("copy_expert: source and destination disagree on biases")
+        if d is not None:
+            d.copy_(s, non_blocking=non_blocking)
+
+
+class Backing(ABC):
+    """The outermost tier of the cache (see the module docstring). Keys are decoder-layer indices."""
+
+    @abstractmethod
+    def template(self, layer_idx: int) -> ExpertTensors:
+        """An expert of `layer_idx` (any device, possibly meta): shapes, dtypes, biases, layout."""
+
+    @abstractmethod
+    def read(self, layer_idx: int, expert: int, out: ExpertTensors | None = None) -> ExpertTensors:
+        """Expert `expert` of `layer_idx` as host tensors; written into `out` when given."""
+
+    @abstractmethod
+    def activation(self, layer_idx: int) -> Activation: ...
+
+    @abstractmethod
+    def num_experts(self, layer_idx: int) -> int: ...
+
+    def expert_nbytes(self, layer_idx: int) -> int:
+        return tensors_nbytes(self.template(layer_idx))
+
+    def close(self) -> None:
+        """Release files or mappings."""
+
+
+class ModuleBacking(Backing):
+    """The in-memory expert weights of wrapped layers (`layer_idx -> ModuleExperts`)."""
+
+    def __init__(self, sources: dict[int, "object"]):
+        self.sources = sources
+
+    def template(self, layer_idx: int) -> ExpertTensors:
+        return self.sources[layer_idx](0)
+
+    def activation(self, layer_idx: int) -> Activation:
+        return self.sources[layer_idx].activation
+
+    def num_experts(self, layer_idx: int) -> int:
+        return self.sources[layer_idx].num_experts
+
+    def read(self, layer_idx: int, expert: int, out: ExpertTensors | None = None) -> ExpertTensors:
+        src = self.sources[layer_idx](expert)
+        if out is None:
+            return src
+        copy_expert(out, src)
+        return out
+
+
+class StoreBacking(Backing):
+    """A converted checkpoint's `ExpertStore` (one contiguous, memory-mapped read per expert)."""
+
+    def __init__(self, store, activations: dict[int, Activation]):
+        self.store = store
+        self.activations = activations
+        self._templates: dict[int, ExpertTensors] = {}
+
+    def template(self, layer_idx: int) -> ExpertTensors:
+        if layer_idx not in self._templates:
+            self._templates[layer_idx] = self.store.read(layer_idx, 0)
+        return self._templates[layer_idx]
+
+    def expert_nbytes(self, layer_idx: int) -> int:
+        return int(self.store.expert_nbytes(layer_idx))
+
+    def activation(self, layer_idx: int) -> Activation:
+        return self.activations[layer_idx]
+
+    def num_experts(self, layer_idx: int) -> int:
+        return int(self.store.num_experts)
+
+    def read(self, layer_idx: int, expert: int, out: ExpertTensors | None = None) -> ExpertTensors:
+        return self.store.read(layer_idx, expert, out=out)
+
+    def close(self) -> None:
+        self.store.close()
