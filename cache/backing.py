@@ -28,10 +28,26 @@ def empty_like_expert(template: ExpertTensors, device: torch.device | str, *, pi
     def make(x: torch.Tensor | None) -> torch.Tensor | None:
         if x is None:
             return None
-        return torch.empty(x.shape, dtype=x.dtype, device=device, pin_memory=pin)
+        # the template's strides, not contiguous ones: a transposed weight (GPT-OSS keeps [H, 2I])
+        # must stay transposed, or the matmul takes another path and rounds differently
+        strides = x.stride() if _dense(x) else None
+        if strides is None:
+            return torch.empty(x.shape, dtype=x.dtype, device=device, pin_memory=pin)
+        return torch.empty_strided(x.shape, strides, dtype=x.dtype, device=device, pin_memory=pin)
 
     return ExpertTensors(make(template.w13), make(template.w2), make(template.b13), make(template.b2),
                          interleaved=template.interleaved)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x's strides describe a dense, non-overlapping layout of exactly numel elements."""
+    order = sorted(range(x.ndim), key=lambda d: x.stride(d))
+    expected = 1
+    for d in order:
+        if x.stride(d) != expected and x.shape[d] != 1:
+            return False
+        expected *= x.shape[d]
+    return True
 
 
 def copy_expert(dst: ExpertTensors, src: ExpertTensors, *, non_blocking: bool = False) -> None:

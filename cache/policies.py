@@ -49,6 +49,10 @@ class Policy(ABC):
         """Whether a prefetch of `key` may evict `victim` (a guess must not push out a better one)."""
         return True
 
+    def may_evict_for_use(self, victim: Key, key: Key) -> bool:
+        """Whether a load of `key`, needed by a forward, may evict `victim`."""
+        return True
+
     @abstractmethod
     def victim(self, candidates: list[Key]) -> Key:
         """The key to evict among `candidates` (non-empty, all resident and evictable)."""
@@ -104,6 +108,10 @@ class StaticPolicy(Policy):
 
     def worth_evicting(self, victim: Key, key: Key) -> bool:
         return key in self.hot or victim not in self.hot
+
+    def may_evict_for_use(self, victim: Key, key: Key) -> bool:
+        # the runtime keeps one expert of room outside the hot set: a cold expert waits for it
+        return self.worth_evicting(victim, key)
 
     def admit(self, key: Key, candidates: list[Key]) -> bool:
         if key in self.hot or not self.hot:

@@ -38,6 +38,9 @@ def check_budgets(layers, config: MoEConfig, backing: Backing | None = None):
             raise ValueError(f"gpu_memory={config.gpu_memory} but the model runs on {device}; move it to a CUDA "
                              f"device, or give cpu_memory (the CPU tier's budget)")
         budget, host_budget = config.cpu_memory, None
+    if budget is not None and config.loader == "ring" and config.cache_policy != "lru":
+        raise ValueError(f"loader='ring' evicts in ring order; cache_policy={config.cache_policy!r} cannot apply "
+                         f"(leave it at 'lru')")
     largest = max(backing.expert_nbytes(l.layer_idx) if backing is not None else l.expert_source.expert_nbytes()
                   for l in layers)
     for name, value in (("gpu_memory" if device.type == "cuda" else "cpu_memory", budget), ("cpu_memory", host_budget)):

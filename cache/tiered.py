@@ -179,7 +179,7 @@ class ExpertCache:
     def pin_popular(self, popularity) -> list[Key]:
         """The `static` policy's hot set: the most used experts of `popularity` (a `Trace` recorded on
         this model, or {layer_idx: per-expert counts}) that fit in the compute tier with one expert's
-        room left for the others; they are loaded now (predicted priority) and never evicted for a
+        room left for the others; they are loaded now (demand priority) and never evicted for a
         cold expert. Returns the hot keys."""
         if not isinstance(self.tier.policy, StaticPolicy):
             raise ValueError(f"pin_popular needs cache_policy='static'; this cache runs {self.tier.policy.name!r}")
@@ -205,7 +205,7 @@ class ExpertCache:
         with self.cond:
             self.tier.policy.set_hot(hot)
             for key in hot:
-                self._request(key, PREDICTED, score=1.0)
+                self._request(key, DEMAND)  # not a guess: loaded ahead of everything else, never dropped
         return hot
 
     def forward(self, layer, hidden: Tensor, routing, grouping: tuple[Tensor, list[int]]) -> Tensor:
@@ -434,7 +434,7 @@ class ExpertCache:
         reuse = None
         while tier.used_bytes + entry.nbytes > tier.budget_bytes:
             candidates = [k for k, e in tier.entries.items() if e is not entry and e.charged
-                          and tier.evictable(e, urgent)]
+                          and tier.evictable(e, urgent) and tier.policy.may_evict_for_use(k, entry.key)]
             victim_key = tier.policy.victim(candidates) if candidates else None
             if victim_key is not None and job.priority in (PREDICTED, RING) and \
                     not tier.policy.worth_evicting(victim_key, entry.key):
