@@ -255,6 +255,19 @@ def _check_destination(dst: str, fingerprint: str, options: ConvertOptions) -> b
     return True
 
 
+def default_converted_dir(src: str | os.PathLike) -> str:
+    """Where `moe_infer.load` converts a plain transformers directory: under the moe_infer cache
+    (`moe_infer.envs.cache_dir()`), named by the source's fingerprint."""
+    from moe_infer.envs import cache_dir
+
+    source = SourceCheckpoint(os.fspath(src))
+    try:
+        fingerprint = source.fingerprint()
+    finally:
+        source.close()
+    return os.path.join(cache_dir(), "converted", fingerprint[:24])
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
             fp8: str = "dequantize", verify_after: bool = False,
             progress: Callable[[int], None] | None = None) -> dict:
