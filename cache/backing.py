@@ -58,22 +58,39 @@ def copy_expert(dst: ExpertTensors, src: ExpertTensors, *, non_blocking: bool = 
             d.copy_(s, non_blocking=non_blocking)
 
 
+def expert_signature(t: ExpertTensors) -> tuple:
+    """Shapes, strides and dtypes of an expert's tensors: buffers with equal signatures are interchangeable."""
+    return tuple(None if x is None else (tuple(x.shape), x.stride(), x.dtype) for x in (t.w13, t.w2, t.b13, t.b2))
+
+
 class Backing(ABC):
-    """The outermost tier of the cache (see the module docstring). Keys are decoder-layer indices."""
+    """The outermost tier of the cache (see the module docstring). Keys are decoder-layer indices.
+
+    Host buffers are the backing's own business (expert-shaped tensors for in-memory weights, one
+    raw byte range for a checkpoint): `host_buffer` allocates one, `read(..., out=buffer)` fills it
+    and returns the expert's tensors (views into it), `buffer_key` says which layers' buffers are
+    interchangeable."""
 
     @abstractmethod
     def template(self, layer_idx: int) -> ExpertTensors:
-        """An expert of `layer_idx` (any device, possibly meta): shapes, dtypes, biases, layout."""
+        """An expert of `layer_idx` as `read` returns it: shapes, strides, dtypes, biases, layout."""
 
     @abstractmethod
-    def read(self, layer_idx: int, expert: int, out: ExpertTensors | None = None) -> ExpertTensors:
-        """Expert `expert` of `layer_idx` as host tensors; written into `out` when given."""
+    def read(self, layer_idx: int, expert: int, out=None) -> ExpertTensors:
+        """Expert `expert` of `layer_idx` as host tensors, written into `out` (a `host_buffer`) when given."""
+
+    @abstractmethod
+    def host_buffer(self, layer_idx: int, *, pin: bool = False):
+        """A host buffer `read` can fill with any expert of `layer_idx` (pinned if `pin`)."""
 
     @abstractmethod
     def activation(self, layer_idx: int) -> Activation: ...
 
     @abstractmethod
     def num_experts(self, layer_idx: int) -> int: ...
+
+    def buffer_key(self, layer_idx: int):
+        return expert_signature(self.template(layer_idx))
 
     def expert_nbytes(self, layer_idx: int) -> int:
         return tensors_nbytes(self.template(layer_idx))
@@ -97,6 +114,9 @@ class ModuleBacking(Backing):
     def num_experts(self, layer_idx: int) -> int:
         return self.sources[layer_idx].num_experts
 
+    def host_buffer(self, layer_idx: int, *, pin: bool = False) -> ExpertTensors:
+        return empty_like_expert(self.template(layer_idx), "cpu", pin=pin)
+
     def read(self, layer_idx: int, expert: int, out: ExpertTensors | None = None) -> ExpertTensors:
         src = self.sources[layer_idx](expert)
         if out is None:
@@ -106,20 +126,22 @@ class ModuleBacking(Backing):
 
 
 class StoreBacking(Backing):
-    """A converted checkpoint's `ExpertStore` (one contiguous, memory-mapped read per expert)."""
+    """A converted checkpoint's `ExpertStore`: one positional read of the expert's contiguous byte
+    range, straight into the buffer (cast afterwards when the model runs another dtype)."""
 
-    def __init__(self, store, activations: dict[int, Activation]):
+    def __init__(self, store, activations: dict[int, Activation], dtype: torch.dtype | None = None):
         self.store = store
         self.activations = activations
+        self.dtype = dtype if dtype is not None else store.compute_dtype
+        self.cast = self.dtype != store.compute_dtype or store.fp8_block is not None
         self._templates: dict[int, ExpertTensors] = {}
 
     def template(self, layer_idx: int) -> ExpertTensors:
         if layer_idx not in self._templates:
-            self._templates[layer_idx] = self.store.read(layer_idx, 0)
+            t = self.store.read(layer_idx, 0)
+            self._templates[layer_idx] = ExpertTensors(*(None if x is None else x.to(self.dtype)
+                                                         for x in (t.w13, t.w2, t.b13, t.b2)))
         return self._templates[layer_idx]
-
-    def expert_nbytes(self, layer_idx: int) -> int:
-        return int(self.store.expert_nbytes(layer_idx))
 
     def activation(self, layer_idx: int) -> Activation:
         return self.activations[layer_idx]
@@ -127,8 +149,24 @@ class StoreBacking(Backing):
     def num_experts(self, layer_idx: int) -> int:
         return int(self.store.num_experts)
 
-    def read(self, layer_idx: int, expert: int, out: ExpertTensors | None = None) -> ExpertTensors:
-        return self.store.read(layer_idx, expert, out=out)
+    def buffer_key(self, layer_idx: int):
+        if self.cast:
+            return super().buffer_key(layer_idx)
+        return ("raw", self.store.stored_nbytes(layer_idx))
+
+    def host_buffer(self, layer_idx: int, *, pin: bool = False):
+        if self.cast:
+            return empty_like_expert(self.template(layer_idx), "cpu", pin=pin)
+        return torch.empty(self.store.stored_nbytes(layer_idx), dtype=torch.uint8, pin_memory=pin)
+
+    def read(self, layer_idx: int, expert: int, out=None) -> ExpertTensors:
+        if not self.cast:
+            return self.store.read(layer_idx, expert, out=out)
+        t = self.store.read(layer_idx, expert)
+        if out is None:
+            return ExpertTensors(*(None if x is None else x.to(self.dtype) for x in (t.w13, t.w2, t.b13, t.b2)))
+        copy_expert(out, t)
+        return out
 
     def close(self) -> None:
-        self.store.close()
+        """The store belongs to the model (`moe_infer.loading`); it is closed with it, not here."""

@@ -23,7 +23,7 @@ import torch
 
 from moe_infer.experts.math import ExpertTensors
 
-from .backing import copy_expert, empty_like_expert
+from .backing import copy_expert
 
 DEMAND, PREDICTED, RING = 0, 1, 2
 PRIORITY_NAMES = {DEMAND: "demand", PREDICTED: "predicted", RING: "ring"}
@@ -145,13 +145,13 @@ class CopyEngine:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        self._staging: dict[tuple, ExpertTensors] = {}
+        self._staging: dict = {}
 
-    def staging(self, template: ExpertTensors) -> ExpertTensors:
-        """A pinned host buffer shaped like `template` (one per shape; used by the loader thread only)."""
-        key = (tuple(template.w13.shape), tuple(template.w2.shape), template.w13.dtype, template.b13 is not None)
+    def staging(self, key, make: Callable[[], object]):
+        """The pinned host buffer for buffers of kind `key` (one per kind, made by `make` on first use;
+        used by the loader thread only)."""
         if key not in self._staging:
-            self._staging[key] = empty_like_expert(template, "cpu", pin=self.cuda)
+            self._staging[key] = make()
         return self._staging[key]
 
     def copy(self, dst: ExpertTensors, src: ExpertTensors, wait_for: "torch.cuda.Event | None" = None):

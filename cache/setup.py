@@ -13,7 +13,7 @@ import torch
 
 from moe_infer.config import MoEConfig
 
-from .backing import Backing, ModuleBacking
+from .backing import Backing, ModuleBacking, StoreBacking
 from .tiered import ExpertCache
 
 
@@ -24,9 +24,22 @@ def compute_device(layers) -> torch.device:
     return layers[0].expert_source.device
 
 
+def backing_of(layers) -> Backing | None:
+    """The backing the layers' expert sources imply: a converted checkpoint's store when every layer
+    reads from the same one (`moe_infer.load` of a converted directory), else None (their weights)."""
+    from moe_infer.experts.store import StoreExperts
+
+    sources = [layer.expert_source for layer in layers]
+    if sources and all(isinstance(s, StoreExperts) for s in sources) and len({id(s.store) for s in sources}) == 1:
+        return StoreBacking(sources[0].store, {layer.layer_idx: layer.expert_source.activation for layer in layers},
+                            dtype=sources[0].dtype)
+    return None
+
+
 def check_budgets(layers, config: MoEConfig, backing: Backing | None = None):
     """(compute device, compute-tier budget, host-tier budget) of `config`; raises `ValueError` for
     budgets that cannot apply (and changes nothing)."""
+    backing = backing if backing is not None else backing_of(layers)
     device = compute_device(layers)
     if device.type == "cuda":
         budget, host_budget = config.gpu_memory, config.cpu_memory
@@ -50,6 +63,7 @@ def check_budgets(layers, config: MoEConfig, backing: Backing | None = None):
 
 
 def build_cache(layers, config: MoEConfig, backing: Backing | None = None) -> ExpertCache | None:
+    backing = backing if backing is not None else backing_of(layers)
     device, budget, host_budget = check_budgets(layers, config, backing)
     if budget is None:
         return None
@@ -66,6 +80,6 @@ def build_cache(layers, config: MoEConfig, backing: Backing | None = None) -> Ex
 def move_experts(layer, device: torch.device, *, pin: bool = False) -> None:
     """Move a layer's expert parameters (the backing of the cache) to `device`, in place."""
     for param in layer.experts.parameters(recurse=False):
-        if param.device != device:
+        if param.device != device and not param.is_meta:
             data = param.data.to(device)
             param.data = data.pin_memory() if pin and device.type == "cpu" else data

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from moe_infer.experts.math import ExpertTensors, moe_forward
 
-from .backing import Backing, empty_like_expert
+from .backing import Backing, empty_like_expert, expert_signature
 from .cpu_compute import CostModel, split_misses
 from .loader import DEMAND, PREDICTED, RING, CopyEngine, Job, LoadQueue, Loader, ring_schedule
 from .policies import ExpertFlowPolicy, Policy, RingPolicy, StaticPolicy, make_policy
@@ -45,6 +45,7 @@ class Entry:
     key: Key
     nbytes: int
     tensors: ExpertTensors | None = None
+    buffer: Any = None  # the allocation `tensors` lives in (reused by the next entry of the same kind)
     ready: bool = False
     error: BaseException | None = None
     pins: int = 0
@@ -413,8 +414,7 @@ class ExpertCache:
             if entry.prefetched:
                 self.prefetch_counts["issued"] += 1
         try:
-            tensors = buffers if buffers is not None else empty_like_expert(self.templates[job.key[0]], self.device)
-            event = self._fill(entry, tensors)
+            tensors, event = self._fill(entry, buffers)
         except BaseException as err:  # noqa: BLE001 - surfaces in the forward that waits for it
             with self.cond:
                 entry.error = err
@@ -427,8 +427,8 @@ class ExpertCache:
             self.cond.notify_all()
 
     def _make_room(self, tier: Tier, entry: Entry, job: Job):
-        """Evict until `entry` fits (caller holds the lock). Returns buffers of a victim with the same
-        shapes to reuse, None to allocate, or False when the job was given up (a prefetch with no room,
+        """Evict until `entry` fits (caller holds the lock). Returns the buffer of a victim of the same
+        kind to reuse, None to allocate, or False when the job was given up (a prefetch with no room,
         a demand overtaken by an urgent request, or shutdown)."""
         urgent = job.priority == URGENT
         reuse = None
@@ -456,23 +456,31 @@ class ExpertCache:
             if victim.prefetched:
                 self.prefetch_counts["wasted"] += 1
             tier.remove(victim)
-            if reuse is None and victim.tensors is not None and _same_shapes(victim.tensors, self.templates[entry.key[0]]):
+            if reuse is None and victim.buffer is not None and \
+                    self._buffer_key(tier, victim.key[0]) == self._buffer_key(tier, entry.key[0]):
                 reuse = victim
-            victim.tensors = None if reuse is not victim else victim.tensors
+            victim.tensors = None
         if reuse is None:
             return None
         if reuse.release_event is not None:
-            entry.release_event = reuse.release_event  # the copy into these buffers waits for it
-        return reuse.tensors
+            entry.release_event = reuse.release_event  # the copy into this buffer waits for its last reader
+        return reuse.buffer
 
-    def _fill(self, entry: Entry, tensors: ExpertTensors):
-        """Copy expert `entry.key` into `tensors` (compute tier); returns the copy's CUDA event or None."""
+    def _buffer_key(self, tier: Tier, layer_idx: int):
+        if tier.device.type == "cuda":
+            return ("device", expert_signature(self.templates[layer_idx]))
+        return self.backing.buffer_key(layer_idx)
+
+    def _fill(self, entry: Entry, buffer):
+        """Copy expert `entry.key` into the compute tier (into `buffer`, or a new allocation); returns
+        (tensors, the copy's CUDA event or None)."""
         layer_idx, expert = entry.key
         if self.device.type != "cuda":
-            self.backing.read(layer_idx, expert, out=tensors)
-            return None
+            entry.buffer = buffer if buffer is not None else self.backing.host_buffer(layer_idx)
+            return self.backing.read(layer_idx, expert, out=entry.buffer), None
+        entry.buffer = buffer if buffer is not None else empty_like_expert(self.templates[layer_idx], self.device)
         host = self._host_copy(entry.key)
-        event = self.engine.copy(tensors, host, wait_for=entry.release_event)
+        event = self.engine.copy(entry.buffer, host, wait_for=entry.release_event)
         if self.host_tier is not None:
             with self.cond:
                 host_entry = self.host_tier.entries.get(entry.key)
@@ -480,15 +488,17 @@ class ExpertCache:
                     host_entry.event = event
         else:
             event.synchronize()  # the shared staging buffer is reused by the next load
-        return event
+        return entry.buffer, event
 
     def _host_copy(self, key: Key) -> ExpertTensors:
         """The expert in pinned host memory: from the host tier (hit), or read from the backing into
         a new host-tier entry (miss) or into the staging buffer (no host tier)."""
-        template = self.templates[key[0]]
+        layer_idx, expert = key
         host = self.host_tier
         if host is None:
-            return self.backing.read(key[0], key[1], out=self.engine.staging(template))
+            staging = self.engine.staging(self.backing.buffer_key(layer_idx),
+                                          lambda: self.backing.host_buffer(layer_idx, pin=True))
+            return self.backing.read(layer_idx, expert, out=staging)
         with self.cond:
             entry = host.entries.get(key)
             if entry is not None and entry.ready:
@@ -496,16 +506,16 @@ class ExpertCache:
                 host.policy.access(key)
                 return entry.tensors
             host.misses += 1
-            entry = Entry(key, self.nbytes[key[0]])
+            entry = Entry(key, self.nbytes[layer_idx])
             host.entries[key] = entry
-            buffers = self._make_room(host, entry, Job(URGENT, 0, key))
-            if buffers is False:
+            buffer = self._make_room(host, entry, Job(URGENT, 0, key))
+            if buffer is False:
                 host.remove(entry)
                 raise RuntimeError("the expert cache is shutting down")
             host.charge(entry)
-        tensors = buffers if buffers else empty_like_expert(template, "cpu", pin=True)
         try:
-            self.backing.read(key[0], key[1], out=tensors)
+            entry.buffer = buffer if buffer is not None else self.backing.host_buffer(layer_idx, pin=True)
+            tensors = self.backing.read(layer_idx, expert, out=entry.buffer)
         except BaseException:
             with self.cond:
                 host.remove(entry)
@@ -541,10 +551,3 @@ class _LayerSource:
         if self.held is not None:
             self.cache._release(self.held)
             self.held = None
-
-
-def _same_shapes(a: ExpertTensors, b: ExpertTensors) -> bool:
-    def sig(t: ExpertTensors):
-        return [(tuple(x.shape), x.dtype) if x is not None else None for x in (t.w13, t.w2, t.b13, t.b2)]
-
-    return sig(a) == sig(b)
