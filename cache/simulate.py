@@ -59,6 +59,39 @@ class SimResult:
                 "per_layer_hit_rate": self.per_layer}
 
 
+class TraceOracle:
+    """A predictor that replays the trace itself: the experts each token really uses score 1, the
+    others 0. With `noise` p, each (token, layer) prediction is replaced, with probability p, by
+    uniform random scores (a predictor that is wrong that often). p = 0: perfect predictions, an
+    upper bound for any real predictor. For tests and comparisons."""
+
+    def __init__(self, noise: float = 0.0, seed: int = 0):
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"oracle noise={noise!r}: expected a probability in [0, 1]")
+        self.noise, self.seed = noise, seed
+
+    def predict_trace(self, trace: Trace, distance: int) -> np.ndarray:
+        ids = trace.expert_ids.numpy().astype(np.int64)
+        scores = np.zeros((*ids.shape[:2], trace.num_experts), np.float32)
+        np.put_along_axis(scores, ids, 1.0, axis=2)
+        if self.noise:
+            rng = np.random.default_rng(self.seed)
+            wrong = rng.random(ids.shape[:2]) < self.noise  # [N, L]
+            scores[wrong] = rng.random((int(wrong.sum()), trace.num_experts)).astype(np.float32)
+        return scores
+
+
+def format_table(results: list[SimResult]) -> str:
+    """Markdown table of simulator results."""
+    lines = ["| policy | capacity | hit rate | hits | misses | loads | prefetch issued / used / wasted |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        scope = "per layer" if r.per_layer_capacity else "total"
+        lines.append(f"| {r.policy} | {r.capacity} {scope} | {r.hit_rate:.3f} | {r.hits} | {r.misses} | {r.loads} | "
+                     f"{r.prefetches_issued} / {r.prefetches_used} / {r.prefetches_wasted} |")
+    return "\n".join(lines) + "\n"
+
+
 def popularity(trace: Trace) -> np.ndarray:
     """[L, E] counts of (token, k) uses of each expert at each MoE-layer position."""
     ids = trace.expert_ids.numpy().astype(np.int64)  # [N, L, K]

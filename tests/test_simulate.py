@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_infer.cache import simulate
-from moe_infer.cache.simulate import popularity
+from moe_infer.cache.simulate import TraceOracle as Oracle, format_table, popularity
 from moe_infer.trace import Trace
 
 
@@ -29,23 +29,6 @@ def random_trace(seed: int, n=300, layers=3, experts=8, k=2, skew=1.5) -> Trace:
     ids = np.stack([np.stack([rng.choice(experts, size=k, replace=False, p=p[l]) for l in range(layers)])
                     for _ in range(n)])
     return make_trace(ids, experts, seq_len=50)
-
-
-class Oracle:
-    """A trace-replay predictor: the true experts score 1, every other 0; `noise` swaps in wrong
-    experts at random (a predictor that is right only some of the time)."""
-
-    def __init__(self, noise: float = 0.0, seed: int = 0):
-        self.noise, self.seed = noise, seed
-
-    def predict_trace(self, trace: Trace, distance: int) -> np.ndarray:
-        ids = trace.expert_ids.numpy()
-        scores = np.zeros((*ids.shape[:2], trace.num_experts), np.float32)
-        np.put_along_axis(scores, ids.astype(np.int64), 1.0, axis=2)
-        if self.noise:
-            rng = np.random.default_rng(self.seed)
-            scores += rng.random(scores.shape).astype(np.float32) * self.noise * 2
-        return scores
 
 
 SEQUENCE = [[0], [1], [2], [0], [1], [3], [0]]  # one layer, K=1, capacity 2
@@ -148,3 +131,9 @@ def real_trace(tmp_path_factory):
     record_trace(model, path, texts=[inspect.getsourcefile(inspect)], tokenizer=tokenizer,
                  model_name="tiny-mixtral", options=ProfileOptions(max_tokens=1024, seq_len=256, progress=False))
     return Trace.load(path)
+
+
+def test_format_table_lists_every_result():
+    trace = random_trace(4, n=40)
+    table = format_table([simulate(trace, p, 2) for p in ("lru", "belady")])
+    assert table.count("\n") == 4 and "| belady | 2 per layer |" in table
