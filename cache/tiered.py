@@ -11,9 +11,10 @@ at demand priority, in the order the layer computes them, then runs the referenc
 math with a source that waits for each expert in turn (pinning it while it computes, releasing
 the previous one). The loader thread fills entries in the background; a load's error is raised
 in the forward that waits for it; waits have a timeout; `close()` joins every thread.
-Entries in use are pinned; a demand entry is reserved until used; a waiting forward's request is
-urgent and may take a reserved entry's place (it is requested again when its turn comes), so
-the cache makes progress with a budget of a single expert.
+Entries in use are pinned; the experts a layer call needs (hits and demand loads) are reserved
+until used; a waiting forward's request is urgent and may, when nothing else can go, take a
+reserved entry's place (it is requested again when its turn comes), so the cache makes progress
+with a budget of a single expert.
 
 Shape legend: T tokens, H hidden, K top-k, E experts.
 """
@@ -296,6 +297,9 @@ class ExpertCache:
             if isinstance(self.tier.policy, RingPolicy):
                 self.tier.policy.current = layer_idx
             misses = {e: r for e, r in rows.items() if (layer_idx, e) not in self.tier.entries}
+            for e in rows:
+                if e not in misses:  # a hit (or a load in flight): keep it for this call
+                    self.tier.entries[(layer_idx, e)].reserved = True
             cpu = self._cpu_experts(layer_idx, misses)
             for e in sorted(misses):
                 if e not in cpu:
@@ -435,7 +439,11 @@ class ExpertCache:
         while tier.used_bytes + entry.nbytes > tier.budget_bytes:
             candidates = [k for k, e in tier.entries.items() if e is not entry and e.charged
                           and tier.evictable(e, urgent) and tier.policy.may_evict_for_use(k, entry.key)]
-            victim_key = tier.policy.victim(candidates) if candidates else None
+            if urgent:  # take an expert reserved for later in this call only when nothing else can go
+                free = [k for k in candidates if not tier.entries[k].reserved]
+                candidates = free or candidates
+            victim_key = tier.policy.victim_for(entry.key, candidates, [k for k, e in tier.entries.items()
+                                                                        if e.charged]) if candidates else None
             if victim_key is not None and job.priority in (PREDICTED, RING) and \
                     not tier.policy.worth_evicting(victim_key, entry.key):
                 victim_key = None
