@@ -56,6 +56,7 @@ class Entry:
     charged: bool = False
     event: Any = None  # CUDA event: the copy into `tensors` is complete
     release_event: Any = None  # CUDA event: the last kernel reading `tensors` is complete
+    wait_events: list = field(default_factory=list)  # release events of the entries evicted to make room
 
 
 @dataclass
@@ -226,6 +227,7 @@ class ExpertCache:
                                    activation, grouping=grouping)
             finally:
                 source.release()
+                self._end(layer_idx)
         # CUDA: missed experts chosen for the CPU run there while the GPU fetches and computes the rest
         on_cpu = torch.zeros(num_experts + 1, dtype=torch.bool)
         on_cpu[cpu_experts] = True
@@ -243,10 +245,11 @@ class ExpertCache:
                               num_experts, activation)
         finally:
             source.release()
+            self._end(layer_idx)
         return out + future.result().to(out.device, non_blocking=True)
 
     def close(self) -> None:
-        """Stop the loader and the CPU worker and join them; release the backing source. Idempotent."""
+        """Stop the loader and the CPU worker and join them; drop every cached expert. Idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -308,6 +311,17 @@ class ExpertCache:
             if self.loader_kind == "ring":
                 self._ring_requests(layer_idx)
             return cpu
+
+    def _end(self, layer_idx: int) -> None:
+        """A layer call is over (normally or not): what it reserved and did not use is free to go, and
+        the predictions made for this call are stale (a wrong one must not keep its slot)."""
+        with self.cond:
+            if isinstance(self.tier.policy, ExpertFlowPolicy):
+                self.tier.policy.predict(layer_idx, {})
+            for (l, _), entry in self.tier.entries.items():
+                if l == layer_idx:
+                    entry.reserved = entry.demand_miss = False
+            self.cond.notify_all()
 
     def _cpu_experts(self, layer_idx: int, misses: dict[int, int]) -> list[int]:
         if not misses or self.cpu_compute == "never":
@@ -387,7 +401,11 @@ class ExpertCache:
             entry.reserved = entry.demand_miss = False
             tier.policy.access(key)
         if entry.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(entry.event)
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(entry.event)
+            for x in (entry.tensors.w13, entry.tensors.w2, entry.tensors.b13, entry.tensors.b2):
+                if x is not None:
+                    x.record_stream(stream)  # the allocator must not reuse it before this stream is done
         return entry
 
     def _release(self, entry: Entry) -> None:
@@ -461,6 +479,9 @@ class ExpertCache:
                 self.cond.wait(0.05)
                 continue
             victim = tier.entries[victim_key]
+            if victim.release_event is not None:
+                # the copy into the room it leaves must wait for the kernels still reading it
+                entry.wait_events.append(victim.release_event)
             if victim.prefetched:
                 self.prefetch_counts["wasted"] += 1
             tier.remove(victim)
@@ -468,11 +489,7 @@ class ExpertCache:
                     self._buffer_key(tier, victim.key[0]) == self._buffer_key(tier, entry.key[0]):
                 reuse = victim
             victim.tensors = None
-        if reuse is None:
-            return None
-        if reuse.release_event is not None:
-            entry.release_event = reuse.release_event  # the copy into this buffer waits for its last reader
-        return reuse.buffer
+        return None if reuse is None else reuse.buffer
 
     def _buffer_key(self, tier: Tier, layer_idx: int):
         if tier.device.type == "cuda":
@@ -486,9 +503,13 @@ class ExpertCache:
         if self.device.type != "cuda":
             entry.buffer = buffer if buffer is not None else self.backing.host_buffer(layer_idx)
             return self.backing.read(layer_idx, expert, out=entry.buffer), None
-        entry.buffer = buffer if buffer is not None else empty_like_expert(self.templates[layer_idx], self.device)
+        if buffer is None:
+            with torch.cuda.stream(self.engine.stream):  # allocated where it is written
+                buffer = empty_like_expert(self.templates[layer_idx], self.device)
+        entry.buffer = buffer
         host = self._host_copy(entry.key)
-        event = self.engine.copy(entry.buffer, host, wait_for=entry.release_event)
+        event = self.engine.copy(entry.buffer, host, wait_for=entry.wait_events)
+        entry.wait_events = []
         if self.host_tier is not None:
             with self.cond:
                 host_entry = self.host_tier.entries.get(entry.key)
