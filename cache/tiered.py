@@ -147,6 +147,7 @@ class ExpertCache:
         self.prefetch_counts = {"issued": 0, "used": 0, "wasted": 0, "cancelled": 0}
         self.cpu_computed_experts = 0
         self.stall_seconds = 0.0
+        self._backing_reads_at_reset = self._backing_bytes_at_reset = 0
         self.closed = False
         self.loader = Loader(self.queue, self.cond, self._run_job)
 
@@ -268,6 +269,10 @@ class ExpertCache:
             tiers = {self.tier.name: self.tier.stats()}
             if self.host_tier is not None:
                 tiers["cpu"] = self.host_tier.stats()
+            if self.backing.tier_name is not None:  # every read is a hit: the backing holds every expert
+                tiers[self.backing.tier_name] = {"hits": self.backing.reads - self._backing_reads_at_reset,
+                                                 "misses": 0, "bytes_moved": 0, "peak_bytes": 0,
+                                                 "bytes_read": self.backing.bytes_read - self._backing_bytes_at_reset}
             return {"tiers": tiers, "prefetch": dict(self.prefetch_counts),
                     "cpu_computed_experts": self.cpu_computed_experts, "stall_seconds": self.stall_seconds}
 
@@ -280,6 +285,8 @@ class ExpertCache:
             self.prefetch_counts = dict.fromkeys(self.prefetch_counts, 0)
             self.cpu_computed_experts = 0
             self.stall_seconds = 0.0
+            self._backing_reads_at_reset = getattr(self.backing, "reads", 0)
+            self._backing_bytes_at_reset = getattr(self.backing, "bytes_read", 0)
 
     def resident(self) -> dict[Key, int]:
         """Ready entries of the compute tier and their bytes (for tests and reports)."""
