@@ -52,6 +52,41 @@ def _trace_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from moe_infer.experts.convert import convert
+    from moe_infer.experts.hub_layouts import SourceCheckpoint
+
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        source = SourceCheckpoint(args.src)  # also checks the source before anything is written
+        total = source.total_bytes()
+        source.close()
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr)
+        progress = bar.update
+    summary = convert(args.src, args.dst, dtype=args.dtype, fp8=args.fp8, verify_after=args.verify, progress=progress)
+    if progress is not None:
+        bar.close()
+    if summary["skipped"]:
+        print(f"{summary['dst']} already holds this conversion; nothing to do" + (" (verified)" if args.verify else ""))
+    else:
+        gb = summary["bytes_written"] / 1e9
+        print(f"wrote {summary['dst']}: {len(summary['moe_layers'])} MoE layers x {summary['num_experts']} experts, "
+              f"{gb:.2f} GB in {summary['seconds']:.1f} s ({gb / summary['seconds']:.2f} GB/s)"
+              + (", verified" if args.verify else ""))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from moe_infer.experts.store import verify
+
+    result = verify(args.dir)
+    print(f"{args.dir}: OK ({result['moe_layers']} MoE layers, {result['experts']} experts, "
+          f"{result['bytes'] / 1e9:.2f} GB checked)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-infer", description="Mixture-of-Experts inference for transformers models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -93,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--markdown", metavar="OUT", help="write the markdown report")
     stats.add_argument("--max-distance", type=int, default=3, help="cross-layer distances 1..D")
     stats.set_defaults(run=_trace_stats)
+
+    conv = sub.add_parser("convert", help="convert a transformers MoE checkpoint into the expert-addressable layout")
+    conv.add_argument("src", metavar="SRC", help="a transformers model directory (safetensors, single or sharded)")
+    conv.add_argument("dst", metavar="DST", help="the converted checkpoint directory to create")
+    conv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                      help="cast the weights (default: keep the source dtype; FP8 becomes bfloat16)")
+    conv.add_argument("--fp8", default="dequantize", choices=["dequantize", "keep"],
+                      help="FP8 expert weights (DeepSeek-V3): dequantize, or keep FP8 with block scales")
+    conv.add_argument("--verify", action="store_true", help="check every checksum after writing")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    conv.set_defaults(run=_convert)
+
+    ver = sub.add_parser("verify", help="check a converted checkpoint: manifest, shapes, dtypes, every checksum")
+    ver.add_argument("dir", metavar="DIR")
+    ver.set_defaults(run=_verify)
     return parser
 
 
