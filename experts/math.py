@@ -159,4 +159,4 @@ def moe_forward(
         start += count
         rows = expert_forward(hidden[slots // top_k], expert(expert_idx), activation)  # [count, H]
         weighted[slots] = rows * flat_weights[slots, None]
-    return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+    return weighted.view(num_tokens, top_k, hidden.shape[-1]).sum(dim=1).to(hidden.dtype)  # T may be 0
