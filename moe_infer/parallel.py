@@ -300,11 +300,11 @@ class ParallelExperts:
     """The routed experts of one MoE layer across ranks: `self(hidden, expert_ids, expert_weights)`
     returns what `moe_forward` returns on this rank's tokens."""
 
-    def __init__(self, runtime: ParallelRuntime, layer_idx: int, source: Any):
+    def __init__(self, runtime: ParallelRuntime, layer_idx: int, shard: ExpertShard):
         self.runtime = runtime
         self.layer_idx = layer_idx
-        self.num_experts = source.num_experts
-        self.shard = ExpertShard.from_source(source, runtime.rank, runtime.world_size)
+        self.num_experts = shard.weights.shape[0]
+        self.shard = shard
 
     def _devices(self) -> np.ndarray | None:
         plan = self.runtime.placement
@@ -483,7 +483,9 @@ def build_runtime(layers: list, setting: str | int, *, placement: Placement | No
                 f"MoEConfig.parallel: MoE layer {layer.layer_idx} has intermediate size "
                 f"{layer.expert_source.intermediate_size}, not divisible by the world size {runtime.world_size}"
             )
-    experts = [ParallelExperts(runtime, layer.layer_idx, layer.expert_source) for layer in layers]
+    experts = [ParallelExperts(runtime, layer.layer_idx,
+                               ExpertShard.from_source(layer.expert_source, runtime.rank, runtime.world_size))
+               for layer in layers]
     for layer, parallel in zip(layers, experts):
         layer.parallel = parallel
     return runtime
