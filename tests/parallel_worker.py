@@ -19,16 +19,26 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import tiny_models  # noqa: E402
-
 import moe_infer  # noqa: E402
 from moe_infer.experts.math import moe_forward  # noqa: E402
-from moe_infer.parallel import ParallelError, init_distributed  # noqa: E402
+from moe_infer.experts.layout import ModuleExperts  # noqa: E402
+from moe_infer.parallel import ParallelError, build_runtime, init_distributed, launched_by_deepspeed  # noqa: E402
+
+
+class TinyExperts(torch.nn.Module):
+    """A transformers-style experts module: 4 experts, hidden 16, intermediate 8."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 16, 16, generator=generator) / 4)
+        self.down_proj = torch.nn.Parameter(torch.randn(4, 16, 8, generator=generator) / 3)
 
 
 class ReversedPlan:
@@ -46,6 +56,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def model_checks(name: str, rank: int, world: int, results: list) -> None:
+    import tiny_models
     reference = moe_infer.wrap(tiny_models.build(name, seed=0))
     model = moe_infer.wrap(tiny_models.build(name, seed=0), parallel="tp")
     ex = moe_infer.executor(model)
@@ -69,28 +80,49 @@ def model_checks(name: str, rank: int, world: int, results: list) -> None:
         "r": "auto", "err": 0.0 if stats["per_call"] and all("r" in c for c in stats["per_call"]) else 1.0})
 
 
-def expert_checks(rank: int, world: int, results: list) -> None:
-    """Uneven routing, empty ranks, a placement plan and the capacity factor, at the layer level."""
-    model = moe_infer.wrap(tiny_models.build("mixtral", seed=0), parallel="ep")
-    ex = moe_infer.executor(model)
+def tiny_layer(setting) -> SimpleNamespace:
+    """One MoE layer's experts without transformers (importing it costs seconds per process):
+    `layer.parallel` is attached by `build_runtime`, as `wrap` does for a model's layers."""
+    layer = SimpleNamespace(layer_idx=0, expert_source=ModuleExperts(TinyExperts(), silu_gate), top_k=2)
+    build_runtime([layer], setting)
+    return layer
+
+
+def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def model_layer(name: str) -> SimpleNamespace:
+    import tiny_models
+
+    ex = moe_infer.executor(moe_infer.wrap(tiny_models.build(name, seed=0), parallel="ep"))
     layer = ex.layers[0]
-    source, num_experts = layer.expert_source, layer.num_experts
+    return SimpleNamespace(layer_idx=layer.layer_idx, expert_source=layer.expert_source, top_k=layer.adapter.top_k,
+                           parallel=layer.parallel)
+
+
+def layer_checks(layer: SimpleNamespace, rank: int, world: int, results: list) -> None:
+    """Uneven routing, empty ranks, a placement plan and the capacity factor, at the layer level."""
+    runtime = layer.parallel.runtime
+    source = layer.expert_source
+    num_experts = source.num_experts
     rs = [0] + [r for r in range(1, world + 1) if world % r == 0]
     generator = torch.Generator().manual_seed(7 + rank)
     tokens = 0 if rank == world - 1 else 5 + 3 * rank  # the last rank has no tokens at all
     hidden = torch.randn(tokens, source.hidden_size, generator=generator)
-    weights = torch.rand(tokens, 2, generator=generator)
+    top_k = layer.top_k
+    weights = torch.rand(tokens, top_k, generator=generator)
     cases = {
-        "all tokens to expert 0": torch.zeros(tokens, 2, dtype=torch.long),
-        "all tokens to the last expert": torch.full((tokens, 2), num_experts - 1, dtype=torch.long),
-        "random": torch.randint(0, num_experts, (tokens, 2), generator=generator),
+        "all tokens to expert 0": torch.zeros(tokens, top_k, dtype=torch.long),
+        "all tokens to the last expert": torch.full((tokens, top_k), num_experts - 1, dtype=torch.long),
+        "random": torch.randint(0, num_experts, (tokens, top_k), generator=generator),
     }
     with torch.no_grad():
         for placement in (None, ReversedPlan(num_experts, world)):
             for case, ids in cases.items():
                 expected = moe_forward(hidden, ids, weights, source, num_experts, source.activation)
                 for r in rs:
-                    ex.set_parallelism(r, placement=placement)
+                    runtime.set(r, placement=placement)
                     got = layer.parallel(hidden, ids, weights)
                     results.append({"check": f"{case}, plan={placement is not None}", "r": r,
                                     "err": max_err(got, expected)})
@@ -98,9 +130,9 @@ def expert_checks(rank: int, world: int, results: list) -> None:
                         # expert 0 is computed on its planned rank, which therefore sends no dispatch rows
                         # and returns every other rank's rows; every other rank sends its own rows
                         row_bytes = source.hidden_size * hidden.element_size()
-                        sent = ex.stats()["parallel"]["per_call"][-1]["token_bytes"]
-                        total_pairs = 2 * sum(0 if q == world - 1 else 5 + 3 * q for q in range(world))
-                        own = 2 * tokens
+                        sent = runtime.stats()["per_call"][-1]["token_bytes"]
+                        total_pairs = top_k * sum(0 if q == world - 1 else 5 + 3 * q for q in range(world))
+                        own = top_k * tokens
                         planned = placement.device_of(layer.layer_idx, 0)
                         want = (total_pairs - own) * row_bytes if rank == planned else own * row_bytes
                         results.append({"check": "expert 0 runs on its planned rank", "r": r,
@@ -110,13 +142,13 @@ def expert_checks(rank: int, world: int, results: list) -> None:
         ids = cases["all tokens to expert 0"]
         max_tokens = max(0 if q == world - 1 else 5 + 3 * q for q in range(world))
         for factor in (1.0, 4.0):
-            capacity = max(1, math.ceil(factor * max_tokens * 2 / num_experts))
+            capacity = max(1, math.ceil(factor * max_tokens * top_k / num_experts))
             flat = ids.reshape(-1)
             position = torch.tensor([int((flat[:i] == flat[i]).sum()) for i in range(flat.numel())], dtype=torch.long)
             kept = torch.where(position < capacity, flat, torch.full_like(flat, -1)).view_as(ids)
             expected = moe_forward(hidden, kept, weights, source, num_experts, source.activation)
             for r in rs:
-                ex.set_parallelism(r, capacity_factor=factor)
+                runtime.set(r, capacity_factor=factor)
                 results.append({"check": f"capacity factor {factor}", "r": r,
                                 "err": max_err(layer.parallel(hidden, ids, weights), expected)})
 
@@ -124,7 +156,9 @@ def expert_checks(rank: int, world: int, results: list) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--models", default="mixtral,deepseek_v3")
+    parser.add_argument("--models", default="mixtral",
+                        help="tiny_models names (the first also gives the layer checks' experts), or 'none': "
+                             "layer checks on a small experts module, without transformers")
     parser.add_argument("--fail", choices=("none", "crash", "hang"), default="none")
     parser.add_argument("--timeout", type=float, default=30.0, help="process-group timeout (s)")
     parser.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
@@ -136,24 +170,25 @@ def main() -> int:
     results: list = []
     try:
         if args.fail != "none":
-            model = moe_infer.wrap(tiny_models.build("mixtral", seed=0), parallel="ep")
+            layer = tiny_layer("ep")
             if rank == 1:
                 if args.fail == "crash":
                     raise RuntimeError("injected failure on rank 1")
                 time.sleep(3 * args.timeout)  # a stuck rank
-            with torch.no_grad():
-                model(tiny_models.token_ids(rank, 1, 4))
+            layer.parallel(torch.randn(4, 16), torch.randint(0, 4, (4, 2)), torch.rand(4, 2))
         else:
-            for name in filter(None, args.models.split(",")):
+            names = [name for name in args.models.split(",") if name != "none"]
+            for name in names:
                 model_checks(name, rank, world, results)
-            expert_checks(rank, world, results)
+            layer_checks(model_layer(names[0]) if names else tiny_layer("ep"), rank, world, results)
     except ParallelError as err:
         with open(os.path.join(args.out, f"error.{rank}"), "w") as f:
             f.write(str(err))
         raise
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump({"rank": rank, "world": world, "launcher": os.environ.get("TORCHELASTIC_RUN_ID") and "torchrun"
-                   or "other", "results": results}, f)
+        launcher = ("deepspeed" if launched_by_deepspeed() else
+                    "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "other")
+        json.dump({"rank": rank, "world": world, "launcher": launcher, "results": results}, f)
     return 0
 
 
