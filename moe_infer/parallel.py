@@ -264,6 +264,7 @@ class ParallelRuntime:
 
     # the cost model's inputs for this job, measured once (collectively) and agreed on by all ranks
     def measure(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Measure all-to-all latency and bandwidth, the matmul rate in `dtype` and the memory bandwidth."""
         def timed(fn, repeat=3):
             fn()
             start = time.perf_counter()
