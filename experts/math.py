@@ -174,7 +174,7 @@ def moe_forward(
         down = torch.cat([_linear(act[start : start + count], tensors[e].w2, tensors[e].b2)
                           for e, start, count in hit])  # [S, H]
         weighted[slots] = down * expert_weights.reshape(-1)[slots, None]
-    return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+    return weighted.view(num_tokens, top_k, hidden.shape[-1]).sum(dim=1).to(hidden.dtype)  # T may be 0
 
 
 def _segments(counts: list[int]):
@@ -183,4 +183,3 @@ def _segments(counts: list[int]):
     for expert_idx, count in enumerate(counts):
         yield expert_idx, start, count
         start += count
-

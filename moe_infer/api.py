@@ -65,12 +65,13 @@ def wrap(model: nn.Module, config: MoEConfig | None = None, **fields: Any) -> nn
     for layer in layers:
         _verify_routing(layer)
 
+    ex = ModelExecutor(model, layers, new_config)  # may join the process group and shard experts
     # nothing can fail from here on: swap the blocks in
     for found, layer in zip(blocks, layers):
         parent_name, _, attr = found.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, layer)
-    object.__setattr__(model, _EXECUTOR_ATTR, ModelExecutor(model, layers, new_config))
+    object.__setattr__(model, _EXECUTOR_ATTR, ex)
     return model
 
 

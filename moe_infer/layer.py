@@ -72,6 +72,8 @@ class MoELayer(nn.Module):
         self.executor: ModelExecutor | None = None  # set by the ModelExecutor that owns this layer
         # callables (layer, hidden [T, H], routing) run after routing: profilers, predictors
         self.routing_observers: list = []
+        # moe_infer.parallel.ParallelExperts when MoEConfig.parallel is set: the experts run across ranks
+        self.parallel = None
         self.train(block.training)
 
     # -- the block's own state, wherever it lives now (buffers on self follow .to(); the rest on the original)
@@ -106,8 +108,11 @@ class MoELayer(nn.Module):
         for observer in self.routing_observers:
             observer(self, hidden, routing)
         grouping = group_by_expert(routing.expert_ids, self.num_experts)
-        out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
-                          self.num_experts, self.expert_source.activation, grouping=grouping)
+        if self.parallel is not None:
+            out = self.parallel(hidden, routing.expert_ids, routing.expert_weights)
+        else:
+            out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
+                              self.num_experts, self.expert_source.activation, grouping=grouping)
         self.stats.record(hidden.shape[0], grouping[1])
         if self._shared is not None:
             out = out + self._shared(self, hidden)

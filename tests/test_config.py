@@ -74,7 +74,6 @@ def _tiny_mixtral():
     ({"kernel": "triton"}, "kernel='triton'"),
     ({"predictor": "markov"}, "predictive routing"),
     ({"loader": "ring"}, "ring loader"),
-    ({"parallel": "ep"}, "parallelism"),
 ])
 def test_valid_but_unavailable_fields_are_refused_clearly_and_change_nothing(fields, needs):
     model = _tiny_mixtral()
