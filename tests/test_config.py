@@ -73,7 +73,6 @@ def _tiny_mixtral():
     ({"offload_dir": "/tmp"}, "disk tier"),
     ({"kernel": "triton"}, "kernel='triton'"),
     ({"predictor": "markov"}, "predictive routing"),
-    ({"parallel": "ep"}, "parallelism"),
 ])
 def test_valid_but_unavailable_fields_are_refused_clearly_and_change_nothing(fields, needs):
     model = _tiny_mixtral()
