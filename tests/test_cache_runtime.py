@@ -349,11 +349,13 @@ def test_gpu_tier_with_pinned_host_tier(tiny_model):
     with torch.no_grad():
         reference = model(ids).logits
         nbytes = expert_bytes(model)
-        with tiny_models.wrapped(model, gpu_memory=2 * nbytes, cpu_memory=4 * nbytes, cpu_compute="never"):
-            assert torch.equal(model(ids).logits, reference)
+        # room for one layer's 8 experts on the GPU (nothing overflows to the CPU: exact), 12 pinned on the host
+        with tiny_models.wrapped(model, gpu_memory=8 * nbytes, cpu_memory=12 * nbytes, cpu_compute="never"):
+            for _ in range(2):
+                assert torch.equal(model(ids).logits, reference)
             stats = moe_infer.executor(model).stats()
-        assert stats["tiers"]["gpu"]["peak_bytes"] <= 2 * nbytes
-        assert stats["tiers"]["cpu"]["peak_bytes"] <= 4 * nbytes
+        assert 0 < stats["tiers"]["gpu"]["peak_bytes"] <= 8 * nbytes
+        assert 0 < stats["tiers"]["cpu"]["peak_bytes"] <= 12 * nbytes and stats["tiers"]["cpu"]["hits"] > 0
         with tiny_models.wrapped(model, gpu_memory=2 * nbytes, cpu_compute="always"):
             torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
     assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "cuda"  # moved back by unwrap
