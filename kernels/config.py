@@ -5,7 +5,8 @@ intermediate size, device as `torch.cuda.get_device_name()` with spaces as under
 token counts to configs: `{"64": {"BLOCK_M": 32, "BLOCK_N": 64, ...}, ...}`; keys that are not
 integers hold metadata. The key nearest to the call's token count wins. Files are searched in
 `MOE_INFER_KERNEL_CONFIG_DIR` first, then in `configs/` beside this module. When no file matches,
-a warning names the file that was looked for and `default_config` is used.
+a warning names the file that was looked for (once; not under TRITON_INTERPRET) and
+`default_config` is used.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def get_config(num_experts: int, intermediate_size: int, top_k: int, num_tokens:
     if table:
         nearest = min(table, key=lambda key: (abs(key - num_tokens), key))
         return table[nearest]
-    if device.type == "cuda":
+    if not envs.triton_interpret():  # the interpreter's speed does not depend on block sizes
         _warn_no_file(name)
     return default_config(num_experts, top_k, num_tokens, dtype)
 

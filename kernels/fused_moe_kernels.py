@@ -21,17 +21,21 @@ SILU, GPT_OSS, GELU, GELU_TANH, RELU = 0, 1, 2, 3, 4
 
 
 @triton.jit
-def _block_coords(num_blocks_m, num_tiles_n, GROUP_M: tl.constexpr):
-    """Program id -> (block row, column tile), GROUP_M blocks side by side so that programs that run
-    together share the weight tiles they load (L2 reuse)."""
+def _program_tile(block_expert_ids_ptr, sorted_slot_ids_ptr, num_blocks_m, num_cols,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (expert (int64, -1 for an unused block), rows [BM] (int64), their slots [BM],
+    output columns [BN]). GROUP_M blocks sit side by side in program order so that programs that
+    run together share the weight tiles they load (L2 reuse)."""
     pid = tl.program_id(0)
-    per_group = GROUP_M * num_tiles_n
-    group = pid // per_group
-    first_m = group * GROUP_M
+    per_group = GROUP_M * tl.cdiv(num_cols, BLOCK_N)
+    first_m = pid // per_group * GROUP_M
     group_size = tl.minimum(num_blocks_m - first_m, GROUP_M)
     block_m = first_m + (pid % per_group) % group_size
     tile_n = (pid % per_group) // group_size
-    return block_m, tile_n
+    expert = tl.load(block_expert_ids_ptr + block_m).to(tl.int64)
+    rows = block_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slot_ids_ptr + rows)  # in bounds even for unused blocks
+    return expert, rows, slots, tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
@@ -74,15 +78,12 @@ def gate_up_kernel(
     hidden [T, H]; w_gate, w_up: [E, I, H] views of w13 (any strides); b_gate, b_up [E, I];
     sorted_slot_ids int32 [R]; block_expert_ids int32 [max_blocks]; act [R, I] in hidden's dtype.
     """
-    block_m, tile_n = _block_coords(num_blocks_m, tl.cdiv(intermediate_size, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ids_ptr + block_m).to(tl.int64)
+    expert, rows, slots, cols = _program_tile(block_expert_ids_ptr, sorted_slot_ids_ptr, num_blocks_m,
+                                              intermediate_size, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    rows = block_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slot_ids_ptr + rows)
     row_ok = slots < num_slots
     tokens = (slots // top_k).to(tl.int64)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < intermediate_size
     ks = tl.arange(0, BLOCK_K)
 
@@ -129,14 +130,11 @@ def down_kernel(
     act [R, I]; w2 [E, H, I] (any strides); b2 [E, H]; expert_weights [S] (any float dtype);
     slot_out [S, H] (promoted dtype of hidden and expert_weights).
     """
-    block_m, tile_n = _block_coords(num_blocks_m, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ids_ptr + block_m).to(tl.int64)
+    expert, rows, slots, cols = _program_tile(block_expert_ids_ptr, sorted_slot_ids_ptr, num_blocks_m,
+                                              hidden_size, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    rows = block_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slot_ids_ptr + rows)
     row_ok = slots < num_slots
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden_size
     ks = tl.arange(0, BLOCK_K)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
+from moe_infer import envs
 from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
 
@@ -34,9 +36,9 @@ _NOT_YET = {
 def check_supported(config: MoEConfig) -> None:
     """Raise `NotImplementedError` naming every field set to a value this version cannot run."""
     problems = []
-    if config.kernel == "triton":
-        problems.append("kernel='triton' (the fused Triton kernels are not in this version; "
-                        "use 'auto' or 'torch')")
+    if config.kernel == "triton" and not (torch.cuda.is_available() or envs.triton_interpret()):
+        problems.append("kernel='triton' (the fused Triton kernels need a CUDA device, or TRITON_INTERPRET=1 "
+                        "for Triton's CPU interpreter; use 'auto' or 'torch')")
     defaults = MoEConfig()
     for name, needs in _NOT_YET.items():
         value = getattr(config, name)
@@ -61,8 +63,12 @@ class ModelExecutor:
 
     @property
     def kernel(self) -> str:
-        """The kernel actually used: "auto" resolves to torch (no Triton kernels in this version)."""
-        return "torch"
+        """The kernel the layers run: "auto" is "triton" when every layer's experts are on a CUDA device,
+        else "torch". A layer whose experts are not all resident (an expert cache) runs the torch path."""
+        if self.config.kernel != "auto":
+            return self.config.kernel
+        on_cuda = all(layer.expert_source.device.type == "cuda" for layer in self.layers)
+        return "triton" if on_cuda else "torch"
 
     def configure(self, config: MoEConfig) -> None:
         check_supported(config)

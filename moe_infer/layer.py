@@ -19,10 +19,18 @@ from torch import Tensor, nn
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.experts.math import group_by_expert, moe_forward
 from moe_infer.families import FoundBlock
+from moe_infer.kernels.hf_experts import module_experts_forward
 from moe_infer.routing.adapters import Routing
 
 if TYPE_CHECKING:
     from moe_infer.executor import ModelExecutor
+
+
+def _expert_counts(expert_ids: Tensor, num_experts: int) -> list[int]:
+    """(token, k) pairs per expert; ids outside [0, E) are not counted. One host sync."""
+    flat = expert_ids.reshape(-1)
+    bins = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    return torch.bincount(bins, minlength=num_experts + 1)[:num_experts].tolist()
 
 
 class LayerStats:
@@ -105,16 +113,27 @@ class MoELayer(nn.Module):
         self._feed_router_hooks(hidden, routing)
         for observer in self.routing_observers:
             observer(self, hidden, routing)
-        grouping = group_by_expert(routing.expert_ids, self.num_experts)
-        out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
-                          self.num_experts, self.expert_source.activation, grouping=grouping)
-        self.stats.record(hidden.shape[0], grouping[1])
+        if self._runs_fused_kernels():
+            out = module_experts_forward(self.expert_source.module, hidden, routing.expert_ids,
+                                         routing.expert_weights, self.expert_source.activation)
+            self.stats.record(hidden.shape[0], _expert_counts(routing.expert_ids, self.num_experts))
+        else:
+            grouping = group_by_expert(routing.expert_ids, self.num_experts)
+            out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
+                              self.num_experts, self.expert_source.activation, grouping=grouping)
+            self.stats.record(hidden.shape[0], grouping[1])
         if self._shared is not None:
             out = out + self._shared(self, hidden)
         out = out.reshape(shape)
         if self._returns_router_scores:
             return out, routing.expert_weights
         return out
+
+    def _runs_fused_kernels(self) -> bool:
+        """The fused Triton kernels run when the executor's kernel is "triton" and every expert of this
+        layer is resident in the experts module (their stacked weights are the kernels' input)."""
+        return (self.executor is not None and self.executor.kernel == "triton"
+                and isinstance(self.expert_source, ModuleExperts))
 
     def _feed_router_hooks(self, hidden: Tensor, routing: Routing) -> None:
         """Run the router module's forward hooks as if it had been called: `transformers`
