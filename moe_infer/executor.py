@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_infer import envs
+from moe_infer import envs, kernels
 from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
 
@@ -36,7 +36,9 @@ _NOT_YET = {
 def check_supported(config: MoEConfig) -> None:
     """Raise `NotImplementedError` naming every field set to a value this version cannot run."""
     problems = []
-    if config.kernel == "triton" and not (torch.cuda.is_available() or envs.triton_interpret()):
+    if config.kernel == "triton" and not kernels.HAS_TRITON:
+        problems.append("kernel='triton' (Triton is not installed on this platform; use 'auto' or 'torch')")
+    elif config.kernel == "triton" and not (torch.cuda.is_available() or envs.triton_interpret()):
         problems.append("kernel='triton' (the fused Triton kernels need a CUDA device, or TRITON_INTERPRET=1 "
                         "for Triton's CPU interpreter; use 'auto' or 'torch')")
     defaults = MoEConfig()
@@ -68,7 +70,7 @@ class ModelExecutor:
         if self.config.kernel != "auto":
             return self.config.kernel
         on_cuda = all(layer.expert_source.device.type == "cuda" for layer in self.layers)
-        return "triton" if on_cuda else "torch"
+        return "triton" if on_cuda and kernels.HAS_TRITON else "torch"
 
     def configure(self, config: MoEConfig) -> None:
         check_supported(config)

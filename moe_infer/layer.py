@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.experts.math import group_by_expert, moe_forward
+from moe_infer import kernels
 from moe_infer.families import FoundBlock
-from moe_infer.kernels.hf_experts import module_experts_forward
 from moe_infer.routing.adapters import Routing
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ class MoELayer(nn.Module):
         for observer in self.routing_observers:
             observer(self, hidden, routing)
         if self._runs_fused_kernels():
-            out = module_experts_forward(self.expert_source.module, hidden, routing.expert_ids,
+            out = kernels.module_experts_forward(self.expert_source.module, hidden, routing.expert_ids,
                                          routing.expert_weights, self.expert_source.activation)
             self.stats.record(hidden.shape[0], _expert_counts(routing.expert_ids, self.num_experts))
         else:
