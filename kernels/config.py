@@ -4,7 +4,8 @@ A config file is named `E={E},N={I},device_name={device},dtype={dtype}.json` (I 
 intermediate size, device as `torch.cuda.get_device_name()` with spaces as underscores) and maps
 token counts to configs: `{"64": {"BLOCK_M": 32, "BLOCK_N": 64, ...}, ...}`; keys that are not
 integers hold metadata. The key nearest to the call's token count wins. Files are searched in
-`MOE_INFER_KERNEL_CONFIG_DIR` first, then in `configs/` beside this module. When no file matches,
+`MOE_INFER_KERNEL_CONFIG_DIR` first, then in `configs/` beside this module (looked up once per
+process: a file written later is seen by the next process). When no file matches,
 a warning names the file that was looked for (once; not under TRITON_INTERPRET) and
 `default_config` is used.
 """
@@ -82,6 +83,11 @@ class KernelConfig:
         return entry
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return device_name(device)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "_")
@@ -102,8 +108,8 @@ def load_config_file(path: str) -> dict[int, KernelConfig]:
     return {int(key): KernelConfig.from_dict(value) for key, value in raw.items() if key.isdigit()}
 
 
-def _find_file(name: str) -> Path | None:
-    override = envs.kernel_config_dir()
+@functools.lru_cache(maxsize=None)
+def _find_file(name: str, override: str | None) -> Path | None:
     for directory in ([Path(override)] if override else []) + [CONFIG_DIR]:
         if (directory / name).is_file():
             return directory / name
@@ -119,8 +125,8 @@ def _warn_no_file(name: str) -> None:
 def get_config(num_experts: int, intermediate_size: int, top_k: int, num_tokens: int, dtype: torch.dtype,
                device: torch.device) -> KernelConfig:
     """The config for a call with `num_tokens` tokens: from the matching file (nearest token key), else defaults."""
-    name = config_file_name(num_experts, intermediate_size, device_name(device), dtype)
-    path = _find_file(name)
+    name = config_file_name(num_experts, intermediate_size, _device_name(device), dtype)
+    path = _find_file(name, envs.kernel_config_dir())
     table = load_config_file(str(path)) if path is not None else {}
     if table:
         nearest = min(table, key=lambda key: (abs(key - num_tokens), key))

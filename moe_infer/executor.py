@@ -101,6 +101,7 @@ class ModelExecutor:
         tiers: dict[str, dict[str, float]] = {}
         for layer in self.layers:
             s = layer.stats
+            s.flush()
             used = sum(1 for c in s.expert_counts if c)
             mean = sum(s.expert_counts) / len(s.expert_counts)
             per_layer[layer.layer_idx] = {

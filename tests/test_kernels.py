@@ -134,6 +134,22 @@ def test_custom_op_fake_and_torch_compile():
     torch.testing.assert_close(compiled(hidden, ids, weights), layer(hidden, ids, weights))
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_decode_step_replays_from_a_cuda_graph():
+    hidden, w13, w2, ids, weights, _, _ = on_device(*make_case(4, 8, 2, 64, 32, torch.bfloat16, seed=9))
+    static = [hidden.clone(), ids.clone(), weights.clone()]
+    fused_moe(static[0], w13, w2, static[1], static[2])  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(static[0], w13, w2, static[1], static[2])
+    new_hidden, _, _, new_ids, new_weights, _, _ = on_device(*make_case(4, 8, 2, 64, 32, torch.bfloat16, seed=10))
+    for buffer, value in zip(static, (new_hidden, new_ids, new_weights)):
+        buffer.copy_(value)
+    graph.replay()
+    torch.testing.assert_close(out, reference_moe(new_hidden, w13, w2, new_ids, new_weights),
+                               **TOLERANCES[torch.bfloat16])
+
+
 def test_configs_nearest_token_key_wins_and_missing_file_warns(tmp_path, monkeypatch):
     name = config_file_name(6, 10, "cpu", torch.float16)
     table = {"triton_version": "3.x", "1": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1,
@@ -167,13 +183,14 @@ def test_wrapped_model_triton_matches_torch():
     ids = tiny_models.token_ids(0, 2, 5).to(DEVICE)
     with torch.no_grad(), tiny_models.wrapped(model, kernel="torch"):
         expected = model(ids).logits
+        expected_stats = moe_infer.executor(model).stats()["layers"]
     with torch.no_grad(), tiny_models.wrapped(model, kernel="triton"):
         ex = moe_infer.executor(model)
         assert ex.kernel == "triton"
         got = model(ids).logits
-        counts = ex.stats()["layers"][0]["expert_counts"]
+        stats = ex.stats()["layers"]  # the fused path's counts, read back from the device here
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert sum(counts) == 2 * 5 * 2  # every (token, k) pair counted on the fused path too
+    assert stats == expected_stats and sum(stats[0]["expert_counts"]) == 2 * 5 * 2
     with tiny_models.wrapped(model):  # "auto": Triton exactly when the experts are on CUDA
         assert moe_infer.executor(model).kernel == ("triton" if DEVICE == "cuda" else "torch")
 
