@@ -17,7 +17,7 @@ from . import align_kernels as kernels
 
 CHUNK = 128  # slots per program of the histogram and scatter kernels
 CHUNK_TILE = 32  # chunk rows per step of the offsets kernel
-BLOCK_TILE = 64  # blocks per program when writing block owners
+BLOCK_TILE_ELEMENTS = 8192  # blocks x experts compared per program when writing block owners
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,15 @@ def align_block_size(expert_ids: Tensor, num_experts: int, block_m: int) -> Alig
         raise TypeError(f"align_block_size: expert_ids must be int32 or int64, got {expert_ids.dtype}")
     if block_m <= 0 or block_m & (block_m - 1):
         raise ValueError(f"align_block_size: block_m must be a power of two, got {block_m}")
-    if num_experts <= 0:
-        raise ValueError(f"align_block_size: num_experts must be positive, got {num_experts}")
+    if not 0 < num_experts <= 4096:
+        raise ValueError(f"align_block_size: num_experts must be in 1..4096, got {num_experts}")
     flat_ids = expert_ids.reshape(-1)  # [S], a copy only if expert_ids was not contiguous
     num_slots = flat_ids.numel()
     device = flat_ids.device
     e_pad = _next_pow2(num_experts + 1)
     num_chunks = max(-(-num_slots // CHUNK), 1)
     blocks = max(max_blocks(num_slots, num_experts, block_m), 1)
+    block_tile = BLOCK_TILE_ELEMENTS // e_pad  # a power of two: e_pad <= 8192 since E <= 4096
 
     chunk_counts = torch.empty((num_chunks, e_pad), dtype=torch.int32, device=device)
     expert_counts = torch.empty((num_experts,), dtype=torch.int32, device=device)
@@ -79,10 +80,10 @@ def align_block_size(expert_ids: Tensor, num_experts: int, block_m: int) -> Alig
         num_chunks, num_experts,
         BLOCK_M=block_m, E_PAD=e_pad, CHUNK_TILE=CHUNK_TILE,
     )
-    kernels.scatter_rows_kernel[(max(num_chunks, num_experts, -(-blocks // BLOCK_TILE)),)](
+    kernels.scatter_rows_kernel[(max(num_chunks, num_experts, -(-blocks // block_tile)),)](
         flat_ids, chunk_counts, expert_counts, padded_bounds,
         sorted_slot_ids, block_expert_ids,
         num_slots, num_experts, num_chunks, blocks,
-        BLOCK_M=block_m, CHUNK=CHUNK, E_PAD=e_pad, BLOCK_TILE=BLOCK_TILE,
+        BLOCK_M=block_m, CHUNK=CHUNK, E_PAD=e_pad, BLOCK_TILE=block_tile,
     )
     return Alignment(sorted_slot_ids, block_expert_ids, expert_counts, block_m)

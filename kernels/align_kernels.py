@@ -88,18 +88,19 @@ def scatter_rows_kernel(
       block, or -1 past the last used block (those blocks are skipped by the GEMMs).
     """
     pid = tl.program_id(0)
+    # each block uses its own names: Triton types a name once per function
     if pid < num_chunks:
         lane = tl.arange(0, CHUNK)
         offs = pid * CHUNK + lane
         in_range = offs < num_slots
         ids = tl.load(expert_ids_ptr + offs, mask=in_range, other=-1)
         valid = in_range & (ids >= 0) & (ids < num_experts)
-        experts = tl.where(valid, ids, num_experts).to(tl.int32)
+        slot_experts = tl.where(valid, ids, num_experts).to(tl.int32)
         # rank of a slot among the earlier slots of the same expert in this chunk (stable order)
-        same_before = (experts[:, None] == experts[None, :]) & (lane[None, :] < lane[:, None])
+        same_before = (slot_experts[:, None] == slot_experts[None, :]) & (lane[None, :] < lane[:, None])
         rank = tl.sum(same_before.to(tl.int32), axis=1)
-        first_row = tl.load(chunk_counts_ptr + pid * E_PAD + experts, mask=valid, other=0)
-        tl.store(sorted_slot_ids_ptr + first_row + rank, offs.to(tl.int32), mask=valid)
+        run_start = tl.load(chunk_counts_ptr + pid * E_PAD + slot_experts, mask=valid, other=0)
+        tl.store(sorted_slot_ids_ptr + run_start + rank, offs.to(tl.int32), mask=valid)
     if pid < num_experts:
         start = tl.load(padded_bounds_ptr + pid)
         end = tl.load(padded_bounds_ptr + E_PAD + pid)
@@ -110,12 +111,12 @@ def scatter_rows_kernel(
     if pid * BLOCK_TILE < max_blocks:
         blocks = pid * BLOCK_TILE + tl.arange(0, BLOCK_TILE)
         experts = tl.arange(0, E_PAD)
-        ends = tl.load(padded_bounds_ptr + E_PAD + experts, mask=experts < num_experts, other=0)
-        ends = tl.where(experts < num_experts, ends, 0)
-        first_row = (blocks * BLOCK_M)[:, None]
+        is_expert = experts < num_experts
+        ends = tl.load(padded_bounds_ptr + E_PAD + experts, mask=is_expert, other=0)
+        ends = tl.where(is_expert, ends, 0)
+        block_start = (blocks * BLOCK_M)[:, None]
         # the owner of a block is the number of segments that end at or before its first row
-        owner = tl.sum((ends[None, :] <= first_row).to(tl.int32) * (experts < num_experts)[None, :].to(tl.int32),
-                       axis=1)
+        owner = tl.sum(((ends[None, :] <= block_start) & is_expert[None, :]).to(tl.int32), axis=1)
         total = tl.max(ends, axis=0)
         owner = tl.where(blocks * BLOCK_M < total, owner, -1)
         tl.store(block_expert_ids_ptr + blocks, owner, mask=blocks < max_blocks)
