@@ -46,15 +46,18 @@ def moe_infer_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_inde
 
 def module_experts_forward(experts: nn.Module, hidden: Tensor, expert_ids: Tensor, expert_weights: Tensor,
                            activation: Activation) -> Tensor:
-    """`fused_experts` on the stacked weights of a `transformers` experts module, in place (no copy)."""
+    """`fused_experts` on the stacked weights of a `transformers` experts module, in place (no copy).
+    Under autocast the input may be fp32 with half-precision weights: it runs in the weights' dtype
+    and comes back in its own, as transformers' grouped_mm does."""
     w13, w2 = experts.gate_up_proj, experts.down_proj
     if getattr(experts, "is_transposed", False):  # stored [E, H, 2I] and [E, I, H]: use transposed views
         w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
     has_bias = getattr(experts, "has_bias", False)
-    return fused_experts(hidden, w13, w2, expert_ids, expert_weights, activation=activation,
-                         b13=experts.gate_up_proj_bias if has_bias else None,
-                         b2=experts.down_proj_bias if has_bias else None,
-                         interleaved=not getattr(experts, "is_concatenated", True))
+    out = fused_experts(hidden.to(w13.dtype), w13, w2, expert_ids, expert_weights, activation=activation,
+                        b13=experts.gate_up_proj_bias if has_bias else None,
+                        b2=experts.down_proj_bias if has_bias else None,
+                        interleaved=not getattr(experts, "is_concatenated", True))
+    return out.to(hidden.dtype)
 
 
 def register_experts_implementation() -> None:

@@ -51,6 +51,13 @@ def test_fused_moe_matches_reference(T, E, K, H, I, dtype):
     torch.testing.assert_close(got, reference_moe(hidden, w13, w2, ids, weights), **TOLERANCES[dtype])
 
 
+def test_widest_routing():
+    # E = 256, K = 8, the widest routing of the contract (fp32 only: the interpreter is slow at E = 256)
+    hidden, w13, w2, ids, weights, _, _ = on_device(*make_case(4, 256, 8, 16, 8, torch.float32, seed=11))
+    torch.testing.assert_close(fused_moe(hidden, w13, w2, ids, weights), reference_moe(hidden, w13, w2, ids, weights),
+                               **TOLERANCES[torch.float32])
+
+
 def test_skipped_ids_and_int32_ids():
     hidden, w13, w2, ids, weights, _, _ = on_device(*make_case(12, 6, 3, 16, 8, torch.float32, seed=1))
     ids[0, 0], ids[3, 1], ids[5, 2], ids[7] = -1, 6, 100, -1  # another rank's experts / no expert
