@@ -17,6 +17,7 @@ from . import align_kernels as kernels
 
 CHUNK = 128  # slots per program of the histogram and scatter kernels
 CHUNK_TILE = 32  # chunk rows per step of the offsets kernel
+ROW_TILE = 1024  # rows per step when the one-launch path fills padding
 BLOCK_TILE_ELEMENTS = 8192  # blocks x experts compared per program when writing block owners
 
 
@@ -64,26 +65,33 @@ def align_block_size(expert_ids: Tensor, num_experts: int, block_m: int) -> Alig
     blocks = max(max_blocks(num_slots, num_experts, block_m), 1)
     block_tile = BLOCK_TILE_ELEMENTS // e_pad  # a power of two: e_pad <= 8192 since E <= 4096
 
-    chunk_counts = torch.empty((num_chunks, e_pad), dtype=torch.int32, device=device)
     expert_counts = torch.empty((num_experts,), dtype=torch.int32, device=device)
     padded_bounds = torch.empty((2, e_pad), dtype=torch.int32, device=device)
     sorted_slot_ids = torch.empty((blocks * block_m,), dtype=torch.int32, device=device)
     block_expert_ids = torch.empty((blocks,), dtype=torch.int32, device=device)
 
-    kernels.chunk_histogram_kernel[(num_chunks,)](
-        flat_ids, chunk_counts,
-        num_slots, num_experts,
-        CHUNK=CHUNK, E_PAD=e_pad,
-    )
-    kernels.expert_offsets_kernel[(1,)](
-        chunk_counts, expert_counts, padded_bounds,
-        num_chunks, num_experts,
-        BLOCK_M=block_m, E_PAD=e_pad, CHUNK_TILE=CHUNK_TILE,
-    )
-    kernels.scatter_rows_kernel[(max(num_chunks, num_experts, -(-blocks // block_tile)),)](
-        flat_ids, chunk_counts, expert_counts, padded_bounds,
-        sorted_slot_ids, block_expert_ids,
-        num_slots, num_experts, num_chunks, blocks,
-        BLOCK_M=block_m, CHUNK=CHUNK, E_PAD=e_pad, BLOCK_TILE=block_tile,
-    )
+    if num_chunks == 1:  # decode: one launch instead of three
+        kernels.align_one_chunk_kernel[(1,)](
+            flat_ids, expert_counts, padded_bounds, sorted_slot_ids, block_expert_ids,
+            num_slots, num_experts, blocks,
+            BLOCK_M=block_m, CHUNK=CHUNK, E_PAD=e_pad, BLOCK_TILE=block_tile, ROW_TILE=ROW_TILE,
+        )
+    else:
+        chunk_counts = torch.empty((num_chunks, e_pad), dtype=torch.int32, device=device)
+        kernels.chunk_histogram_kernel[(num_chunks,)](
+            flat_ids, chunk_counts,
+            num_slots, num_experts,
+            CHUNK=CHUNK, E_PAD=e_pad,
+        )
+        kernels.expert_offsets_kernel[(1,)](
+            chunk_counts, expert_counts, padded_bounds,
+            num_chunks, num_experts,
+            BLOCK_M=block_m, E_PAD=e_pad, CHUNK_TILE=CHUNK_TILE,
+        )
+        kernels.scatter_rows_kernel[(max(num_chunks, num_experts, -(-blocks // block_tile)),)](
+            flat_ids, chunk_counts, expert_counts, padded_bounds,
+            sorted_slot_ids, block_expert_ids,
+            num_slots, num_experts, num_chunks, blocks,
+            BLOCK_M=block_m, CHUNK=CHUNK, E_PAD=e_pad, BLOCK_TILE=block_tile,
+        )
     return Alignment(sorted_slot_ids, block_expert_ids, expert_counts, block_m)

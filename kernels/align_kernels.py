@@ -4,8 +4,9 @@ Shape legend: S = T*K (token, k) slots, E experts, E_PAD = next power of two >= 
 bin for ids outside [0, E)), C = CHUNK slots per program, BM = BLOCK_M rows per GEMM block.
 
 Three launches, no host synchronisation: per-chunk expert histograms, one program that turns them
-into row offsets, and a scatter that writes every slot to its row. A slot's row is stable: slots of
-one expert keep their original order, and expert segments are padded to a multiple of BM.
+into row offsets, and a scatter that writes every slot to its row; one launch when S <= C (decode).
+A slot's row is stable: slots of one expert keep their original order, and expert segments are
+padded to a multiple of BM.
 """
 
 from __future__ import annotations
@@ -109,14 +110,55 @@ def scatter_rows_kernel(
         sentinel = tl.full((BLOCK_M,), 0, tl.int32) + num_slots
         tl.store(sorted_slot_ids_ptr + pad_rows, sentinel, mask=pad_rows < end)
     if pid * BLOCK_TILE < max_blocks:
-        blocks = pid * BLOCK_TILE + tl.arange(0, BLOCK_TILE)
         experts = tl.arange(0, E_PAD)
         is_expert = experts < num_experts
         ends = tl.load(padded_bounds_ptr + E_PAD + experts, mask=is_expert, other=0)
-        ends = tl.where(is_expert, ends, 0)
-        block_start = (blocks * BLOCK_M)[:, None]
-        # the owner of a block is the number of segments that end at or before its first row
-        owner = tl.sum(((ends[None, :] <= block_start) & is_expert[None, :]).to(tl.int32), axis=1)
-        total = tl.max(ends, axis=0)
-        owner = tl.where(blocks * BLOCK_M < total, owner, -1)
-        tl.store(block_expert_ids_ptr + blocks, owner, mask=blocks < max_blocks)
+        _store_block_owners(block_expert_ids_ptr, pid * BLOCK_TILE + tl.arange(0, BLOCK_TILE),
+                            tl.where(is_expert, ends, 0), is_expert, max_blocks, BLOCK_M)
+
+
+@triton.jit
+def _store_block_owners(block_expert_ids_ptr, blocks, ends, is_expert, max_blocks, BLOCK_M: tl.constexpr):
+    """block_expert_ids[blocks] = expert owning each block, -1 past the last used block.
+    ends [E_PAD]: end row of each expert's padded segment (0 where not is_expert)."""
+    block_start = (blocks * BLOCK_M)[:, None]
+    # the owner of a block is the number of segments that end at or before its first row
+    owner = tl.sum(((ends[None, :] <= block_start) & is_expert[None, :]).to(tl.int32), axis=1)
+    owner = tl.where(blocks * BLOCK_M < tl.max(ends, axis=0), owner, -1)
+    tl.store(block_expert_ids_ptr + blocks, owner, mask=blocks < max_blocks)
+
+
+@triton.jit
+def align_one_chunk_kernel(
+    expert_ids_ptr, expert_counts_ptr, padded_bounds_ptr, sorted_slot_ids_ptr, block_expert_ids_ptr,
+    num_slots, num_experts, max_blocks,
+    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_TILE: tl.constexpr,
+    ROW_TILE: tl.constexpr,
+):
+    """Grid (1,): the whole alignment in one launch when S <= CHUNK (decode). Same outputs as the
+    three kernels above: sorted_slot_ids, block_expert_ids, expert_counts; padded_bounds is scratch."""
+    lane = tl.arange(0, CHUNK)
+    in_range = lane < num_slots
+    ids = tl.load(expert_ids_ptr + lane, mask=in_range, other=-1)
+    valid = in_range & (ids >= 0) & (ids < num_experts)
+    slot_experts = tl.where(valid, ids, num_experts).to(tl.int32)
+    experts = tl.arange(0, E_PAD)
+    is_expert = experts < num_experts
+    counts = tl.where(is_expert, tl.histogram(slot_experts, E_PAD), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    tl.store(expert_counts_ptr + experts, counts, mask=is_expert)
+    tl.store(padded_bounds_ptr + experts, padded_end - padded)
+    for r0 in range(0, max_blocks * BLOCK_M, ROW_TILE):  # every row starts as padding
+        rows = r0 + tl.arange(0, ROW_TILE)
+        tl.store(sorted_slot_ids_ptr + rows, tl.full((ROW_TILE,), 0, tl.int32) + num_slots,
+                 mask=rows < max_blocks * BLOCK_M)
+    for b0 in range(0, max_blocks, BLOCK_TILE):
+        _store_block_owners(block_expert_ids_ptr, b0 + tl.arange(0, BLOCK_TILE), tl.where(is_expert, padded_end, 0),
+                            is_expert, max_blocks, BLOCK_M)
+    # the segment starts just stored are read back per slot, and slot rows overwrite padding rows
+    tl.debug_barrier()
+    same_before = (slot_experts[:, None] == slot_experts[None, :]) & (lane[None, :] < lane[:, None])
+    rank = tl.sum(same_before.to(tl.int32), axis=1)
+    run_start = tl.load(padded_bounds_ptr + slot_experts, mask=valid, other=0)
+    tl.store(sorted_slot_ids_ptr + run_start + rank, lane.to(tl.int32), mask=valid)

@@ -61,7 +61,7 @@ def module_experts_forward(experts: nn.Module, hidden: Tensor, expert_ids: Tenso
 
 
 def register_experts_implementation() -> None:
-    """Register "moe_infer" in `transformers`' ExpertsInterface (idempotent; done when moe_infer.kernels is imported)."""
+    """Register "moe_infer" in `transformers`' ExpertsInterface (idempotent; done on import of moe_infer.kernels)."""
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(NAME, moe_infer_experts_forward)

@@ -40,7 +40,8 @@ CASES = [  # (T, K, E, block_m)
     (1, 1, 1, 16),     # one slot, one expert
     (1, 2, 8, 16),     # decode: most experts empty
     (5, 3, 4, 16),     # odd sizes
-    (70, 3, 5, 16),    # S = 210 > CHUNK: runs of one expert span chunks
+    (64, 2, 3, 16),    # S = CHUNK: the largest one-launch alignment
+    (70, 3, 5, 16),    # S = 210 > CHUNK: three launches; runs of one expert span chunks
     (300, 2, 7, 64),   # several blocks per expert, several chunks
     (9, 8, 8, 32),     # K = E
     (4, 2, 256, 16),   # E = 256 > S
@@ -54,11 +55,12 @@ def test_alignment_invariants(T, K, E, block_m):
     check_alignment(ids, E, block_m)
 
 
-def test_ids_outside_range_get_no_row():
+@pytest.mark.parametrize("T", [CHUNK + 9, 9], ids=["three-launch path", "one-launch path (S <= CHUNK)"])
+def test_ids_outside_range_get_no_row(T):
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 6, (CHUNK + 9, 2), generator=g)  # crosses a chunk
+    ids = torch.randint(0, 6, (T, 2), generator=g)
     ids[0, 0], ids[3, 1], ids[7] = -1, 6, -5
-    ids[CHUNK - 1, 1] = 2**40  # int64 beyond int32: skipped, not wrapped around
+    ids[T // 2, 1] = 2**40  # int64 beyond int32: skipped, not wrapped around
     check_alignment(ids, 6, 16)
 
 

@@ -26,7 +26,7 @@ def test_kernels_compile_for_h100():
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     compiled = result.stdout.split()
     assert compiled == ["chunk_histogram_kernel", "expert_offsets_kernel", "scatter_rows_kernel",
-                        "gate_up_kernel:pipelined", "down_kernel", "gate_up_kernel:pipelined", "down_kernel",
+                        "align_one_chunk_kernel", "gate_up_kernel:pipelined", "down_kernel", "gate_up_kernel:pipelined", "down_kernel",
                         "sum_topk_kernel"]
 
 
@@ -69,6 +69,8 @@ def main() -> None:
                       {"BLOCK_M": 16, "E_PAD": 512, "CHUNK_TILE": 32})
     _compile_for_h100(align_kernels.scatter_rows_kernel, align_pointers,
                       {"BLOCK_M": 16, "CHUNK": 128, "E_PAD": 512, "BLOCK_TILE": 16})
+    _compile_for_h100(align_kernels.align_one_chunk_kernel, align_pointers,
+                      {"BLOCK_M": 16, "CHUNK": 128, "E_PAD": 512, "BLOCK_TILE": 16, "ROW_TILE": 1024})
     gemm_pointers = {"hidden_ptr": "*bf16", "w_gate_ptr": "*bf16", "w_up_ptr": "*bf16", "b_gate_ptr": "*bf16",
                      "b_up_ptr": "*bf16", "act_ptr": "*bf16", "w2_ptr": "*bf16", "b2_ptr": "*bf16",
                      "expert_weights_ptr": "*fp32", "slot_out_ptr": "*fp32", "sorted_slot_ids_ptr": "*i32",
