@@ -26,8 +26,8 @@ def test_kernels_compile_for_h100():
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     compiled = result.stdout.split()
     assert compiled == ["chunk_histogram_kernel", "expert_offsets_kernel", "scatter_rows_kernel",
-                        "align_one_chunk_kernel", "gate_up_kernel:pipelined", "down_kernel", "gate_up_kernel:pipelined", "down_kernel",
-                        "sum_topk_kernel"]
+                        "align_one_chunk_kernel", "gate_up_kernel:pipelined", "down_kernel",
+                        "gate_up_kernel:pipelined", "down_kernel", "sum_topk_kernel"]
 
 
 def _load(name: str):
