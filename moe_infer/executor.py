@@ -65,12 +65,16 @@ class ModelExecutor:
 
     @property
     def kernel(self) -> str:
-        """The kernel the layers run: "auto" is "triton" when every layer's experts are on a CUDA device,
-        else "torch". A layer whose experts are not all resident (an expert cache) runs the torch path."""
+        """The kernel the layers run ("triton" or "torch"; "mixed" when "auto" finds experts on CUDA in
+        some layers only). A layer whose experts are not all resident (an expert cache) runs torch."""
+        per_layer = {self.kernel_for(layer.expert_source.device) for layer in self.layers}
+        return per_layer.pop() if len(per_layer) == 1 else "mixed"
+
+    def kernel_for(self, device: torch.device) -> str:
+        """The kernel for experts held on `device`: "auto" is Triton on CUDA, torch elsewhere."""
         if self.config.kernel != "auto":
             return self.config.kernel
-        on_cuda = all(layer.expert_source.device.type == "cuda" for layer in self.layers)
-        return "triton" if on_cuda and kernels.HAS_TRITON else "torch"
+        return "triton" if device.type == "cuda" and kernels.HAS_TRITON else "torch"
 
     def configure(self, config: MoEConfig) -> None:
         check_supported(config)

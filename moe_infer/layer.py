@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from moe_infer import kernels
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.experts.math import group_by_expert, moe_forward
-from moe_infer import kernels
 from moe_infer.families import FoundBlock
 from moe_infer.routing.adapters import Routing
 
@@ -138,7 +138,7 @@ class MoELayer(nn.Module):
             observer(self, hidden, routing)
         if self._runs_fused_kernels():
             out = kernels.module_experts_forward(self.expert_source.module, hidden, routing.expert_ids,
-                                         routing.expert_weights, self.expert_source.activation)
+                                                 routing.expert_weights, self.expert_source.activation)
             self.stats.record_on_device(hidden.shape[0], _expert_counts(routing.expert_ids, self.num_experts))
         else:
             grouping = group_by_expert(routing.expert_ids, self.num_experts)
@@ -153,10 +153,10 @@ class MoELayer(nn.Module):
         return out
 
     def _runs_fused_kernels(self) -> bool:
-        """The fused Triton kernels run when the executor's kernel is "triton" and every expert of this
-        layer is resident in the experts module (their stacked weights are the kernels' input)."""
-        return (self.executor is not None and self.executor.kernel == "triton"
-                and isinstance(self.expert_source, ModuleExperts))
+        """The fused Triton kernels run when the kernel for this layer's device is "triton" and every
+        expert of the layer is resident in the experts module (their stacked weights are the input)."""
+        return (self.executor is not None and isinstance(self.expert_source, ModuleExperts)
+                and self.executor.kernel_for(self.expert_source.device) == "triton")
 
     def _feed_router_hooks(self, hidden: Tensor, routing: Routing) -> None:
         """Run the router module's forward hooks as if it had been called: `transformers`
