@@ -1,7 +1,8 @@
-"""`fused_moe`: one MoE layer in five Triton launches (three of alignment, two grouped GEMMs) and a
-deterministic top-k sum, registered as the custom op `torch.ops.moe_infer.fused_moe` (with a fake
-implementation) so that `torch.compile` traces through it and CUDA graphs capture it: nothing here
-synchronises with the host, and every size is known from the input shapes.
+"""`fused_moe`: one MoE layer in four to six Triton launches (alignment: one for decode, three
+otherwise; two grouped GEMMs; a deterministic top-k sum), registered as the custom op
+`torch.ops.moe_infer.fused_moe` (with a fake implementation) so that `torch.compile` traces through
+it and CUDA graphs capture it: nothing here synchronises with the host, and every size is known
+from the input shapes. Inference only (no autograd formula).
 
 Shape legend: T tokens, H hidden, I intermediate, E experts, K top-k, S = T*K slots.
 Owns input checks, allocation, grids and launches; the kernels are in `fused_moe_kernels.py`, the
