@@ -17,6 +17,7 @@ import moe_infer
 import tiny_models
 from moe_infer.experts import Activation, ExpertTensors
 from moe_infer.kernels import fused_experts, fused_moe, get_config, reference_moe
+from moe_infer.kernels.benchmarking import MoEShape, floor_ms, make_inputs, make_weights, transformers_experts
 from moe_infer.kernels.config import KernelConfig, config_file_name, default_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -212,6 +213,21 @@ def test_transformers_experts_implementation(case):
         assert model.config._experts_implementation == "moe_infer"
         got = model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "moe_infer"])
+def test_benchmark_layers_agree(implementation):
+    """The benchmark's setup: transformers' experts implementations on the same weights and routing
+    compute what fused_moe computes."""
+    # sizes multiples of 4: grouped_mm wants 16-byte strides
+    shape = MoEShape("tiny", num_experts=6, hidden_size=24, intermediate_size=12, top_k=3)
+    weights = make_weights(shape, torch.float32, DEVICE)
+    inputs = make_inputs(shape, 5, weights)
+    experts = transformers_experts(shape, weights, implementation)
+    got = experts(inputs.hidden, inputs.expert_ids, inputs.expert_weights)
+    expected = fused_moe(inputs.hidden, inputs.w13, inputs.w2, inputs.expert_ids, inputs.expert_weights)
+    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])
+    assert floor_ms(shape, inputs, 3e12, 7e14)["flops"] == 2 * 5 * 3 * 3 * 24 * 12
 
 
 def test_no_warnings_under_interpreter():
