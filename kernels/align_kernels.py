@@ -66,6 +66,8 @@ def expert_offsets_kernel(
     tl.store(expert_counts_ptr + experts, counts, mask=is_expert)
     tl.store(padded_bounds_ptr + experts, padded_start)
     tl.store(padded_bounds_ptr + E_PAD + experts, padded_end)
+    # pass 2 reads what other threads of this program stored in pass 1
+    tl.debug_barrier()
     # pass 2: add each expert's segment start
     for c0 in range(0, num_chunks, CHUNK_TILE):
         rows = c0 + tl.arange(0, CHUNK_TILE)
