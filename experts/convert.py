@@ -157,8 +157,10 @@ class _Converter:
         key = plan.fused["gate_up_proj"] if plan.fused else plan.per_expert[0]["gate"]
         return self.options.dtype or self.source.spec(key).dtype
 
-    def _expert(self, plan: LayerPlan, e: int) -> dict[str, torch.Tensor]:
-        """Expert e's tensors, canonical (gate rows then up rows; [out, in]), in the output dtypes."""
+    def _expert_parts(self, plan: LayerPlan, e: int):
+        """Expert e's tensors in file order as (kind, row block) pairs, canonical (gate rows then up
+        rows; [out, in]) and in the output dtypes. Per-expert sources are read one projection at a
+        time, so one source tensor is in memory, never the concatenated w13."""
         g = plan.geometry
         if plan.fused:
             rows = (e, e + 1)
@@ -168,21 +170,23 @@ class _Converter:
             b13 = self.source.read(plan.fused["gate_up_proj_bias"], rows)[0] if g.has_bias else None
             b2 = self.source.read(plan.fused["down_proj_bias"], rows)[0] if g.has_bias else None
             t = ExpertTensors(w13, w2, b13, b2, interleaved=g.interleaved).canonical()
-            out = {"w13": t.w13, "w2": t.w2}
+            yield "w13", self._cast("w13", t.w13)
+            yield "w2", self._cast("w2", t.w2)
             if g.has_bias:
-                out.update(b13=t.b13, b2=t.b2)
-            return {k: self._cast(k, v) for k, v in out.items()}
+                yield "b13", self._cast("b13", t.b13)
+                yield "b2", self._cast("b2", t.b2)
+            return
         roles = plan.per_expert[e]
-        gate, up, down = (self.source.read(roles[r]) for r in ("gate", "up", "down"))
-        if plan.fp8:
-            scales = {r: self.source.read(roles[r + "_scale"]) for r in ("gate", "up", "down")}
-            if self.keep_fp8:
-                w13 = torch.cat([gate.view(torch.uint8), up.view(torch.uint8)]).view(torch.float8_e4m3fn)
-                return {"w13": w13, "w2": down, "w13_scale": torch.cat([scales["gate"], scales["up"]]).float(),
-                        "w2_scale": scales["down"].float()}
-            gate, up, down = (dequantize(w, scales[r], self.fp8_block, self.compute_dtype)
-                              for w, r in ((gate, "gate"), (up, "up"), (down, "down")))
-        return {"w13": self._cast("w13", torch.cat([gate, up])), "w2": self._cast("w2", down)}
+        for kind, role in (("w13", "gate"), ("w13", "up"), ("w2", "down")):
+            weight = self.source.read(roles[role])
+            if plan.fp8 and not self.keep_fp8:
+                weight = dequantize(weight, self.source.read(roles[role + "_scale"]), self.fp8_block, self.compute_dtype)
+            yield kind, self._cast(kind, weight)
+            del weight  # before the next read: one source tensor in memory at a time
+        if plan.fp8 and self.keep_fp8:
+            yield "w13_scale", self.source.read(roles["gate_scale"]).float()
+            yield "w13_scale", self.source.read(roles["up_scale"]).float()
+            yield "w2_scale", self.source.read(roles["down_scale"]).float()
 
     def write_layer(self, path: str, plan: LayerPlan) -> list[dict]:
         g = plan.geometry
@@ -191,14 +195,14 @@ class _Converter:
         relative = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
         entries = []
         for e in range(g.num_experts):
-            tensors = self._expert(plan, e)
             digest = hashlib.sha256()
             nbytes = 0
             offset = writer.offsets[f"e{e}.w13"]
-            for name, _, _ in self._expert_specs(plan, e):
-                data = writer.write(name, tensors[name.split(".", 1)[1]])
+            for kind, block in self._expert_parts(plan, e):
+                data = writer.write(f"e{e}.{kind}", block)
                 digest.update(data)
                 nbytes += len(data)
+                del data, block
             entries.append({"layer": plan.layer_idx, "expert": e, "file": relative.replace(os.sep, "/"),
                             "offset": offset, "nbytes": nbytes, "sha256": digest.hexdigest()})
             self.progress(nbytes)
