@@ -133,9 +133,10 @@ class _Converter:
             if item.scale_key is not None:
                 tensor = dequantize(tensor, self.source.read(item.scale_key), self.fp8_block, self.compute_dtype)
             writer.write(item.target, self._cast(item.target, tensor))
+            del tensor  # before the next read: one source tensor in memory at a time
             self.progress(self.source.spec(item.key).nbytes)
         writer.close()
-        return {"file": DENSE_FILE, "nbytes": os.path.getsize(path), "sha256": _sha256_file(path)}
+        return {"file": DENSE_FILE, "nbytes": os.path.getsize(path), "sha256": writer.sha256.hexdigest()}
 
     # -- experts
     def _expert_specs(self, plan: LayerPlan, e: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -208,14 +209,6 @@ class _Converter:
             self.progress(nbytes)
         writer.close()
         return entries
-
-
-def _sha256_file(path: str, chunk: int = 64 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _copy_side_files(src: str, dst: str, keep_fp8: bool, dtype: torch.dtype | None) -> None:

@@ -16,6 +16,7 @@ of 8), then the data; tensors cover the data area exactly, without gaps or overl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -193,6 +194,7 @@ class TensorWriter:
         header, self.offsets = build_header(self._specs, metadata)
         self._next = 0
         self._rows_done = 0
+        self.sha256 = hashlib.sha256(header)  # of the whole file, as it is written
         self._file = open(path, "wb")
         self._file.write(header)
 
@@ -207,6 +209,7 @@ class TensorWriter:
                                  f"{self._rows_done} rows; layout expects {expected_name} {dtype} {shape}")
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         self._file.write(data)
+        self.sha256.update(data)
         self._rows_done += rows
         if self._rows_done == (shape[0] if shape else 1):
             self._next += 1

@@ -57,7 +57,7 @@ def phase_load(path: str, cpu_memory: str | None, steps: int) -> dict:
     from moe_infer.loading import expert_store_of
 
     torch.manual_seed(0)
-    fields = {} if cpu_memory is None else {"cpu_memory": cpu_memory}
+    fields = {} if cpu_memory is None else {"cpu_memory": int(cpu_memory) if cpu_memory.isdigit() else cpu_memory}
     start = time.perf_counter()
     model = moe_infer.load(path, **fields)
     load_s = time.perf_counter() - start
