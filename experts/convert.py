@@ -252,6 +252,42 @@ def _check_destination(dst: str, fingerprint: str, options: ConvertOptions) -> b
     return True
 
 
+def _write_checkpoint(partial: str, src: str, source: SourceCheckpoint, converter: "_Converter",
+                      plan: ConversionPlan, config, model, blocks, fingerprint: str, options: ConvertOptions,
+                      fp8_block: tuple[int, int]) -> dict:
+    """Write every file of the converted checkpoint into `partial`; returns the manifest."""
+    dense = converter.write_dense(os.path.join(partial, DENSE_FILE))
+    entries = []
+    for layer_plan in plan.layers:
+        entries += converter.write_layer(os.path.join(partial, layer_file(layer_plan.layer_idx)), layer_plan)
+    _copy_side_files(src, partial, converter.keep_fp8, options.dtype)
+    first = plan.layers[0]
+    any_fp8 = any(p.fp8 for p in plan.layers)
+    manifest = {
+        "format": FORMAT,
+        "source": {"path": os.path.abspath(src), "fingerprint": fingerprint, "options": options.as_json(),
+                   "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+                   "model_type": getattr(config, "model_type", None), "fp8": any_fp8,
+                   "skipped_tensors": plan.skipped},
+        "family": blocks[0].spec.family,
+        "dtype": dtype_name(converter.expert_dtype(first)),
+        "quantization": ({"method": FP8_METHOD, "block_size": list(fp8_block),
+                          "compute_dtype": dtype_name(converter.compute_dtype)} if converter.keep_fp8 else None),
+        "num_experts": first.geometry.num_experts,
+        "top_k": int(getattr(blocks[0].module, blocks[0].router_attr).top_k),
+        "hidden_size": first.geometry.hidden_size,
+        "intermediate_size": first.geometry.intermediate_size,
+        "moe_layers": [p.layer_idx for p in plan.layers],
+        "dense": [dense],
+        "experts": entries,
+    }
+    with open(os.path.join(partial, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
+
+
 def default_converted_dir(src: str | os.PathLike) -> str:
     """Where `moe_infer.load` converts a plain transformers directory: under the moe_infer cache
     (`moe_infer.envs.cache_dir()`), named by the source's fingerprint."""
@@ -304,42 +340,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
         with open(os.path.join(partial, _PARTIAL_MARKER), "w") as f:
             f.write(fingerprint)
 
-        dense = converter.write_dense(os.path.join(partial, DENSE_FILE))
-        entries = []
-        for layer_plan in plan.layers:
-            entries += converter.write_layer(os.path.join(partial, layer_file(layer_plan.layer_idx)), layer_plan)
-        _copy_side_files(src, partial, converter.keep_fp8, options.dtype)
-        first = plan.layers[0]
-        any_fp8 = any(p.fp8 for p in plan.layers)
-        manifest = {
-            "format": FORMAT,
-            "source": {"path": os.path.abspath(src), "fingerprint": fingerprint, "options": options.as_json(),
-                       "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
-                       "model_type": getattr(config, "model_type", None), "fp8": any_fp8,
-                       "skipped_tensors": plan.skipped},
-            "family": blocks[0].spec.family,
-            "dtype": dtype_name(converter.expert_dtype(first)),
-            "quantization": ({"method": FP8_METHOD, "block_size": list(fp8_block),
-                              "compute_dtype": dtype_name(converter.compute_dtype)} if converter.keep_fp8 else None),
-            "num_experts": first.geometry.num_experts,
-            "top_k": int(getattr(blocks[0].module, blocks[0].router_attr).top_k),
-            "hidden_size": first.geometry.hidden_size,
-            "intermediate_size": first.geometry.intermediate_size,
-            "moe_layers": [p.layer_idx for p in plan.layers],
-            "dense": [dense],
-            "experts": entries,
-        }
-        with open(os.path.join(partial, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(os.path.join(partial, _PARTIAL_MARKER))
-        if verify_after:
-            verify(partial)
+        try:
+            manifest = _write_checkpoint(partial, src, source, converter, plan, config, model, blocks, fingerprint,
+                                         options, fp8_block)
+            os.remove(os.path.join(partial, _PARTIAL_MARKER))
+            if verify_after:
+                verify(partial)
+        except Exception:
+            # a failed run leaves nothing behind (an interrupted one leaves the partial directory, which
+            # the next run removes)
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty (checked above)
         os.rename(partial, dst)
-        bytes_written = sum(e["nbytes"] for e in entries) + dense["nbytes"]
+        bytes_written = sum(e["nbytes"] for e in manifest["experts"]) + sum(d["nbytes"] for d in manifest["dense"])
         return {"dst": dst, "skipped": False, "bytes_read": source.total_bytes(), "bytes_written": bytes_written,
                 "seconds": time.perf_counter() - start, "moe_layers": manifest["moe_layers"],
                 "num_experts": manifest["num_experts"]}
