@@ -199,6 +199,10 @@ def test_unknown_and_unsupported_architectures(mixtral_dir, tmp_path):
     tiny_models.build("llama", 0).save_pretrained(dense)
     with pytest.raises(UnsupportedModel, match="no sparse MoE block.*Mixtral"):
         convert(dense, tmp_path / "dst")
+    dbrx = tmp_path / "dbrx"
+    tiny_models.build("dbrx", 0).save_pretrained(dbrx)
+    with pytest.raises(UnsupportedModel, match="DbrxFFN.*is not supported; moe_infer supports Mixtral"):
+        convert(dbrx, tmp_path / "dst")
     assert _nothing_written(tmp_path / "dst")
 
 
@@ -206,6 +210,8 @@ def test_cli_convert_and_verify(mixtral_dir, tmp_path, capsys):
     dst = tmp_path / "cli"
     assert cli_main(["convert", str(mixtral_dir), str(dst), "--verify", "--no-progress"]) == 0
     assert "2 MoE layers x 8 experts" in capsys.readouterr().out
+    assert cli_main(["convert", str(mixtral_dir), str(dst)]) == 0  # with a progress bar; already converted
+    assert "already holds this conversion" in capsys.readouterr().out
     assert cli_main(["verify", str(dst)]) == 0
     assert "OK (2 MoE layers, 16 experts" in capsys.readouterr().out
     assert cli_main(["verify", str(tmp_path)]) == 2

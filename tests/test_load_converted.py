@@ -89,3 +89,6 @@ def test_load_converted_bf16_and_unwrap_refused(saved):
         moe_infer.unwrap(model)
     with pytest.raises(ValueError, match="in_memory=True applies to plain"):
         moe_infer.load(converted, in_memory=True)
+    assert moe_infer.executor(moe_infer.load(converted, kernel="torch")).config.kernel == "torch"
+    with pytest.raises(ValueError, match="MoEConfig.kernel"):
+        moe_infer.load(converted, kernel="fast")
