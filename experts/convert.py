@@ -211,7 +211,7 @@ class _Converter:
         return entries
 
 
-def _copy_side_files(src: str, dst: str, keep_fp8: bool, dtype: torch.dtype | None) -> None:
+def _copy_side_files(src: str, dst: str, dtype: torch.dtype | None) -> None:
     """config.json (without the FP8 quantization_config, which no longer describes the dense
     weights) and every tokenizer / generation file."""
     for name in sorted(os.listdir(src)):
@@ -260,7 +260,7 @@ def _write_checkpoint(partial: str, src: str, source: SourceCheckpoint, converte
     entries = []
     for layer_plan in plan.layers:
         entries += converter.write_layer(os.path.join(partial, layer_file(layer_plan.layer_idx)), layer_plan)
-    _copy_side_files(src, partial, converter.keep_fp8, options.dtype)
+    _copy_side_files(src, partial, options.dtype)
     first = plan.layers[0]
     any_fp8 = any(p.fp8 for p in plan.layers)
     manifest = {

@@ -218,3 +218,19 @@ def test_cli_convert_and_verify(mixtral_dir, tmp_path, capsys):
     assert "not a converted moe_infer checkpoint" in capsys.readouterr().err
     assert cli_main(["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--no-progress"]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_synthetic_presets_have_the_hub_layout_of_the_real_models():
+    from moe_infer.experts.synthetic import hub_tensors, preset_config
+
+    mixtral = hub_tensors(preset_config("mixtral-8x7b", 1))  # names and shapes only: nothing is allocated
+    assert mixtral["model.layers.0.block_sparse_moe.experts.7.w1.weight"] == ((14336, 4096), torch.bfloat16)
+    assert mixtral["model.layers.0.block_sparse_moe.gate.weight"][0] == (8, 4096)
+    qwen = hub_tensors(preset_config("qwen3-30b-a3b", 1))
+    assert qwen["model.layers.0.mlp.experts.127.down_proj.weight"][0] == (2048, 768)
+    v2 = hub_tensors(preset_config("deepseek-v2-lite", 2))
+    assert v2["model.layers.0.mlp.gate_proj.weight"][0] == (10944, 2048)  # first layer dense
+    assert v2["model.layers.1.mlp.experts.63.gate_proj.weight"][0] == (1408, 2048)
+    assert v2["model.layers.1.mlp.shared_experts.up_proj.weight"][0] == (2816, 2048)
+    with pytest.raises(ValueError, match="unknown preset 'mixtral'; presets: mixtral-8x7b"):
+        preset_config("mixtral", 1)
