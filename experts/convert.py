@@ -133,9 +133,10 @@ class _Converter:
             if item.scale_key is not None:
                 tensor = dequantize(tensor, self.source.read(item.scale_key), self.fp8_block, self.compute_dtype)
             writer.write(item.target, self._cast(item.target, tensor))
+            del tensor  # before the next read: one source tensor in memory at a time
             self.progress(self.source.spec(item.key).nbytes)
         writer.close()
-        return {"file": DENSE_FILE, "nbytes": os.path.getsize(path), "sha256": _sha256_file(path)}
+        return {"file": DENSE_FILE, "nbytes": os.path.getsize(path), "sha256": writer.sha256.hexdigest()}
 
     # -- experts
     def _expert_specs(self, plan: LayerPlan, e: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -157,8 +158,10 @@ class _Converter:
         key = plan.fused["gate_up_proj"] if plan.fused else plan.per_expert[0]["gate"]
         return self.options.dtype or self.source.spec(key).dtype
 
-    def _expert(self, plan: LayerPlan, e: int) -> dict[str, torch.Tensor]:
-        """Expert e's tensors, canonical (gate rows then up rows; [out, in]), in the output dtypes."""
+    def _expert_parts(self, plan: LayerPlan, e: int):
+        """Expert e's tensors in file order as (kind, row block) pairs, canonical (gate rows then up
+        rows; [out, in]) and in the output dtypes. Per-expert sources are read one projection at a
+        time, so one source tensor is in memory, never the concatenated w13."""
         g = plan.geometry
         if plan.fused:
             rows = (e, e + 1)
@@ -168,21 +171,23 @@ class _Converter:
             b13 = self.source.read(plan.fused["gate_up_proj_bias"], rows)[0] if g.has_bias else None
             b2 = self.source.read(plan.fused["down_proj_bias"], rows)[0] if g.has_bias else None
             t = ExpertTensors(w13, w2, b13, b2, interleaved=g.interleaved).canonical()
-            out = {"w13": t.w13, "w2": t.w2}
+            yield "w13", self._cast("w13", t.w13)
+            yield "w2", self._cast("w2", t.w2)
             if g.has_bias:
-                out.update(b13=t.b13, b2=t.b2)
-            return {k: self._cast(k, v) for k, v in out.items()}
+                yield "b13", self._cast("b13", t.b13)
+                yield "b2", self._cast("b2", t.b2)
+            return
         roles = plan.per_expert[e]
-        gate, up, down = (self.source.read(roles[r]) for r in ("gate", "up", "down"))
-        if plan.fp8:
-            scales = {r: self.source.read(roles[r + "_scale"]) for r in ("gate", "up", "down")}
-            if self.keep_fp8:
-                w13 = torch.cat([gate.view(torch.uint8), up.view(torch.uint8)]).view(torch.float8_e4m3fn)
-                return {"w13": w13, "w2": down, "w13_scale": torch.cat([scales["gate"], scales["up"]]).float(),
-                        "w2_scale": scales["down"].float()}
-            gate, up, down = (dequantize(w, scales[r], self.fp8_block, self.compute_dtype)
-                              for w, r in ((gate, "gate"), (up, "up"), (down, "down")))
-        return {"w13": self._cast("w13", torch.cat([gate, up])), "w2": self._cast("w2", down)}
+        for kind, role in (("w13", "gate"), ("w13", "up"), ("w2", "down")):
+            weight = self.source.read(roles[role])
+            if plan.fp8 and not self.keep_fp8:
+                weight = dequantize(weight, self.source.read(roles[role + "_scale"]), self.fp8_block, self.compute_dtype)
+            yield kind, self._cast(kind, weight)
+            del weight  # before the next read: one source tensor in memory at a time
+        if plan.fp8 and self.keep_fp8:
+            yield "w13_scale", self.source.read(roles["gate_scale"]).float()
+            yield "w13_scale", self.source.read(roles["up_scale"]).float()
+            yield "w2_scale", self.source.read(roles["down_scale"]).float()
 
     def write_layer(self, path: str, plan: LayerPlan) -> list[dict]:
         g = plan.geometry
@@ -191,14 +196,14 @@ class _Converter:
         relative = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
         entries = []
         for e in range(g.num_experts):
-            tensors = self._expert(plan, e)
             digest = hashlib.sha256()
             nbytes = 0
             offset = writer.offsets[f"e{e}.w13"]
-            for name, _, _ in self._expert_specs(plan, e):
-                data = writer.write(name, tensors[name.split(".", 1)[1]])
+            for kind, block in self._expert_parts(plan, e):
+                data = writer.write(f"e{e}.{kind}", block)
                 digest.update(data)
                 nbytes += len(data)
+                del data, block
             entries.append({"layer": plan.layer_idx, "expert": e, "file": relative.replace(os.sep, "/"),
                             "offset": offset, "nbytes": nbytes, "sha256": digest.hexdigest()})
             self.progress(nbytes)
@@ -206,15 +211,7 @@ class _Converter:
         return entries
 
 
-def _sha256_file(path: str, chunk: int = 64 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _copy_side_files(src: str, dst: str, keep_fp8: bool, dtype: torch.dtype | None) -> None:
+def _copy_side_files(src: str, dst: str, dtype: torch.dtype | None) -> None:
     """config.json (without the FP8 quantization_config, which no longer describes the dense
     weights) and every tokenizer / generation file."""
     for name in sorted(os.listdir(src)):
@@ -253,6 +250,42 @@ def _check_destination(dst: str, fingerprint: str, options: ConvertOptions) -> b
                               f"{source.get('architecture')}, fingerprint {str(source.get('fingerprint'))[:12]}, options "
                               f"{source.get('options')}); delete it or choose another destination")
     return True
+
+
+def _write_checkpoint(partial: str, src: str, source: SourceCheckpoint, converter: "_Converter",
+                      plan: ConversionPlan, config, model, blocks, fingerprint: str, options: ConvertOptions,
+                      fp8_block: tuple[int, int]) -> dict:
+    """Write every file of the converted checkpoint into `partial`; returns the manifest."""
+    dense = converter.write_dense(os.path.join(partial, DENSE_FILE))
+    entries = []
+    for layer_plan in plan.layers:
+        entries += converter.write_layer(os.path.join(partial, layer_file(layer_plan.layer_idx)), layer_plan)
+    _copy_side_files(src, partial, options.dtype)
+    first = plan.layers[0]
+    any_fp8 = any(p.fp8 for p in plan.layers)
+    manifest = {
+        "format": FORMAT,
+        "source": {"path": os.path.abspath(src), "fingerprint": fingerprint, "options": options.as_json(),
+                   "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+                   "model_type": getattr(config, "model_type", None), "fp8": any_fp8,
+                   "skipped_tensors": plan.skipped},
+        "family": blocks[0].spec.family,
+        "dtype": dtype_name(converter.expert_dtype(first)),
+        "quantization": ({"method": FP8_METHOD, "block_size": list(fp8_block),
+                          "compute_dtype": dtype_name(converter.compute_dtype)} if converter.keep_fp8 else None),
+        "num_experts": first.geometry.num_experts,
+        "top_k": int(getattr(blocks[0].module, blocks[0].router_attr).top_k),
+        "hidden_size": first.geometry.hidden_size,
+        "intermediate_size": first.geometry.intermediate_size,
+        "moe_layers": [p.layer_idx for p in plan.layers],
+        "dense": [dense],
+        "experts": entries,
+    }
+    with open(os.path.join(partial, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
 
 
 def default_converted_dir(src: str | os.PathLike) -> str:
@@ -307,42 +340,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
         with open(os.path.join(partial, _PARTIAL_MARKER), "w") as f:
             f.write(fingerprint)
 
-        dense = converter.write_dense(os.path.join(partial, DENSE_FILE))
-        entries = []
-        for layer_plan in plan.layers:
-            entries += converter.write_layer(os.path.join(partial, layer_file(layer_plan.layer_idx)), layer_plan)
-        _copy_side_files(src, partial, converter.keep_fp8, options.dtype)
-        first = plan.layers[0]
-        any_fp8 = any(p.fp8 for p in plan.layers)
-        manifest = {
-            "format": FORMAT,
-            "source": {"path": os.path.abspath(src), "fingerprint": fingerprint, "options": options.as_json(),
-                       "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
-                       "model_type": getattr(config, "model_type", None), "fp8": any_fp8,
-                       "skipped_tensors": plan.skipped},
-            "family": blocks[0].spec.family,
-            "dtype": dtype_name(converter.expert_dtype(first)),
-            "quantization": ({"method": FP8_METHOD, "block_size": list(fp8_block),
-                              "compute_dtype": dtype_name(converter.compute_dtype)} if converter.keep_fp8 else None),
-            "num_experts": first.geometry.num_experts,
-            "top_k": int(getattr(blocks[0].module, blocks[0].router_attr).top_k),
-            "hidden_size": first.geometry.hidden_size,
-            "intermediate_size": first.geometry.intermediate_size,
-            "moe_layers": [p.layer_idx for p in plan.layers],
-            "dense": [dense],
-            "experts": entries,
-        }
-        with open(os.path.join(partial, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(os.path.join(partial, _PARTIAL_MARKER))
-        if verify_after:
-            verify(partial)
+        try:
+            manifest = _write_checkpoint(partial, src, source, converter, plan, config, model, blocks, fingerprint,
+                                         options, fp8_block)
+            os.remove(os.path.join(partial, _PARTIAL_MARKER))
+            if verify_after:
+                verify(partial)
+        except Exception:
+            # a failed run leaves nothing behind (an interrupted one leaves the partial directory, which
+            # the next run removes)
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty (checked above)
         os.rename(partial, dst)
-        bytes_written = sum(e["nbytes"] for e in entries) + dense["nbytes"]
+        bytes_written = sum(e["nbytes"] for e in manifest["experts"]) + sum(d["nbytes"] for d in manifest["dense"])
         return {"dst": dst, "skipped": False, "bytes_read": source.total_bytes(), "bytes_written": bytes_written,
                 "seconds": time.perf_counter() - start, "moe_layers": manifest["moe_layers"],
                 "num_experts": manifest["num_experts"]}

@@ -16,6 +16,7 @@ of 8), then the data; tensors cover the data area exactly, without gaps or overl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -183,7 +184,8 @@ def build_header(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata
 
 class TensorWriter:
     """Writes a safetensors file whose layout is fixed up front; tensors then arrive one at a time,
-    in that order, so at most one tensor is in memory."""
+    in that order, so at most one tensor is in memory. A tensor may also arrive as consecutive row
+    blocks (`write` called several times with the same name), e.g. gate rows then up rows."""
 
     def __init__(self, path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
@@ -191,18 +193,27 @@ class TensorWriter:
         self._specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
         header, self.offsets = build_header(self._specs, metadata)
         self._next = 0
+        self._rows_done = 0
+        self.sha256 = hashlib.sha256(header)  # of the whole file, as it is written
         self._file = open(path, "wb")
         self._file.write(header)
 
     def write(self, name: str, tensor: torch.Tensor) -> memoryview:
-        """Append `tensor` (must be the next one of the layout); returns its bytes (for hashing)."""
-        expected = self._specs[self._next]
-        got = (name, tensor.dtype, tuple(tensor.shape))
-        if got != expected:
-            raise AssertionError(f"{self.path}: writing {got}, layout expects {expected}")
+        """Append `tensor`, the next tensor of the layout or its next rows; returns the bytes written
+        (for hashing)."""
+        expected_name, dtype, shape = self._specs[self._next]
+        rows = tensor.shape[0] if tensor.ndim else 1
+        if (name != expected_name or tensor.dtype != dtype or tuple(tensor.shape[1:]) != shape[1:]
+                or self._rows_done + rows > (shape[0] if shape else 1)):
+            raise AssertionError(f"{self.path}: writing {name} {tensor.dtype} {tuple(tensor.shape)} after "
+                                 f"{self._rows_done} rows; layout expects {expected_name} {dtype} {shape}")
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         self._file.write(data)
-        self._next += 1
+        self.sha256.update(data)
+        self._rows_done += rows
+        if self._rows_done == (shape[0] if shape else 1):
+            self._next += 1
+            self._rows_done = 0
         return data
 
     def close(self) -> None:

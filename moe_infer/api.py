@@ -109,9 +109,11 @@ def _verify_routing(layer: MoELayer) -> None:
     be identical and weights equal, or the model is refused (wrapping must not change outputs)."""
     router = layer.router
     weights = [p for p in router.parameters()] + [p for p in router.buffers()]
-    if any(p.is_meta for p in weights) or layer.experts.gate_up_proj.is_meta:
-        return  # nothing to compare on the meta device (the weights arrive later)
     param = layer.experts.gate_up_proj
+    if param.is_meta and weights:  # experts left in a converted checkpoint's store: probe like the router's weights
+        param = weights[0]
+    if param.is_meta or any(p.is_meta for p in weights):
+        return  # nothing to compare on the meta device (the weights arrive later)
     generator = torch.Generator().manual_seed(0)  # a private generator: the user's RNG stream is untouched
     hidden_size = layer.expert_source.hidden_size
     probe = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator).to(param.device, param.dtype)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import nn
 
 from moe_infer.cache.replay import RoutingReplay
 from moe_infer.cache.setup import build_cache, check_budgets
 from moe_infer.cache.tiered import ExpertCache
+from moe_infer import envs, kernels
 from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
 
@@ -31,9 +33,11 @@ _NOT_YET = {
 def check_supported(config: MoEConfig) -> None:
     """Raise `NotImplementedError` naming every field set to a value this version cannot run."""
     problems = []
-    if config.kernel == "triton":
-        problems.append("kernel='triton' (the fused Triton kernels are not in this version; "
-                        "use 'auto' or 'torch')")
+    if config.kernel == "triton" and not kernels.HAS_TRITON:
+        problems.append("kernel='triton' (Triton is not installed on this platform; use 'auto' or 'torch')")
+    elif config.kernel == "triton" and not (torch.cuda.is_available() or envs.triton_interpret()):
+        problems.append("kernel='triton' (the fused Triton kernels need a CUDA device, or TRITON_INTERPRET=1 "
+                        "for Triton's CPU interpreter; use 'auto' or 'torch')")
     defaults = MoEConfig()
     for name, needs in _NOT_YET.items():
         value = getattr(config, name)
@@ -90,8 +94,16 @@ class ModelExecutor:
 
     @property
     def kernel(self) -> str:
-        """The kernel actually used: "auto" resolves to torch (no Triton kernels in this version)."""
-        return "torch"
+        """The kernel the layers run ("triton" or "torch"; "mixed" when "auto" finds experts on CUDA in
+        some layers only). A layer whose experts are not all resident (an expert cache) runs torch."""
+        per_layer = {self.kernel_for(layer.expert_source.device) for layer in self.layers}
+        return per_layer.pop() if len(per_layer) == 1 else "mixed"
+
+    def kernel_for(self, device: torch.device) -> str:
+        """The kernel for experts held on `device`: "auto" is Triton on CUDA, torch elsewhere."""
+        if self.config.kernel != "auto":
+            return self.config.kernel
+        return "triton" if device.type == "cuda" and kernels.HAS_TRITON else "torch"
 
     def configure(self, config: MoEConfig) -> None:
         check_supported(config)
@@ -141,6 +153,7 @@ class ModelExecutor:
         tiers: dict[str, dict[str, float]] = {}
         for layer in self.layers:
             s = layer.stats
+            s.flush()
             used = sum(1 for c in s.expert_counts if c)
             mean = sum(s.expert_counts) / len(s.expert_counts)
             per_layer[layer.layer_idx] = {

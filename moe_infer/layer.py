@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from moe_infer import kernels
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.experts.math import group_by_expert, moe_forward
 from moe_infer.families import FoundBlock
@@ -25,8 +26,20 @@ if TYPE_CHECKING:
     from moe_infer.executor import ModelExecutor
 
 
+def _expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """(token, k) pairs per expert, int64 [E] on expert_ids' device (no host sync; ids outside
+    [0, E) are not counted)."""
+    flat = expert_ids.reshape(-1)
+    bins = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, bins.long(), torch.ones_like(bins, dtype=torch.int64))[:num_experts]
+
+
 class LayerStats:
-    """Counters of one layer, kept on the host (the grouping already synchronises once per call)."""
+    """Counters of one layer, kept on the host (the torch path's grouping already synchronises once
+    per call); the fused path leaves its counts on the device until they are read (`flush`)."""
+
+    PENDING_LIMIT = 256  # calls whose counts may wait on the device before one bulk read
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
@@ -37,10 +50,28 @@ class LayerStats:
         self.tokens = 0
         self.expert_counts = [0] * self.num_experts  # (token, k) pairs routed to each expert
         self.expert_loads = 0  # experts acquired: one per expert used per call
+        self._pending: list[Tensor] = []  # per-call counts [E] not read back yet
 
     def record(self, num_tokens: int, counts: list[int]) -> None:
         self.calls += 1
         self.tokens += num_tokens
+        self._add_counts(counts)
+
+    def record_on_device(self, num_tokens: int, counts: Tensor) -> None:
+        """`record` with counts [E] still on the device: the forward pass does not wait for them."""
+        self.calls += 1
+        self.tokens += num_tokens
+        self._pending.append(counts)
+        if len(self._pending) >= self.PENDING_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the pending device counts back (one host sync for all of them)."""
+        pending, self._pending = self._pending, []
+        for counts in torch.stack(pending).tolist() if pending else []:
+            self._add_counts(counts)
+
+    def _add_counts(self, counts: list[int]) -> None:
         self.expert_counts = [a + b for a, b in zip(self.expert_counts, counts)]
         self.expert_loads += sum(1 for c in counts if c)
 
@@ -109,22 +140,36 @@ class MoELayer(nn.Module):
         self._feed_router_hooks(hidden, routing)
         for observer in self.routing_observers:
             observer(self, hidden, routing)
-        grouping = group_by_expert(routing.expert_ids, self.num_experts)
         cache = self.executor.cache if self.executor is not None else None
         if cache is not None:  # weights come through the tiered expert cache (fetched or run on the CPU)
+            grouping = group_by_expert(routing.expert_ids, self.num_experts)
             out = cache.forward(self, hidden, routing, grouping)
+            self.stats.record(hidden.shape[0], grouping[1])
         elif self.parallel is not None:
+            grouping = group_by_expert(routing.expert_ids, self.num_experts)
             out = self.parallel(hidden, routing.expert_ids, routing.expert_weights)
+            self.stats.record(hidden.shape[0], grouping[1])
+        elif self._runs_fused_kernels():
+            out = kernels.module_experts_forward(self.expert_source.module, hidden, routing.expert_ids,
+                                                 routing.expert_weights, self.expert_source.activation)
+            self.stats.record_on_device(hidden.shape[0], _expert_counts(routing.expert_ids, self.num_experts))
         else:
+            grouping = group_by_expert(routing.expert_ids, self.num_experts)
             out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
                               self.num_experts, self.expert_source.activation, grouping=grouping)
-        self.stats.record(hidden.shape[0], grouping[1])
+            self.stats.record(hidden.shape[0], grouping[1])
         if self._shared is not None:
             out = out + self._shared(self, hidden)
         out = out.reshape(shape)
         if self._returns_router_scores:
             return out, routing.expert_weights
         return out
+
+    def _runs_fused_kernels(self) -> bool:
+        """The fused Triton kernels run when the kernel for this layer's device is "triton" and every
+        expert of the layer is resident in the experts module (their stacked weights are the input)."""
+        return (self.executor is not None and isinstance(self.expert_source, ModuleExperts)
+                and self.executor.kernel_for(self.expert_source.device) == "triton")
 
     def _feed_router_hooks(self, hidden: Tensor, routing: Routing) -> None:
         """Run the router module's forward hooks as if it had been called: `transformers`

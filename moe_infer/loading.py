@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-_MODEL_CLASS_ATTR = "_moe_infer_store"
+_STORE_ATTR = "_moe_infer_store"
 
 
 @contextlib.contextmanager
@@ -106,7 +106,7 @@ def load_converted(path: str, *, dtype: Any = "auto", device: str | torch.device
         module_source = layer.expert_source
         layer.expert_source = StoreExperts(store, layer.layer_idx, module_source.activation, device=target_device,
                                            dtype=want)
-    object.__setattr__(model, _MODEL_CLASS_ATTR, store)
+    object.__setattr__(model, _STORE_ATTR, store)
     if fields:
         wrap(model, **fields)  # budgets: the tiered cache is built over the store (moe_infer.cache.setup)
     return model
@@ -114,7 +114,7 @@ def load_converted(path: str, *, dtype: Any = "auto", device: str | torch.device
 
 def expert_store_of(model: nn.Module):
     """The ExpertStore a model loaded from a converted checkpoint reads its experts from, or None."""
-    return getattr(model, _MODEL_CLASS_ATTR, None)
+    return getattr(model, _STORE_ATTR, None)
 
 
 def _to_device_except_meta(model: nn.Module, device: torch.device) -> None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-import moe_infer
-import tiny_models
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which `triton.jit` picks when a
+# kernel module is imported: set before anything imports moe_infer (and so moe_infer.kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import moe_infer  # noqa: E402
+import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

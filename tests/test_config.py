@@ -70,8 +70,6 @@ def _tiny_mixtral():
 
 
 @pytest.mark.parametrize("fields, needs", [
-    ({"offload_dir": "/tmp"}, "disk tier"),
-    ({"kernel": "triton"}, "kernel='triton'"),
     ({"predictor": "markov"}, "predictive routing"),
 ])
 def test_valid_but_unavailable_fields_are_refused_clearly_and_change_nothing(fields, needs):
@@ -80,6 +78,16 @@ def test_valid_but_unavailable_fields_are_refused_clearly_and_change_nothing(fie
     with pytest.raises(NotImplementedError, match=needs):
         moe_infer.wrap(model, **fields)
     assert [m for m in model.modules()] == blocks
+    assert not moe_infer.is_wrapped(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_triton_kernel_without_cuda_or_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = _tiny_mixtral()
+    with pytest.raises(NotImplementedError, match="kernel='triton' .the fused Triton kernels need a CUDA device, "
+                                                  "or TRITON_INTERPRET=1"):
+        moe_infer.wrap(model, kernel="triton")
     assert not moe_infer.is_wrapped(model)
 
 

@@ -199,6 +199,10 @@ def test_unknown_and_unsupported_architectures(mixtral_dir, tmp_path):
     tiny_models.build("llama", 0).save_pretrained(dense)
     with pytest.raises(UnsupportedModel, match="no sparse MoE block.*Mixtral"):
         convert(dense, tmp_path / "dst")
+    dbrx = tmp_path / "dbrx"
+    tiny_models.build("dbrx", 0).save_pretrained(dbrx)
+    with pytest.raises(UnsupportedModel, match="DbrxFFN.*is not supported; moe_infer supports Mixtral"):
+        convert(dbrx, tmp_path / "dst")
     assert _nothing_written(tmp_path / "dst")
 
 
@@ -206,9 +210,27 @@ def test_cli_convert_and_verify(mixtral_dir, tmp_path, capsys):
     dst = tmp_path / "cli"
     assert cli_main(["convert", str(mixtral_dir), str(dst), "--verify", "--no-progress"]) == 0
     assert "2 MoE layers x 8 experts" in capsys.readouterr().out
+    assert cli_main(["convert", str(mixtral_dir), str(dst)]) == 0  # with a progress bar; already converted
+    assert "already holds this conversion" in capsys.readouterr().out
     assert cli_main(["verify", str(dst)]) == 0
     assert "OK (2 MoE layers, 16 experts" in capsys.readouterr().out
     assert cli_main(["verify", str(tmp_path)]) == 2
     assert "not a converted moe_infer checkpoint" in capsys.readouterr().err
     assert cli_main(["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--no-progress"]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_synthetic_presets_have_the_hub_layout_of_the_real_models():
+    from moe_infer.experts.synthetic import hub_tensors, preset_config
+
+    mixtral = hub_tensors(preset_config("mixtral-8x7b", 1))  # names and shapes only: nothing is allocated
+    assert mixtral["model.layers.0.block_sparse_moe.experts.7.w1.weight"] == ((14336, 4096), torch.bfloat16)
+    assert mixtral["model.layers.0.block_sparse_moe.gate.weight"][0] == (8, 4096)
+    qwen = hub_tensors(preset_config("qwen3-30b-a3b", 1))
+    assert qwen["model.layers.0.mlp.experts.127.down_proj.weight"][0] == (2048, 768)
+    v2 = hub_tensors(preset_config("deepseek-v2-lite", 2))
+    assert v2["model.layers.0.mlp.gate_proj.weight"][0] == (10944, 2048)  # first layer dense
+    assert v2["model.layers.1.mlp.experts.63.gate_proj.weight"][0] == (1408, 2048)
+    assert v2["model.layers.1.mlp.shared_experts.up_proj.weight"][0] == (2816, 2048)
+    with pytest.raises(ValueError, match="unknown preset 'mixtral'; presets: mixtral-8x7b"):
+        preset_config("mixtral", 1)

@@ -89,3 +89,22 @@ def test_load_converted_bf16_and_unwrap_refused(saved):
         moe_infer.unwrap(model)
     with pytest.raises(ValueError, match="in_memory=True applies to plain"):
         moe_infer.load(converted, in_memory=True)
+    assert moe_infer.executor(moe_infer.load(converted, kernel="torch")).config.kernel == "torch"
+    with pytest.raises(ValueError, match="MoEConfig.kernel"):
+        moe_infer.load(converted, kernel="fast")
+
+
+def test_routing_is_verified_against_the_router_for_store_backed_layers(saved, monkeypatch):
+    from moe_infer.layer import MoELayer
+
+    _, converted = saved("deepseek_v3")
+    probed = []
+    original = MoELayer.family_router_output
+
+    def spy(self, hidden):
+        probed.append((self.layer_idx, hidden.dtype))
+        return original(self, hidden)
+
+    monkeypatch.setattr(MoELayer, "family_router_output", spy)
+    moe_infer.load(converted)
+    assert probed == [(1, torch.float32), (2, torch.float32)]

@@ -1,0 +1,234 @@
+"""Benchmark: converter peak RSS and GB/s, and peak RSS of `moe_infer.load` + a few decode steps, on a
+synthetic full-size checkpoint (default: Mixtral-8x7B dimensions, 4 layers, ~11.9 GB).
+
+    python scripts/bench_convert.py [--preset mixtral-8x7b] [--layers 4] [--workdir /tmp/moe_bench]
+                                    [--cpu-memory 25%] [--decode-steps 3] [--keep]
+
+Each phase runs in its own process under `/usr/bin/time -v` (peak RSS = its "Maximum resident set
+size"; without /usr/bin/time, the child's `resource.getrusage` maximum). `--cpu-memory` is passed
+to `load` as the MoEConfig field (a byte count, a size like "3GiB", or a percentage of all experts'
+bytes); versions without the expert cache refuse it. Results: a JSON line appended to
+bench/results/convert.jsonl and bench/results/convert.md. The synthetic files are deleted at the
+end unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
+
+
+def _vmrss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak_self() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- phases (run in child processes)
+def phase_convert(src: str, dst: str) -> dict:
+    from moe_infer.experts.convert import convert
+
+    summary = convert(src, dst)
+    return {"seconds": summary["seconds"], "bytes_read": summary["bytes_read"],
+            "bytes_written": summary["bytes_written"], "peak_rss_self": _peak_self()}
+
+
+def phase_load(path: str, cpu_memory: str | None, steps: int) -> dict:
+    import torch
+
+    import moe_infer
+    from moe_infer.loading import expert_store_of
+
+    torch.manual_seed(0)
+    fields = {} if cpu_memory is None else {"cpu_memory": int(cpu_memory) if cpu_memory.isdigit() else cpu_memory}
+    start = time.perf_counter()
+    model = moe_infer.load(path, **fields)
+    load_s = time.perf_counter() - start
+    rss_after_load = _vmrss()
+    store = expert_store_of(model)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    expert_bytes = sum(store.expert_nbytes(l) * store.num_experts for l in store.moe_layers)
+    ids = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    model.generation_config.eos_token_id = None
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    gen_s = time.perf_counter() - start
+    stats = moe_infer.executor(model).stats()
+    return {"load_seconds": load_s, "rss_after_load": rss_after_load, "dense_bytes": dense_bytes,
+            "expert_bytes_total": expert_bytes, "expert_nbytes": store.expert_nbytes(store.moe_layers[0]),
+            "generate_seconds": gen_s, "new_tokens": int(out.shape[1] - ids.shape[1]), "prompt_tokens": 8,
+            "expert_activations": stats["expert_activations"], "peak_rss_self": _peak_self()}
+
+
+def phase_read(path: str) -> dict:
+    """Read every expert of the first MoE layer once (positional reads; page cache may be warm)."""
+    from moe_infer.experts.store import ExpertStore
+
+    with ExpertStore.open(path) as store:
+        layer = store.moe_layers[0]
+        buffer = __import__("torch").empty(store.stored_nbytes(layer), dtype=__import__("torch").uint8)
+        start = time.perf_counter()
+        for e in range(store.num_experts):
+            store.read(layer, e, out=buffer)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "bytes": store.stored_nbytes(layer) * store.num_experts,
+                "peak_rss_self": _peak_self()}
+
+
+# -- driver
+def _run_child(args: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--phase", *args]
+    use_time = os.path.exists("/usr/bin/time")
+    if use_time:
+        cmd = ["/usr/bin/time", "-v", *cmd]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"phase {args[0]} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = wall
+    if use_time:
+        match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        result["peak_rss"] = int(match.group(1)) * 1024
+        result["peak_rss_source"] = "/usr/bin/time -v"
+    else:
+        result["peak_rss"] = result["peak_rss_self"]
+        result["peak_rss_source"] = "getrusage(RUSAGE_SELF) in the child"
+    return result
+
+
+def _cpu_memory_bytes(spec: str | None, expert_total: int) -> str | None:
+    if spec is None:
+        return None
+    if spec.endswith("%"):
+        return str(int(expert_total * float(spec[:-1]) / 100))
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", default="mixtral-8x7b")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--workdir", default="/tmp/moe_bench_convert")
+    parser.add_argument("--cpu-memory", default=None, help='expert budget for load: bytes, "3GiB", or "25%%"')
+    parser.add_argument("--decode-steps", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic and converted checkpoints")
+    parser.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
+    args = parser.parse_args(argv)
+
+    if args.phase:
+        name, *rest = args.phase
+        if name == "convert":
+            out = phase_convert(*rest)
+        elif name == "load":
+            out = phase_load(rest[0], None if rest[1] == "-" else rest[1], int(rest[2]))
+        else:
+            out = phase_read(*rest)
+        print(json.dumps(out))
+        return 0
+
+    import torch
+    import transformers
+
+    from moe_infer.experts.synthetic import preset_config, write_synthetic
+
+    src = os.path.join(args.workdir, f"{args.preset}-{args.layers}l-hf")
+    dst = os.path.join(args.workdir, f"{args.preset}-{args.layers}l-converted")
+    os.makedirs(args.workdir, exist_ok=True)
+    try:
+        if not os.path.exists(os.path.join(src, "config.json")):
+            shutil.rmtree(src, ignore_errors=True)
+            start = time.perf_counter()
+            made = write_synthetic(src, preset_config(args.preset, args.layers))
+            print(f"synthetic checkpoint: {made['bytes'] / 1e9:.2f} GB in {made['shards']} shards "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+        shutil.rmtree(dst, ignore_errors=True)
+        conv = _run_child(["convert", src, dst])
+        print(f"convert: {conv['bytes_written'] / 1e9:.2f} GB in {conv['seconds']:.1f} s "
+              f"({conv['bytes_written'] / conv['seconds'] / 1e9:.2f} GB/s), peak RSS {conv['peak_rss'] / 2**20:.0f} MiB",
+              flush=True)
+        read = _run_child(["read", dst])
+        print(f"store reads: {read['bytes'] / read['seconds'] / 1e9:.2f} GB/s over one layer's experts", flush=True)
+        from moe_infer.experts.store import ExpertStore
+
+        with ExpertStore.open(dst) as store:
+            expert_total = sum(store.expert_nbytes(l) * store.num_experts for l in store.moe_layers)
+        budget = _cpu_memory_bytes(args.cpu_memory, expert_total)
+        load = _run_child(["load", dst, budget or "-", str(args.decode_steps)])
+        margin = load["peak_rss"] - load["dense_bytes"] - (int(budget) if budget and budget.isdigit() else 0)
+        print(f"load + {load['new_tokens']} decode steps: peak RSS {load['peak_rss'] / 2**20:.0f} MiB "
+              f"(dense weights {load['dense_bytes'] / 2**20:.0f} MiB, one expert {load['expert_nbytes'] / 2**20:.0f} MiB, "
+              f"all experts {expert_total / 2**30:.1f} GiB, cpu_memory {budget}); "
+              f"{load['new_tokens'] / load['generate_seconds']:.3f} tokens/s", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(dst, ignore_errors=True)
+
+    record = {
+        "bench": "convert", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": f"cpu ({os.cpu_count()} cores, shared: {platform.processor() or platform.machine()})",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "preset": args.preset, "layers": args.layers, "note": args.note,
+        "convert": {"bytes_read": conv["bytes_read"], "bytes_written": conv["bytes_written"],
+                    "seconds": conv["seconds"], "gb_per_s": conv["bytes_written"] / conv["seconds"] / 1e9,
+                    "peak_rss": conv["peak_rss"], "peak_rss_source": conv["peak_rss_source"]},
+        "store_read": {"bytes": read["bytes"], "seconds": read["seconds"],
+                       "gb_per_s": read["bytes"] / read["seconds"] / 1e9, "peak_rss": read["peak_rss"]},
+        "load_decode": {k: load[k] for k in ("load_seconds", "rss_after_load", "dense_bytes", "expert_nbytes",
+                                             "generate_seconds", "new_tokens", "expert_activations", "peak_rss",
+                                             "peak_rss_source")},
+        "expert_bytes_total": expert_total, "cpu_memory": budget, "rss_margin_over_dense_and_budget": margin,
+    }
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "convert.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    md = [
+        f"# Converter and store-backed load: {args.preset}, {args.layers} layers ({record['time']})", "",
+        f"Device: {record['device']}; torch {torch.__version__}, transformers {transformers.__version__}. "
+        f"The machine's 2 cores are shared with other jobs: timings are indicative only. {args.note}", "",
+        "| measurement | value |", "|---|---|",
+        f"| checkpoint read / written | {conv['bytes_read'] / 1e9:.2f} GB / {conv['bytes_written'] / 1e9:.2f} GB |",
+        f"| convert time, throughput | {conv['seconds']:.1f} s, {record['convert']['gb_per_s']:.2f} GB/s |",
+        f"| convert peak RSS ({conv['peak_rss_source']}) | {mib(conv['peak_rss'])} |",
+        f"| store read, one layer's {read['bytes'] // load['expert_nbytes']} experts | "
+        f"{record['store_read']['gb_per_s']:.2f} GB/s |",
+        f"| load time, RSS after load | {load['load_seconds']:.1f} s, {mib(load['rss_after_load'])} |",
+        f"| dense weights / one expert / all experts | {mib(load['dense_bytes'])} / {mib(load['expert_nbytes'])} / "
+        f"{mib(expert_total)} |",
+        f"| cpu_memory budget | {budget or 'none (no expert cache in this version: every call reads from the store)'} |",
+        f"| load + {load['new_tokens']} decode steps: peak RSS | {mib(load['peak_rss'])} "
+        f"(= dense + budget + {mib(margin)}) |",
+        f"| decode | {load['new_tokens'] / load['generate_seconds']:.3f} tokens/s (8-token prompt included) |",
+        "",
+    ]
+    with open(os.path.join(RESULTS, "convert.md"), "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
