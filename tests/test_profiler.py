@@ -224,9 +224,8 @@ def test_chunked_streaming_writes_the_same_file_as_one_pass(tmp_path, text_files
     assert c.num_tokens == capped.tokens == 50
     for name in ("expert_ids", "token_ids", "seq_ids", "positions"):
         assert torch.equal(getattr(c, name), getattr(a, name)[:50]), name
-    # the capped run cuts its last window short (no forward runs past the budget), and on several CPU
-    # threads a matmul's rounding
-    # depends on its shape: hidden-state features agree to fp16 rounding, not bit for bit
+    # the capped run cuts its last window short (no forward runs past the budget), and on several
+    # CPU threads a matmul's rounding depends on its shape: hidden-state features agree to fp16 rounding, not bit for bit
     torch.testing.assert_close(c.features, a.features[:50], rtol=2e-3, atol=2e-3)
 
 
