@@ -24,7 +24,6 @@ _NOT_YET = {
     "prefetch_depth": "predictive routing and prefetch",
     "loader": "the SE-MoE ring loader",
     "cpu_compute": "CPU compute of missed experts",
-    "token_scheduling": "expert-aware token batching",
     "placement": "expert placement across devices",
     "parallel": "multi-rank parallelism",
     "routing_override": "trace replay",
