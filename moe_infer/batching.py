@@ -621,7 +621,8 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: int | None = None,
                       prompt_tokens: int = 16, decode_tokens: int | None = None,
                       signatures: SignatureSource | None = None, regroup_threshold: float = 1.0,
-                      order: Sequence[int] | None = None, lookahead: bool = False) -> dict[str, float]:
+                      order: Sequence[int] | None = None, lookahead: bool = False,
+                      next_token_scores: np.ndarray | None = None) -> dict[str, float]:
     """Replay a trace's sequences as requests through the scheduler, without a model.
 
     Each sequence is a request: its first ``prompt_tokens`` tokens are the prompt (observed at
@@ -630,8 +631,13 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
     order) and are admitted first come first served into a pool of ``pool_size``; each round every
     pooled request decodes one token in the micro-batches the planner forms. Returns the mean
     distinct experts per micro-batch (per MoE layer), micro-batches, regroups and requests moved.
-    The signature source sees expert ids only (``hidden`` is None). ``lookahead=True`` replaces it
-    by the trace's own routing of each request's next token: the bound a perfect predictor (exact
+    The signature source sees expert ids only (``hidden`` is None).
+
+    ``next_token_scores`` float [N, L, E] replaces the signature source by a prediction of each
+    token's routing made before its forward pass, e.g. a predictor's
+    ``predict_trace(trace, distance=trace.num_layers)`` (scores known before the first MoE layer
+    of the token): a request's signature is then the top-K experts of its next token's scores.
+    ``lookahead=True`` uses the trace's own routing instead: the bound a perfect predictor (exact
     pre-gating, as Read-ME's decoupled router provides) would reach.
     """
     from types import SimpleNamespace
@@ -659,9 +665,18 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
     queue = deque(requests)
     cursor: dict[int, int] = {}
 
+    if next_token_scores is not None:
+        expected = (trace.num_tokens, trace.num_layers, trace.num_experts)
+        if np.shape(next_token_scores) != expected:
+            raise ValueError(f"next_token_scores must be [N, L, E] = {list(expected)}, got {list(np.shape(next_token_scores))}")
+        # the top-K experts of each prediction (any score scale)
+        predicted_ids = np.argsort(-np.asarray(next_token_scores), axis=2, kind="stable")[:, :, :trace.top_k]
+    else:
+        predicted_ids = ids.numpy().astype(np.int64) if lookahead else None
+
     def next_token_routing(request_id: int) -> np.ndarray:
         one_hot = np.zeros((trace.num_layers, trace.num_experts))
-        np.put_along_axis(one_hot, ids[cursor[request_id]].numpy().astype(np.int64), 1.0, axis=1)
+        np.put_along_axis(one_hot, predicted_ids[cursor[request_id]], 1.0, axis=1)
         return one_hot
 
     groups: list[list[int]] = []
@@ -675,7 +690,8 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
             cursor[request_id] = start
             admitted.append(request_id)
         before = {i: frozenset(g) for g in groups for i in g}
-        groups, regrouped = planner.next_groups(groups, admitted, next_token_routing if lookahead else source.signature)
+        signature = source.signature if predicted_ids is None else next_token_routing
+        groups, regrouped = planner.next_groups(groups, admitted, signature)
         regroups += int(regrouped)
         if regrouped:  # a pooled request moves when the set of its old group members changes
             after = {i: frozenset(g) & set(before) for g in groups for i in g}

@@ -71,8 +71,10 @@ def _placement(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import moe_infer
     from moe_infer.batching import generate_many
     from moe_infer.config import MoEConfig
+    from moe_infer.executor import check_supported
     from moe_infer.models import load_model
     from moe_infer.profiler import check_inputs_exist, read_prompts
 
@@ -84,11 +86,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("give --prompt TEXT (repeatable) and/or --prompts JSONL")
     fields = {name: getattr(args, name) for name in MoEConfig.field_names()
               if name != "routing_override" and getattr(args, name, None) is not None}
-    config = MoEConfig(**fields)  # validated before the model is loaded
-    import moe_infer
-    from moe_infer.executor import check_supported
-
-    check_supported(config)
+    config = MoEConfig(**fields)
+    check_supported(config)  # before the model is loaded
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     moe_infer.wrap(model, config)
     outputs, stats = generate_many(model, prompts, tokenizer=tokenizer, max_batch_size=args.max_batch_size,

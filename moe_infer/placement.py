@@ -45,8 +45,9 @@ from moe_infer.trace import Trace
 
 FORMAT = "moe_infer.placement/1"
 METHODS = ("auto", "milp", "heuristic", "load", "round-robin")
-# integer programs up to this many variables go to scipy's HiGHS; larger ones use the heuristic only
-MILP_MAX_VARIABLES = 4_000
+# integer programs up to this many variables go to scipy's HiGHS (with the time limit; its LP relaxation is
+# weak, so beyond a few hundred variables it rarely proves optimality); larger ones use the heuristic only
+MILP_MAX_VARIABLES = 800
 
 
 # ----------------------------------------------------------------------------- trace statistics
@@ -259,7 +260,7 @@ class PlacementPlan:
 
 def plan(trace: Trace, num_devices: int, *, capacity: int | None = None, method: str = "auto",
          load_tolerance: float = 0.1, replicas: int = 0, time_limit: float = 10.0,
-         restarts: int = 4, seed: int = 0) -> PlacementPlan:
+         restarts: int = 32, seed: int = 0) -> PlacementPlan:
     """Assign every expert of every MoE layer to one of ``num_devices`` devices so that a token's
     consecutive layers' experts tend to share a device (fewest cross-device pairs), with at most
     ``capacity`` experts per device and layer (default: as even as possible) and, per layer, no
@@ -269,7 +270,8 @@ def plan(trace: Trace, num_devices: int, *, capacity: int | None = None, method:
     ``method``: "milp" (exact, `scipy.optimize.milp`; refused above ``MILP_MAX_VARIABLES``
     variables), "heuristic" (greedy start + block-coordinate ascent, each layer's assignment
     solved exactly given its neighbours, ``restarts`` starts), "auto" (both where the program is
-    small enough, keeping the better; the heuristic alone beyond), and the baselines "load"
+    small enough, keeping the better; the heuristic alone beyond; the ascent also renames the devices
+    of all layers after a layer boundary when that aligns co-routed groups), and the baselines "load"
     (per-layer longest-processing-time balancing, affinity ignored) and "round-robin" (expert e on
     device e mod D). ``replicas``: extra copies of the hottest experts per layer (DeepSeek EPLB:
     each copy goes to the hottest expert per copy), placed where they save the most pairs.
@@ -453,14 +455,17 @@ class _Problem:
                 cost[z] = -count
                 constraint([(z, 1.0), (x_index(l, a, d), -1.0)], -np.inf, 0)
                 constraint([(z, 1.0), (x_index(l + 1, b, d), -1.0)], -np.inf, 0)
-        # devices are interchangeable: pin the hottest expert of the first layer to device 0
-        lower_bounds = np.zeros(num_vars)
-        lower_bounds[x_index(0, int(np.argmax(self.load[0])), 0)] = 1
+        # devices are interchangeable: relabel them in order of first use by the first layer's experts,
+        # so expert e of that layer uses one of devices 0..e (removes the D! symmetric copies)
+        lower_bounds, upper_bounds = np.zeros(num_vars), np.ones(num_vars)
+        for e in range(min(E, D)):
+            for d in range(e + 1, D):
+                upper_bounds[x_index(0, e, d)] = 0
         matrix = coo_matrix((vals, (rows, cols)), shape=(len(lower), num_vars)).tocsr()
         integrality = np.zeros(num_vars)
         integrality[:num_x] = 1
         result = milp(cost, constraints=LinearConstraint(matrix, lower, upper), integrality=integrality,
-                      bounds=Bounds(lower_bounds, np.ones(num_vars)),
+                      bounds=Bounds(lower_bounds, upper_bounds),
                       options={"time_limit": time_limit, "disp": False})
         if result.x is None:
             return None, ""
@@ -527,6 +532,23 @@ class _Problem:
                 assignment[other] = hot
         return _load_only(load[None], self.num_devices, self.capacity)[0]
 
+    def relabel_after(self, devices: np.ndarray, l: int) -> np.ndarray:
+        """Rename the devices of layers l+1.. (a permutation: memory and load stay the same) so that
+        the groups of layer l and l+1 that share the most pairs get the same device; a move of whole
+        groups that one-layer steps cannot make."""
+        from scipy.optimize import linear_sum_assignment
+
+        one_hot = np.eye(self.num_devices)
+        shared = one_hot[devices[l]].T @ self.pair_counts[l] @ one_hot[devices[l + 1]]  # [D, D]
+        rows, cols = linear_sum_assignment(-shared)
+        rename = np.empty(self.num_devices, dtype=np.int64)
+        rename[cols] = rows  # layer l+1 device cols[i] becomes rows[i]
+        if shared[rows, cols].sum() <= np.trace(shared) + 1e-9:
+            return devices
+        relabelled = devices.copy()
+        relabelled[l + 1:] = rename[devices[l + 1:]]
+        return relabelled
+
     def solve_heuristic(self, restarts: int, seed: int, *, start: np.ndarray) -> np.ndarray:
         rng = np.random.default_rng(seed)
         best, best_value = start, self.local_pairs(start)
@@ -546,6 +568,8 @@ class _Problem:
                     candidate[l] = self.best_layer(devices, l)
                     if self.local_pairs(candidate) > self.local_pairs(devices) + 1e-9:
                         devices = candidate
+                for l in range(self.num_layers - 1):
+                    devices = self.relabel_after(devices, l)
                 new_value = self.local_pairs(devices)
                 if new_value <= value + 1e-9:
                     break

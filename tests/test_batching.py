@@ -183,3 +183,17 @@ def test_cli_generate_from_a_prompts_file(tmp_path, capsys):
     assert out.count("] '") == 5 and "expert scheduler" in out and "distinct experts per micro-batch" in out
     assert main(["generate", "--model", "tiny-mixtral", "--prompt", "x", "--gpu-memory", "1GiB"]) == 2
     assert "tiered expert cache" in capsys.readouterr().err
+
+
+def test_predicted_next_token_scores_drive_the_replay():
+    trace = planted_requests(num_requests=16, length=20)
+    options = dict(max_batch_size=4, pool_size=8, prompt_tokens=2, scheduler="expert")
+    true_scores = np.zeros((trace.num_tokens, trace.num_layers, trace.num_experts), dtype=np.float32)
+    np.put_along_axis(true_scores, trace.expert_ids.numpy().astype(np.int64), 5.0, axis=2)
+    perfect = simulate_schedule(trace, next_token_scores=true_scores, **options)
+    assert perfect == simulate_schedule(trace, lookahead=True, **options)
+    noise = np.random.default_rng(0).random(true_scores.shape).astype(np.float32)
+    assert simulate_schedule(trace, next_token_scores=noise, **options)["distinct_experts_per_micro_batch"] > \
+        perfect["distinct_experts_per_micro_batch"]
+    with pytest.raises(ValueError, match="next_token_scores must be"):
+        simulate_schedule(trace, next_token_scores=true_scores[:, :2], **options)

@@ -106,7 +106,8 @@ def test_milp_is_exact_on_a_small_instance():
     assert exact.method == "milp (optimal)"
     assert exact.cross_device_rate(trace) == pytest.approx(1 - optimum / total)
     heuristic = placement.plan(trace, 2, method="heuristic", load_tolerance=10.0)
-    assert heuristic.cross_device_rate(trace) >= exact.cross_device_rate(trace) - 1e-12
+    # restarts + group relabelling reach the optimum here
+    assert heuristic.cross_device_rate(trace) == pytest.approx(exact.cross_device_rate(trace))
 
 
 def test_load_bound_is_respected():
