@@ -84,17 +84,18 @@ class RecentRouting:
         self._state: dict[int, np.ndarray] = {}  # request id -> [L, E]
 
     def observe(self, request_ids: Sequence[int], layer: int, hidden: Tensor, routing: Any) -> None:
-        expert_ids = routing.expert_ids.detach().cpu().numpy()  # [T, K]
-        one_hot = np.zeros((len(request_ids), self.num_experts))
-        np.put_along_axis(one_hot, expert_ids.astype(np.int64), 1.0, axis=1)  # [T, E]
-        rows_of: dict[int, list[int]] = {}
-        for row, request_id in enumerate(request_ids):
-            rows_of.setdefault(request_id, []).append(row)
-        for request_id, rows in rows_of.items():
-            state = self._state.setdefault(request_id, np.zeros((self.num_layers, self.num_experts)))
-            # tokens in order: the last one weighs (1 - decay), the one before decay * (1 - decay), ...
-            weights = (1.0 - self.decay) * self.decay ** np.arange(len(rows) - 1, -1, -1)
-            state[layer] = self.decay ** len(rows) * state[layer] + weights @ one_hot[rows]
+        expert_ids = routing.expert_ids.detach().cpu().numpy().astype(np.int64)  # [T, K]
+        start = 0
+        while start < len(request_ids):  # runs of rows of one request: tokens in order
+            end = start + 1
+            while end < len(request_ids) and request_ids[end] == request_ids[start]:
+                end += 1
+            state = self._state.setdefault(request_ids[start], np.zeros((self.num_layers, self.num_experts)))
+            # the last token weighs (1 - decay), the one before decay * (1 - decay), ...
+            weights = (1.0 - self.decay) * self.decay ** np.arange(end - start - 1, -1, -1)  # [n]
+            state[layer] *= self.decay ** (end - start)
+            np.add.at(state[layer], expert_ids[start:end], weights[:, None])
+            start = end
 
     def signature(self, request_id: int) -> np.ndarray:
         return self._state.get(request_id, np.zeros((self.num_layers, self.num_experts)))
@@ -268,8 +269,7 @@ class _MicroBatch:
             keys = torch.cat([_left_pad(r.cache[layer_index][0], width) for r in requests])
             values = torch.cat([_left_pad(r.cache[layer_index][1], width) for r in requests])
             layers.append((keys, values))
-            stats.kv_bytes_moved += sum(r.cache[layer_index][0].nbytes + r.cache[layer_index][1].nbytes
-                                        for r in requests) if len(requests) > 1 else 0
+            stats.kv_bytes_moved += keys.nbytes + values.nbytes  # the copy torch.cat made
         for r in requests:
             r.cache = None
         self.cache = _dynamic_cache(model, layers)
@@ -300,14 +300,14 @@ class _MicroBatch:
         self.mask = self.mask[:, trim:]
 
     def release(self, rows: list[int], stats: SchedulerStats) -> list[_Request]:
-        """Hand the requests of ``rows`` their own caches back (real tokens only) and drop them."""
+        """Hand the requests of ``rows`` their own caches back (real tokens only, as views: they are
+        copied once, when stacked into their next micro-batch) and drop them."""
         released = []
         for row in rows:
             request = self.requests[row]
             n = request.length
-            request.cache = [(layer.keys[row:row + 1, :, -n:].clone(), layer.values[row:row + 1, :, -n:].clone())
+            request.cache = [(layer.keys[row:row + 1, :, -n:], layer.values[row:row + 1, :, -n:])
                              for layer in self.cache.layers]
-            stats.kv_bytes_moved += sum(k.nbytes + v.nbytes for k, v in request.cache)
             released.append(request)
         remaining = [row for row in range(len(self.requests)) if row not in set(rows)]
         if remaining:
@@ -363,7 +363,7 @@ class SchedulerStats:
     prefill_tokens: int = 0
     distinct_experts: float = 0.0  # sum over decode micro-batches of distinct experts per MoE layer, averaged over layers
     regroups: int = 0
-    kv_bytes_moved: int = 0  # bytes of KV cache copied to form, split and regroup micro-batches
+    kv_bytes_moved: int = 0  # bytes of KV cache copied into micro-batches when they are formed or regrouped
     max_wait_rounds: int = 0  # rounds a request spent queued before admission
     seconds: float = 0.0
 
@@ -404,6 +404,9 @@ class BatchGenerator:
                              "routing through the MoE layers")
         self.model = model
         self.executor = executor(model)
+        from transformers import DynamicCache
+
+        _check_cache_layers(DynamicCache(config=model.config))  # before any work
         _check_int("max_batch_size", max_batch_size, 1)
         self.max_batch_size = max_batch_size
         self.pool_size = 4 * max_batch_size if pool_size is None else pool_size

@@ -174,6 +174,16 @@ def test_bad_input_is_refused(shipped):
             generate_many(model, [[1, 2]], num_beams=2)
 
 
+@pytest.mark.parametrize("name, layer", [("gpt_oss", "DynamicSlidingWindowLayer"), ("qwen3_next", "LinearAttentionLayer")])
+def test_models_with_other_cache_layers_are_refused_before_any_work(tiny_model, name, layer):
+    model = tiny_model(name)
+    with tiny_models.wrapped(model):
+        ex = moe_infer.executor(model)
+        with pytest.raises(ValueError, match=f"full-attention DynamicLayer layers; this model's cache has {layer}"):
+            generate_many(model, [[5, 6, 7]], max_new_tokens=2)
+        assert ex.stats()["calls"] == 0
+
+
 def test_cli_generate_from_a_prompts_file(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in TEXTS[:4]))
