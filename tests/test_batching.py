@@ -191,8 +191,8 @@ def test_cli_generate_from_a_prompts_file(tmp_path, capsys):
                  "--max-new-tokens", "4", "--max-batch-size", "2", "--token-scheduling", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("] '") == 5 and "expert scheduler" in out and "distinct experts per micro-batch" in out
-    assert main(["generate", "--model", "tiny-mixtral", "--prompt", "x", "--gpu-memory", "1GiB"]) == 2
-    assert "tiered expert cache" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-mixtral", "--prompt", "x", "--cache-policy", "fifo"]) == 2
+    assert "MoEConfig.cache_policy='fifo'" in capsys.readouterr().err
 
 
 def test_predicted_next_token_scores_drive_the_replay():
