@@ -190,13 +190,17 @@ class GroupPlanner:
     """Decides the micro-batches of each round from request ids and signatures alone (shared by
     `generate_many` and the trace-driven `simulate_schedule`)."""
 
-    def __init__(self, scheduler: str, max_batch_size: int, regroup_threshold: float = 1.0):
+    def __init__(self, scheduler: str, max_batch_size: int, regroup_threshold: float = 1.0,
+                 regroup_interval: int = 1):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r}: allowed values are {', '.join(map(repr, SCHEDULERS))}")
         _check_int("max_batch_size", max_batch_size, 1)
         if not (isinstance(regroup_threshold, (int, float)) and regroup_threshold >= 0):
             raise ValueError(f"regroup_threshold={regroup_threshold!r}: expected a number >= 0")
+        _check_int("regroup_interval", regroup_interval, 1)
         self.scheduler, self.max_batch_size, self.regroup_threshold = scheduler, max_batch_size, float(regroup_threshold)
+        self.regroup_interval = regroup_interval
+        self._rounds = 0
 
     def next_groups(self, current: list[list[int]], admitted: list[int],
                     signature: Callable[[int], np.ndarray]) -> tuple[list[list[int]], bool]:
@@ -215,13 +219,13 @@ class GroupPlanner:
         pool = [i for g in current for i in g] + list(admitted)
         if not pool:
             return [], False
+        self._rounds += 1
         signatures = np.stack([signature(i) for i in pool])  # [R, L, E]
         row_of = {request: row for row, request in enumerate(pool)}
 
         def total(groups: list[list[int]]) -> float:
             return sum(expected_experts(signatures[[row_of[i] for i in g]]) for g in groups)
 
-        proposal = [[pool[row] for row in rows] for rows in partition(signatures, self.max_batch_size)]
         # the current grouping with each new request where it adds least (or in a new group)
         kept = [list(g) for g in current]
         for request in admitted:
@@ -231,6 +235,10 @@ class GroupPlanner:
                 continue
             costs = [total([kept[i] + [request]]) - total([kept[i]]) for i in options]
             kept[options[int(np.argmin(costs))]].append(request)
+        needed = math.ceil(len(pool) / self.max_batch_size)
+        if current and len(kept) == needed and (self._rounds - 1) % self.regroup_interval:
+            return kept, False  # not a round where regrouping is considered
+        proposal = [[pool[row] for row in rows] for rows in partition(signatures, self.max_batch_size)]
         if not current:
             return proposal, False
         if len(kept) > len(proposal):
@@ -394,7 +402,7 @@ class BatchGenerator:
 
     def __init__(self, model: nn.Module, *, max_batch_size: int = 8, pool_size: int | None = None,
                  scheduler: str | None = None, signatures: SignatureSource | None = None,
-                 regroup_threshold: float = 1.0, max_new_tokens: int = 32, do_sample: bool = False,
+                 regroup_threshold: float = 1.0, regroup_interval: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
                  eos_token_id: int | Sequence[int] | None = None):
         from moe_infer.api import executor, is_wrapped
@@ -413,7 +421,7 @@ class BatchGenerator:
         _check_int("pool_size", self.pool_size, 1)
         if scheduler is None:
             scheduler = "expert" if self.executor.config.token_scheduling else "fcfs"
-        self.planner = GroupPlanner(scheduler, max_batch_size, regroup_threshold)
+        self.planner = GroupPlanner(scheduler, max_batch_size, regroup_threshold, regroup_interval)
         self.scheduler = scheduler
         num_experts = self.executor.layers[0].num_experts
         self.signatures = signatures or RecentRouting(len(self.executor.layers), num_experts)
@@ -601,7 +609,7 @@ def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | str], *, m
     tokenizer read strings as UTF-8). Options: ``max_new_tokens`` [32], ``do_sample`` [False],
     ``temperature``, ``top_k``, ``top_p``, ``seed`` (request i samples with ``seed + i``, or a list
     of seeds), ``eos_token_id`` [the model's], ``pool_size`` [4 * max_batch_size],
-    ``scheduler``, ``signatures`` (a `SignatureSource`), ``regroup_threshold``.
+    ``scheduler``, ``signatures`` (a `SignatureSource`), ``regroup_threshold``, ``regroup_interval``.
     Returns the generated token ids per prompt (strings when the prompts were strings), and the
     `SchedulerStats` too with ``return_stats=True``.
     """
@@ -624,7 +632,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: int | None = None,
                       prompt_tokens: int = 16, decode_tokens: int | None = None,
                       signatures: SignatureSource | None = None, regroup_threshold: float = 1.0,
-                      order: Sequence[int] | None = None, lookahead: bool = False,
+                      regroup_interval: int = 1, order: Sequence[int] | None = None, lookahead: bool = False,
                       next_token_scores: np.ndarray | None = None) -> dict[str, float]:
     """Replay a trace's sequences as requests through the scheduler, without a model.
 
@@ -649,7 +657,7 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
     pool_size = 4 * max_batch_size if pool_size is None else pool_size
     _check_int("pool_size", pool_size, 1)
     _check_int("prompt_tokens", prompt_tokens, 1)
-    planner = GroupPlanner(scheduler, max_batch_size, regroup_threshold)
+    planner = GroupPlanner(scheduler, max_batch_size, regroup_threshold, regroup_interval)
     source = signatures or RecentRouting(trace.num_layers, trace.num_experts)
     ids = trace.expert_ids  # [N, L, K]
     spans = [span for _, span in trace.sequences()]

@@ -581,9 +581,11 @@ class _Problem:
 
 def _replicate(holds: np.ndarray, pair_counts: np.ndarray, load: np.ndarray, replicas: int,
                capacity: int, bound: np.ndarray) -> np.ndarray:
-    """EPLB: each extra copy goes to the expert with the most load per copy; it is put on a device
-    with a free slot that does not hold it yet and stays under the load bound (any such device if
-    none does), the one sharing the most pairs with the neighbour layers (ties: the least loaded)."""
+    """EPLB: each extra copy goes to the expert with the most load per copy. Among the devices with a
+    free slot that do not hold it yet, those where the layer's busiest device stays under
+    max(load bound, its current load) are eligible (else the candidate that keeps the busiest device
+    least loaded: greedy, so the bound can be exceeded slightly when slots force the choice); of
+    these, the one sharing the most pairs with the neighbour layers gets the copy."""
     holds = holds.copy()
     num_layers, num_experts, num_devices = holds.shape
     for l in range(num_layers):
@@ -593,20 +595,22 @@ def _replicate(holds: np.ndarray, pair_counts: np.ndarray, load: np.ndarray, rep
         if l < num_layers - 1:
             gain += pair_counts[l] @ holds[l + 1].astype(np.float64)
         for _ in range(replicas):
-            copies = holds[l].sum(axis=1)
+            copies = holds[l].sum(axis=1)  # [E]
             free = holds[l].sum(axis=0) < capacity  # [D]
-            order = np.argsort(-(load[l] / copies), kind="stable")
-            for e in order:
-                allowed = free & ~holds[l, e]
-                if allowed.any():
-                    device_load = _device_load(load[l:l + 1], holds[l:l + 1])[0]  # [D]
-                    # the new copy takes load[e] / (copies + 1) from each holder
-                    under = allowed & (device_load + load[l, e] / (copies[e] + 1) <= bound[l])
-                    if under.any():
-                        allowed = under
-                    score = np.where(allowed, gain[e] - 1e-9 * device_load, -np.inf)
-                    holds[l, e, int(np.argmax(score))] = True
-                    break
+            device_load = _device_load(load[l:l + 1], holds[l:l + 1])[0]  # [D]
+            for e in np.argsort(-(load[l] / copies), kind="stable"):
+                candidates = np.flatnonzero(free & ~holds[l, e])
+                if not len(candidates):
+                    continue
+                # with one more copy, each holder's share of e drops from load/c to load/(c+1)
+                relieved = device_load - holds[l, e] * (load[l, e] / copies[e] - load[l, e] / (copies[e] + 1))
+                busiest = np.array([max(np.delete(relieved, d).max(initial=0.0), relieved[d] + load[l, e] / (copies[e] + 1))
+                                    for d in candidates])
+                eligible = candidates[busiest <= max(bound[l], device_load.max()) + 1e-9]
+                if not len(eligible):
+                    eligible = candidates[[int(np.argmin(busiest))]]
+                holds[l, e, int(eligible[np.argmax(gain[e, eligible])])] = True
+                break
     return holds
 
 

@@ -8,9 +8,10 @@ metadata, py, ...), so that arrival order mixes kinds as a serving queue does:
    decode steps with the recorded routing); distinct experts per micro-batch and MoE layer for
    fcfs, the expert scheduler with the default signature (each request's own recent routing) and
    with perfect lookahead (the next token's true routing: what exact pre-gating would give);
-2. real generation (`moe_infer.generate_many`) of a few prompts cut from the same files: distinct
-   experts measured on the real routing of every decode micro-batch, tokens/s, KV bytes moved, and
-   whether both schedulers return the same tokens.
+2. real generation (`moe_infer.generate_many`) of a few prompts cut from the same files, with
+   every expert resident and under a CPU expert budget of half the expert bytes (the tiered cache,
+   LRU): distinct experts measured on the real routing of every decode micro-batch, expert bytes
+   loaded, hit rate, tokens/s, KV bytes copied, and whether the tokens equal the unbudgeted fcfs run.
 
 Writes ``bench/results/batching.json`` (appends one JSON line per run) and ``batching.md``.
 
@@ -19,9 +20,6 @@ Writes ``bench/results/batching.json`` (appends one JSON line per run) and ``bat
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -79,6 +77,9 @@ def prompts_from_files(tokenizer, per_kind: int, prompt_bytes: int) -> list[list
 
 
 def generation(model_name: str, batch_size: int, per_kind: int, new_tokens: int, repeats: int = 3) -> list[dict]:
+    """fcfs and expert scheduling of the same prompts, with every expert resident and then under a
+    CPU expert budget of half the expert bytes (the tiered cache, LRU): tokens/s (median of
+    ``repeats`` alternating runs), distinct experts, expert bytes loaded, hit rate."""
     import statistics
 
     import moe_infer
@@ -86,23 +87,38 @@ def generation(model_name: str, batch_size: int, per_kind: int, new_tokens: int,
 
     model, tokenizer = load_model(model_name, device="cpu")
     moe_infer.wrap(model)
+    ex = moe_infer.executor(model)
+    expert_bytes = sum(layer.expert_source.expert_nbytes() * layer.num_experts for layer in ex.layers)
     prompts = prompts_from_files(tokenizer, per_kind, 96)
-    outputs, summaries, speeds = {}, {}, {"fcfs": [], "expert": []}
-    for _ in range(repeats):  # alternating, so both see the same machine load; median tokens/s
-        for scheduler in speeds:
-            tokens, stats = moe_infer.generate_many(model, prompts, max_batch_size=batch_size,
-                                                    pool_size=4 * batch_size, max_new_tokens=new_tokens,
-                                                    eos_token_id=None, scheduler=scheduler, return_stats=True)
-            outputs[scheduler], summaries[scheduler] = tokens, stats.summary()
-            speeds[scheduler].append(summaries[scheduler]["tokens_per_second"])
-    rows = []
-    for scheduler, summary in summaries.items():
-        summary["tokens_per_second"] = statistics.median(speeds[scheduler])
-        rows.append({"model": model_name, "batch_size": batch_size, "policy": scheduler, **summary,
-                     "same_tokens_as_other_scheduler": outputs["fcfs"] == outputs["expert"]})
-        print(f"  generate {model_name} B={batch_size} {scheduler}: "
-              f"{summary['distinct_experts_per_micro_batch']:.3f} distinct experts / micro-batch / layer, "
-              f"{summary['tokens_per_second']:.1f} tokens/s (median of {repeats})")
+    rows, reference = [], None
+    for budget in (None, expert_bytes // 2):
+        if budget is not None:
+            moe_infer.wrap(model, cpu_memory=budget, cache_policy="lru")
+        outputs, summaries, speeds, tiers = {}, {}, {"fcfs": [], "expert": []}, {}
+        for _ in range(repeats):  # alternating, so both see the same machine load
+            for scheduler in speeds:
+                ex.reset_stats()
+                tokens, stats = moe_infer.generate_many(model, prompts, max_batch_size=batch_size,
+                                                        pool_size=4 * batch_size, max_new_tokens=new_tokens,
+                                                        eos_token_id=None, scheduler=scheduler, return_stats=True)
+                outputs[scheduler], summaries[scheduler] = tokens, stats.summary()
+                speeds[scheduler].append(summaries[scheduler]["tokens_per_second"])
+                tiers[scheduler] = ex.stats()["tiers"].get("cpu", {})
+        reference = reference or outputs["fcfs"]
+        for scheduler, summary in summaries.items():
+            summary["tokens_per_second"] = statistics.median(speeds[scheduler])
+            tier = tiers[scheduler]
+            accesses = tier.get("hits", 0) + tier.get("misses", 0)
+            rows.append({"model": model_name, "batch_size": batch_size, "policy": scheduler, **summary,
+                         "expert_budget_bytes": budget, "expert_bytes_total": expert_bytes,
+                         "expert_bytes_loaded": tier.get("bytes_moved", 0) if budget else 0,
+                         "hit_rate": tier.get("hits", 0) / accesses if budget and accesses else None,
+                         "same_tokens_as_unbudgeted_fcfs": outputs[scheduler] == reference})
+            print(f"  generate {model_name} B={batch_size} budget={budget} {scheduler}: "
+                  f"{summary['distinct_experts_per_micro_batch']:.3f} distinct experts / micro-batch / layer, "
+                  f"{rows[-1]['expert_bytes_loaded'] / 1e6:.1f} MB of experts loaded, "
+                  f"{summary['tokens_per_second']:.1f} tokens/s (median of {repeats})")
+    moe_infer.unwrap(model)
     return rows
 
 
@@ -121,43 +137,42 @@ def markdown(replays: list[dict], generations: list[dict], environment: dict) ->
         lines.append(f"| {r['model']} | {r['num_experts']} (top-{r['top_k']}) | {r['batch_size']} | {r['policy']} | "
                      f"{r['distinct_experts_per_micro_batch']:.3f} | {r['distinct_experts_per_micro_batch'] / base - 1:+.1%} | "
                      f"{r['regroups']} | {r['requests_moved']} |")
-    lines += ["", "## Real generation (`generate_many`, greedy)", "",
-              "| model | batch | scheduler | micro-batches | distinct experts / micro-batch / layer | regroups | KV bytes moved | tokens/s | same tokens |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Real generation (`generate_many`, greedy, 16 prompts, 24 new tokens)", "",
+              "Expert budget: none (every expert resident) or half the expert bytes in the CPU tier of the "
+              "tiered cache (`cpu_memory`, LRU). Tokens/s: median of 3 alternating runs on a shared 2-core machine "
+              "(noisy).", "",
+              "| model | expert budget | scheduler | micro-batches | distinct experts / micro-batch / layer | expert MB loaded | hit rate | regroups | KV MB copied | tokens/s | same tokens as unbudgeted fcfs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in generations:
-        lines.append(f"| {r['model']} | {r['batch_size']} | {r['policy']} | {r['micro_batches']} | "
-                     f"{r['distinct_experts_per_micro_batch']:.3f} | {r['regroups']} | {r['kv_bytes_moved']:,} | "
-                     f"{r['tokens_per_second']:.1f} | {r['same_tokens_as_other_scheduler']} |")
-    lines += ["", "Bytes moved and tokens/s under an expert budget need the expert cache (issue 5); "
-              "not measured here.", ""]
+        budget = "none" if r["expert_budget_bytes"] is None else \
+            f"{r['expert_budget_bytes'] / 1e6:.2f} MB of {r['expert_bytes_total'] / 1e6:.2f}"
+        hit_rate = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+        lines.append(f"| {r['model']} | {budget} | {r['policy']} | {r['micro_batches']} | "
+                     f"{r['distinct_experts_per_micro_batch']:.3f} | {r['expert_bytes_loaded'] / 1e6:.1f} | {hit_rate} | "
+                     f"{r['regroups']} | {r['kv_bytes_moved'] / 1e6:.1f} | {r['tokens_per_second']:.1f} | "
+                     f"{r['same_tokens_as_unbudgeted_fcfs']} |")
+    lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-deepseek"])
+    parser = bench_traces.benchmark_parser(__doc__)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--generate-per-kind", type=int, default=4)
     parser.add_argument("--generate-tokens", type=int, default=24)
-    parser.add_argument("--trace-dir", default="out/traces")
-    parser.add_argument("--results", default="bench/results")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    environment = {"device": "cpu", "threads": args.threads, "torch": torch.__version__,
-                   "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    environment = bench_traces.environment(threads=args.threads)
     replays, generations = [], []
     for model_name in args.models:
         replays += replay(model_name, Path(args.trace_dir), args.batch_sizes, args.prompt_tokens, args.decode_tokens)
         generations += generation(model_name, 4, args.generate_per_kind, args.generate_tokens)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / "batching.json", "a") as file:
-        file.write(json.dumps({"benchmark": "batching", **environment, "replay": replays, "generate": generations}) + "\n")
-    (results / "batching.md").write_text(markdown(replays, generations, environment))
-    print(f"wrote {results / 'batching.json'} and {results / 'batching.md'}")
+    bench_traces.write_results(args.results, "batching",
+                               {"benchmark": "batching", **environment, "replay": replays, "generate": generations},
+                               markdown(replays, generations, environment))
 
 
 if __name__ == "__main__":

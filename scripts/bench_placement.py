@@ -14,11 +14,7 @@ Writes ``bench/results/placement.json`` (appends one JSON line per run) and ``pl
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,23 +71,15 @@ def markdown(rows: list[dict], environment: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-deepseek"])
+    parser = bench_traces.benchmark_parser(__doc__)
     parser.add_argument("--devices", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--trace-dir", default="out/traces")
-    parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
-    environment = {"device": "cpu", "python": platform.python_version(),
-                   "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    environment = bench_traces.environment()
     rows = []
     for model_name in args.models:
         rows += measure(model_name, Path(args.trace_dir), args.devices)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / "placement.json", "a") as file:
-        file.write(json.dumps({"benchmark": "placement", **environment, "rows": rows}) + "\n")
-    (results / "placement.md").write_text(markdown(rows, environment))
-    print(f"wrote {results / 'placement.json'} and {results / 'placement.md'}")
+    bench_traces.write_results(args.results, "placement", {"benchmark": "placement", **environment, "rows": rows},
+                               markdown(rows, environment))
 
 
 if __name__ == "__main__":

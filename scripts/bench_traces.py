@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import platform
 import sysconfig
+import time
 from pathlib import Path
 
 KINDS = ("py", "rst", "license", "metadata")
@@ -78,6 +81,32 @@ def record(model_name: str, out_dir: Path, *, per_kind: int = 12, seq_len: int =
     Trace.concat(traces).save(joined)
     counts_file.write_text("".join(f"{k} {v}\n" for k, v in counts.items()))
     return joined, counts
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark over these traces shares: --models, --trace-dir, --results."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-deepseek"])
+    parser.add_argument("--trace-dir", default="out/traces")
+    parser.add_argument("--results", default="bench/results")
+    return parser
+
+
+def environment(**extra) -> dict:
+    import torch
+
+    return {"device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **extra}
+
+
+def write_results(results: str | Path, name: str, record: dict, markdown: str) -> None:
+    """Append ``record`` as one JSON line to ``results/name.json`` and write ``results/name.md``."""
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / f"{name}.json", "a") as file:
+        file.write(json.dumps(record) + "\n")
+    (results / f"{name}.md").write_text(markdown)
+    print(f"wrote {results / (name + '.json')} and {results / (name + '.md')}")
 
 
 def main() -> None:

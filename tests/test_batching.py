@@ -127,6 +127,9 @@ def test_scheduler_activates_clearly_fewer_experts_than_fcfs_on_planted_clusters
     # a cluster-pure micro-batch of 4 uses at most the cluster's 4 experts per layer; a mixed one ~8
     assert expert["distinct_experts_per_micro_batch"] <= 4.0
     assert fcfs["distinct_experts_per_micro_batch"] > 6.0
+    # regrouping considered every 4th round only: fewer moves, clusters still found
+    sparse = simulate_schedule(trace, scheduler="expert", regroup_interval=4, **options)
+    assert sparse["regroups"] <= expert["regroups"] and sparse["distinct_experts_per_micro_batch"] <= 4.5
 
 
 def test_partition_groups_requests_of_one_cluster():
