@@ -257,7 +257,6 @@ class _Request:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)  # generated so far
     cache: list[tuple[Tensor, Tensor]] | None = None  # per attention layer: keys, values [1, h, n, d]
-    admitted_round: int = -1
     done: bool = False
 
     @property
@@ -296,20 +295,25 @@ class _MicroBatch:
                     past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
 
-    def keep(self, rows: list[int]) -> None:
-        """Drop every other row; trim the columns that are padding in every remaining row."""
+    def keep(self, rows: list[int]) -> int:
+        """Drop every other row; trim the columns that are padding in every remaining row. Returns the
+        bytes of KV cache copied."""
         index = torch.tensor(rows, device=self.mask.device)
         self.requests = [self.requests[row] for row in rows]
         self.mask = self.mask[index]
         trim = int((self.mask.sum(dim=0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        copied = 0
         for layer in self.cache.layers:
             layer.keys = layer.keys[index, :, trim:]
             layer.values = layer.values[index, :, trim:]
+            copied += layer.keys.nbytes + layer.values.nbytes
         self.mask = self.mask[:, trim:]
+        return copied
 
-    def release(self, rows: list[int], stats: SchedulerStats) -> list[_Request]:
+    def release(self, rows: list[int]) -> tuple[list[_Request], int]:
         """Hand the requests of ``rows`` their own caches back (real tokens only, as views: they are
-        copied once, when stacked into their next micro-batch) and drop them."""
+        copied once, when stacked into their next micro-batch) and drop them. Returns them and the
+        bytes copied to close the remaining rows up."""
         released = []
         for row in rows:
             request = self.requests[row]
@@ -318,11 +322,10 @@ class _MicroBatch:
                              for layer in self.cache.layers]
             released.append(request)
         remaining = [row for row in range(len(self.requests)) if row not in set(rows)]
-        if remaining:
-            self.keep(remaining)
-        else:
+        copied = self.keep(remaining) if remaining else 0
+        if not remaining:
             self.requests = []
-        return released
+        return released, copied
 
 
 def _left_pad(tensor: Tensor, width: int) -> Tensor:
@@ -371,7 +374,7 @@ class SchedulerStats:
     prefill_tokens: int = 0
     distinct_experts: float = 0.0  # sum over decode micro-batches of distinct experts per MoE layer, averaged over layers
     regroups: int = 0
-    kv_bytes_moved: int = 0  # bytes of KV cache copied into micro-batches when they are formed or regrouped
+    kv_bytes_moved: int = 0  # KV cache bytes copied to form, regroup and shrink micro-batches
     max_wait_rounds: int = 0  # rounds a request spent queued before admission
     seconds: float = 0.0
 
@@ -547,7 +550,7 @@ class BatchGenerator:
                 if finished:
                     keep = [row for row in range(len(batch.requests)) if row not in set(finished)]
                     if keep:
-                        batch.keep(keep)
+                        stats.kv_bytes_moved += batch.keep(keep)
                     else:
                         batch.requests = []
             batches = [b for b in batches if b.requests]
@@ -584,7 +587,7 @@ class BatchGenerator:
             owner = next((gi for gi, (_, b) in enumerate(result) if b == i), None)
             leaving = [row for row, r in enumerate(batch.requests) if owner is None or placement[r.index] != owner]
             if leaving:
-                batch.release(leaving, stats)
+                stats.kv_bytes_moved += batch.release(leaving)[1]
         formed = []
         for group, i in result:
             base = batches[i] if i is not None and batches[i].requests else None
@@ -592,7 +595,7 @@ class BatchGenerator:
             if base is None:
                 formed.append(_MicroBatch(group, self.model, stats))
             elif newcomers:
-                released = base.release(list(range(len(base.requests))), stats)
+                released, _ = base.release(list(range(len(base.requests))))
                 formed.append(_MicroBatch(released + newcomers, self.model, stats))
             else:
                 formed.append(base)
