@@ -52,6 +52,59 @@ def _trace_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _placement(args: argparse.Namespace) -> int:
+    from moe_infer import placement
+    from moe_infer.trace import Trace
+
+    trace = Trace.load(args.trace)
+    result = placement.plan(trace, args.devices, capacity=args.capacity, method=args.method,
+                            replicas=args.replicas, load_tolerance=args.load_tolerance)
+    result.save(args.out)
+    round_robin = placement.round_robin_plan(trace, args.devices).cross_device_rate(trace)
+    load_only = placement.load_balanced_plan(trace, args.devices).cross_device_rate(trace)
+    print(f"wrote {args.out}: {trace.num_experts} experts x {trace.num_layers} MoE layers on {args.devices} devices "
+          f"({result.method}, {result.num_replicas()} replicas, capacity {result.capacity})")
+    print(f"expected cross-device rate {result.stats['cross_device_rate']:.4f} "
+          f"(round-robin {round_robin:.4f}, load-only {load_only:.4f}); "
+          f"max device load / mean {result.stats['load_imbalance']:.3f}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import moe_infer
+    from moe_infer.batching import generate_many
+    from moe_infer.config import MoEConfig
+    from moe_infer.executor import check_supported
+    from moe_infer.models import load_model
+    from moe_infer.profiler import check_inputs_exist, read_prompts
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        check_inputs_exist((), args.prompts)
+        prompts += list(read_prompts(args.prompts))
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) and/or --prompts JSONL")
+    fields = {name: getattr(args, name) for name in MoEConfig.field_names()
+              if name != "routing_override" and getattr(args, name, None) is not None}
+    config = MoEConfig(**fields)
+    check_supported(config)  # before the model is loaded
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    moe_infer.wrap(model, config)
+    outputs, stats = generate_many(model, prompts, tokenizer=tokenizer, max_batch_size=args.max_batch_size,
+                                   pool_size=args.pool_size, scheduler=args.scheduler,
+                                   max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   seed=args.seed, return_stats=True)
+    for index, (prompt, output) in enumerate(zip(prompts, outputs)):
+        print(f"[{index}] {prompt!r} -> {output!r}")
+    summary = stats.summary()
+    print(f"{summary['requests']} requests, {summary['micro_batches']} micro-batches ({summary['scheduler']} "
+          f"scheduler, mean size {summary['mean_batch_size']:.2f}), "
+          f"{summary['distinct_experts_per_micro_batch']:.2f} distinct experts per micro-batch and MoE layer, "
+          f"{summary['regroups']} regroups, {summary['tokens_per_second']:.1f} tokens/s")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from moe_infer.experts.convert import convert
     from moe_infer.experts.hub_layouts import SourceCheckpoint
@@ -167,6 +220,42 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--markdown", metavar="OUT", help="write the markdown report")
     stats.add_argument("--max-distance", type=int, default=3, help="cross-layer distances 1..D")
     stats.set_defaults(run=_trace_stats)
+
+    place = sub.add_parser("placement", help="place experts on devices from a trace (fewest cross-device pairs)")
+    place.add_argument("--trace", required=True, metavar="TRACE")
+    place.add_argument("--devices", required=True, type=int, metavar="N")
+    place.add_argument("--out", required=True, metavar="PLAN", help="the plan file to write (.safetensors)")
+    place.add_argument("--capacity", type=int, default=None, help="expert slots per device and MoE layer")
+    place.add_argument("--method", default="auto", choices=["auto", "milp", "heuristic", "load", "round-robin"])
+    place.add_argument("--replicas", type=int, default=0, help="extra copies of hot experts per MoE layer (EPLB)")
+    place.add_argument("--load-tolerance", type=float, default=0.1,
+                       help="a device may compute up to (1 + this) x the mean load of a layer")
+    place.set_defaults(run=_placement)
+
+    gen = sub.add_parser("generate", help="generate for one or many prompts with expert-aware micro-batching")
+    gen.add_argument("--model", required=True, help="a shipped model name, 'random-mixtral' or a transformers directory")
+    gen.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    gen.add_argument("--prompts", metavar="JSONL", help='a JSONL file of {"prompt": "..."} lines')
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-batch-size", type=int, default=8)
+    gen.add_argument("--pool-size", type=int, default=None, help="requests decoded at once (default 4 x batch size)")
+    gen.add_argument("--scheduler", choices=["expert", "fcfs"], default=None,
+                     help="default: expert with --token-scheduling, fcfs otherwise")
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0, help="request i samples with seed + i")
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    config_flags = gen.add_argument_group("MoEConfig fields")
+    for name in ("kernel", "gpu_memory", "cpu_memory", "offload_dir", "cache_policy", "predictor", "loader",
+                 "cpu_compute", "placement"):
+        config_flags.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
+    config_flags.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, default=None)
+    config_flags.add_argument("--token-scheduling", dest="token_scheduling", action="store_true", default=None)
+    config_flags.add_argument("--parallel", dest="parallel", default=None, type=lambda v: int(v) if v.isdigit() else v)
+    gen.set_defaults(run=_generate)
 
     sim = sub.add_parser("simulate", help="replay a trace through an expert cache policy (hit rate, loads)")
     sim.add_argument("--trace", required=True, metavar="TRACE")

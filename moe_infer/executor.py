@@ -25,7 +25,6 @@ _NOT_YET = {
     "offload_dir": "writing an in-memory model's experts to a disk tier (load a converted checkpoint instead)",
     "predictor": "predictive routing and prefetch",
     "prefetch_depth": "predictive routing and prefetch",
-    "token_scheduling": "expert-aware token batching",
     "placement": "expert placement across devices",
 }
 

@@ -91,6 +91,12 @@ def test_triton_kernel_without_cuda_or_interpreter_is_refused(monkeypatch):
     assert not moe_infer.is_wrapped(model)
 
 
+def test_token_scheduling_is_accepted():
+    model = _tiny_mixtral()
+    moe_infer.wrap(model, token_scheduling=True)
+    assert moe_infer.executor(model).config.token_scheduling is True
+
+
 def test_rewrap_reconfigures_keeping_other_fields():
     model = _tiny_mixtral()
     moe_infer.wrap(model, kernel="torch")

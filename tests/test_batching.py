@@ -1,0 +1,212 @@
+"""generate_many: results equal one-by-one generation; the expert-aware scheduler batches co-routed
+requests; bounded waiting; bad input; the `generate` CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import moe_infer
+import moe_infer.assets
+import tiny_models
+from moe_infer.batching import RecentRouting, expected_experts, generate_many, partition, simulate_schedule
+from moe_infer.cli import main
+from moe_infer.trace import Trace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TEXTS = ["def main(", "import os\nimport sys\n\n", "The Licensor hereby grants", "class Parser(object):\n    def",
+         "Copyright (c) 2001-2024 Python Software Foundation", "for i in range(", ".. note::\n\n   The", "x"]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, tokenizer = moe_infer.assets.load_model("tiny-mixtral")
+    return model, tokenizer
+
+
+def one_by_one(model, prompts, max_new_tokens, eos_token_id):
+    """Each prompt alone through transformers' own generate (greedy)."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                   do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
+        out.append(generated[0, len(prompt):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("scheduler, regroup_threshold", [("expert", 0.0), ("fcfs", 1.0)])
+def test_greedy_results_equal_one_by_one_on_the_shipped_model(shipped, scheduler, regroup_threshold):
+    model, tokenizer = shipped
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
+    with tiny_models.wrapped(model):
+        # threshold 0: regroup whenever the signatures say so, moving KV caches between micro-batches
+        outputs, stats = generate_many(model, prompts, max_batch_size=3, pool_size=6, max_new_tokens=14,
+                                       scheduler=scheduler, regroup_threshold=regroup_threshold, return_stats=True)
+        expected = one_by_one(model, prompts, 14, model.generation_config.eos_token_id)
+    assert outputs == expected
+    assert stats.requests == len(prompts) and stats.decode_tokens == sum(len(o) for o in outputs) - len(prompts)
+    assert stats.micro_batches >= stats.decode_tokens / 3
+    if scheduler == "expert":
+        assert stats.regroups > 0 and stats.kv_bytes_moved > 0
+    else:
+        assert stats.regroups == 0
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_moe"])
+def test_greedy_results_equal_one_by_one_on_tiny_random_models(tiny_model, name):
+    model = tiny_model(name)
+    prompts = [tiny_models.token_ids(seed, 1, length)[0].tolist() for seed, length in enumerate([5, 9, 2, 7, 12])]
+    with tiny_models.wrapped(model):
+        outputs = generate_many(model, prompts, max_batch_size=2, pool_size=4, max_new_tokens=8,
+                                scheduler="expert", regroup_threshold=0.0)
+        expected = one_by_one(model, prompts, 8, None)
+    assert outputs == expected
+
+
+def test_seeded_sampling_per_request_equals_sampling_alone(shipped):
+    model, tokenizer = shipped
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS[:5]]
+    options = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=40, top_p=0.95, eos_token_id=None)
+    with tiny_models.wrapped(model):
+        together = generate_many(model, prompts, max_batch_size=2, seed=[11, 12, 13, 14, 15], scheduler="expert",
+                                 regroup_threshold=0.0, **options)
+        alone = [generate_many(model, [p], seed=[s], **options)[0] for p, s in zip(prompts, [11, 12, 13, 14, 15])]
+        other_seeds = generate_many(model, prompts, max_batch_size=2, seed=100, **options)
+    assert together == alone
+    assert other_seeds != together  # the seeds matter
+
+
+def test_string_prompts_come_back_as_text(shipped):
+    model, tokenizer = shipped
+    with tiny_models.wrapped(model, token_scheduling=True):
+        texts, stats = generate_many(model, TEXTS[:3], tokenizer=tokenizer, max_new_tokens=6, eos_token_id=None,
+                                     return_stats=True)
+    assert stats.scheduler == "expert"  # MoEConfig.token_scheduling picks the expert-aware scheduler
+    assert all(isinstance(t, str) and len(t.encode()) == 6 for t in texts)
+
+
+def test_waiting_is_bounded_and_admission_is_first_come_first_served(shipped):
+    model, _ = shipped
+    prompts = [[40 + i, 41, 42] for i in range(10)]
+    with tiny_models.wrapped(model):
+        outputs, stats = generate_many(model, prompts, max_batch_size=2, pool_size=4, max_new_tokens=5,
+                                       eos_token_id=None, scheduler="expert", return_stats=True)
+    assert all(len(o) == 5 for o in outputs)
+    # 4 pooled at a time, every pooled request decodes each round: requests 4.. wait for a slot
+    # that frees after at most 4 decode rounds per earlier wave
+    assert 0 < stats.max_wait_rounds <= 4 * ((10 - 4 + 3) // 4)
+
+
+def planted_requests(num_requests=32, length=40, num_layers=4, num_experts=16, top_k=2, clusters=4, seed=0):
+    """A trace whose sequences each belong to one routing cluster (4 experts per layer), arriving in
+    cluster order 0, 1, 2, 3, 0, 1, ...: first come first served mixes the clusters."""
+    rng = np.random.default_rng(seed)
+    members = [rng.permutation(num_experts).reshape(clusters, -1) for _ in range(num_layers)]
+    ids = np.zeros((num_requests * length, num_layers, top_k), dtype=np.int64)
+    for r in range(num_requests):
+        for t in range(length):
+            for l in range(num_layers):
+                ids[r * length + t, l] = rng.choice(members[l][r % clusters], top_k, replace=False)
+    n = len(ids)
+    return Trace.from_arrays(expert_ids=ids, expert_weights=np.full(ids.shape, 0.5),
+                             seq_ids=np.repeat(np.arange(num_requests), length), positions=np.tile(np.arange(length), num_requests),
+                             token_ids=np.full(n, -1), num_experts=num_experts, moe_layers=list(range(num_layers)))
+
+
+def test_scheduler_activates_clearly_fewer_experts_than_fcfs_on_planted_clusters():
+    trace = planted_requests()
+    options = dict(max_batch_size=4, pool_size=16, prompt_tokens=4)
+    expert = simulate_schedule(trace, scheduler="expert", **options)
+    fcfs = simulate_schedule(trace, scheduler="fcfs", **options)
+    assert expert["micro_batches"] == fcfs["micro_batches"]
+    # a cluster-pure micro-batch of 4 uses at most the cluster's 4 experts per layer; a mixed one ~8
+    assert expert["distinct_experts_per_micro_batch"] <= 4.0
+    assert fcfs["distinct_experts_per_micro_batch"] > 6.0
+    # regrouping considered every 4th round only: fewer moves, clusters still found
+    sparse = simulate_schedule(trace, scheduler="expert", regroup_interval=4, **options)
+    assert sparse["regroups"] <= expert["regroups"] and sparse["distinct_experts_per_micro_batch"] <= 4.5
+
+
+def test_partition_groups_requests_of_one_cluster():
+    rng = np.random.default_rng(0)
+    centers = rng.random((3, 2, 12)) < 0.25  # 3 clusters of routing paths, [L=2, E=12]
+    signatures = np.stack([0.9 * centers[i % 3] + 0.05 for i in range(9)]).astype(float)  # [9, 2, 12]
+    groups = partition(signatures, 3)
+    assert sorted(sorted(g) for g in groups) == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    assert expected_experts(signatures[[0, 3, 6]]) < expected_experts(signatures[[0, 1, 2]])
+
+
+def test_recent_routing_weights_the_last_tokens_most():
+    source = RecentRouting(num_layers=1, num_experts=4, decay=0.5)
+
+    class Routing:
+        def __init__(self, ids):
+            self.expert_ids = torch.tensor(ids)
+
+    source.observe([7, 7], 0, None, Routing([[0, 1], [1, 2]]))  # request 7: two prompt tokens
+    np.testing.assert_allclose(source.signature(7)[0], [0.25, 0.75, 0.5, 0.0])
+    source.observe([7], 0, None, Routing([[3, 2]]))
+    np.testing.assert_allclose(source.signature(7)[0], [0.125, 0.375, 0.75, 0.5])
+    source.forget(7)
+    assert not source.signature(7).any()
+
+
+def test_bad_input_is_refused(shipped):
+    model, _ = shipped
+    with pytest.raises(ValueError, match="needs a wrapped model"):
+        generate_many(model, [[1, 2]])
+    with tiny_models.wrapped(model):
+        with pytest.raises(ValueError, match="prompt 1: expected a non-empty list of token ids"):
+            generate_many(model, [[1, 2], []])
+        with pytest.raises(ValueError, match=r"prompt 0: expected a non-empty list of token ids in \[0, 257\)"):
+            generate_many(model, [[1, 999]])
+        with pytest.raises(ValueError, match="scheduler='fast'"):
+            generate_many(model, [[1, 2]], scheduler="fast")
+        with pytest.raises(ValueError, match="max_batch_size=0"):
+            generate_many(model, [[1, 2]], max_batch_size=0)
+        with pytest.raises(ValueError, match="top_p=0"):
+            generate_many(model, [[1, 2]], top_p=0)
+        with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
+            generate_many(model, [[1, 2]], seed=[1, 2])
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            generate_many(model, [[1, 2]], num_beams=2)
+
+
+@pytest.mark.parametrize("name, layer", [("gpt_oss", "DynamicSlidingWindowLayer"), ("qwen3_next", "LinearAttentionLayer")])
+def test_models_with_other_cache_layers_are_refused_before_any_work(tiny_model, name, layer):
+    model = tiny_model(name)
+    with tiny_models.wrapped(model):
+        ex = moe_infer.executor(model)
+        with pytest.raises(ValueError, match=f"full-attention DynamicLayer layers; this model's cache has {layer}"):
+            generate_many(model, [[5, 6, 7]], max_new_tokens=2)
+        assert ex.stats()["calls"] == 0
+
+
+def test_cli_generate_from_a_prompts_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in TEXTS[:4]))
+    assert main(["generate", "--model", "tiny-mixtral", "--prompts", str(prompts), "--prompt", "import",
+                 "--max-new-tokens", "4", "--max-batch-size", "2", "--token-scheduling", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("] '") == 5 and "expert scheduler" in out and "distinct experts per micro-batch" in out
+    assert main(["generate", "--model", "tiny-mixtral", "--prompt", "x", "--cache-policy", "fifo"]) == 2
+    assert "MoEConfig.cache_policy='fifo'" in capsys.readouterr().err
+
+
+def test_predicted_next_token_scores_drive_the_replay():
+    trace = planted_requests(num_requests=16, length=20)
+    options = dict(max_batch_size=4, pool_size=8, prompt_tokens=2, scheduler="expert")
+    true_scores = np.zeros((trace.num_tokens, trace.num_layers, trace.num_experts), dtype=np.float32)
+    np.put_along_axis(true_scores, trace.expert_ids.numpy().astype(np.int64), 5.0, axis=2)
+    perfect = simulate_schedule(trace, next_token_scores=true_scores, **options)
+    assert perfect == simulate_schedule(trace, lookahead=True, **options)
+    noise = np.random.default_rng(0).random(true_scores.shape).astype(np.float32)
+    assert simulate_schedule(trace, next_token_scores=noise, **options)["distinct_experts_per_micro_batch"] > \
+        perfect["distinct_experts_per_micro_batch"]
+    with pytest.raises(ValueError, match="next_token_scores must be"):
+        simulate_schedule(trace, next_token_scores=true_scores[:, :2], **options)
