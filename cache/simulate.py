@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moe_infer.placement import hot_set
 from moe_infer.trace import Trace
 
 from .policies import POLICIES, BeladyPolicy, ExpertFlowPolicy, Policy, StaticPolicy, make_policy
@@ -90,24 +91,6 @@ def format_table(results: list[SimResult]) -> str:
         lines.append(f"| {r.policy} | {r.capacity} {scope} | {r.hit_rate:.3f} | {r.hits} | {r.misses} | {r.loads} | "
                      f"{r.prefetches_issued} / {r.prefetches_used} / {r.prefetches_wasted} |")
     return "\n".join(lines) + "\n"
-
-
-def popularity(trace: Trace) -> np.ndarray:
-    """[L, E] counts of (token, k) uses of each expert at each MoE-layer position."""
-    ids = trace.expert_ids.numpy().astype(np.int64)  # [N, L, K]
-    num_layers = ids.shape[1]
-    flat = ids + (np.arange(num_layers) * trace.num_experts)[None, :, None]
-    return np.bincount(flat.reshape(-1), minlength=num_layers * trace.num_experts).reshape(
-        num_layers, trace.num_experts)
-
-
-def hot_set(counts: np.ndarray, capacity: int, per_layer: bool) -> set[tuple[int, int]]:
-    """The `capacity` most used experts per layer (or in total) of `counts` [L, E]."""
-    if per_layer:
-        return {(l, int(e)) for l in range(counts.shape[0])
-                for e in np.argsort(-counts[l], kind="stable")[:capacity]}
-    order = np.argsort(-counts.reshape(-1), kind="stable")[:capacity]
-    return {(int(i) // counts.shape[1], int(i) % counts.shape[1]) for i in order}
 
 
 def _next_use_times(keys: np.ndarray) -> np.ndarray:
@@ -185,7 +168,9 @@ def simulate(trace: Trace, policy: str, capacity: int, *, per_layer: bool = True
     num_experts = trace.num_experts
     pol = make_policy(policy)
     if isinstance(pol, StaticPolicy):
-        pol.set_hot(hot_set(popularity(hot_from if hot_from is not None else trace), capacity, per_layer))
+        source = hot_from if hot_from is not None else trace
+        chosen = hot_set(source, capacity, per_layer=per_layer)  # the placement module's choice
+        pol.set_hot({(pos, e) for pos, layer in enumerate(source.moe_layers) for e in chosen[layer]})
     flat_keys = (ids + (np.arange(num_layers) * num_experts)[None, :, None]).reshape(-1)
     next_use = _next_use_times(flat_keys) if isinstance(pol, BeladyPolicy) else None
     upcoming: dict = {}  # belady: key -> time of its next use

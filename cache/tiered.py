@@ -191,13 +191,13 @@ class ExpertCache:
             raise ValueError(f"pin_popular needs cache_policy='static'; this cache runs {self.tier.policy.name!r}")
         from moe_infer.trace import Trace
 
-        from .simulate import popularity as trace_popularity
+        from moe_infer.placement import expert_load
 
         if isinstance(popularity, Trace):
             if popularity.num_layers != len(self.layer_order):
                 raise ValueError(f"pin_popular: the trace has {popularity.num_layers} MoE layers; this model has "
                                  f"{len(self.layer_order)}")
-            rows = trace_popularity(popularity)
+            rows = expert_load(popularity)
             popularity = {l: rows[i].tolist() for i, l in enumerate(self.layer_order)}
         ranked = sorted(((count, l, e) for l, counts in popularity.items() for e, count in enumerate(counts)),
                         key=lambda item: (-item[0], item[1], item[2]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_infer.cache import simulate
-from moe_infer.cache.simulate import TraceOracle as Oracle, format_table, popularity
+from moe_infer.cache.simulate import TraceOracle as Oracle, format_table
 from moe_infer.trace import Trace
 
 
@@ -95,13 +95,6 @@ def test_belady_bounds_every_policy_on_a_real_trace(real_trace):
         oracle = simulate(real_trace, "expertflow", capacity, predictor=Oracle())
         assert best.loads <= oracle.loads
         assert oracle.hit_rate > simulate(real_trace, "lru", capacity).hit_rate  # good predictions help
-
-
-def test_popularity_counts_every_slot():
-    trace = random_trace(3)
-    counts = popularity(trace)
-    assert counts.shape == (3, 8) and counts.sum() == 300 * 3 * 2
-    assert counts[1, 5] == int((trace.expert_ids[:, 1, :] == 5).sum())
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
