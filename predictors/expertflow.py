@@ -26,14 +26,14 @@ from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, disti
                                        train_loop)
 from moe_infer.trace import Trace
 
-DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 64, "epochs": 6, "batch_size": 256,
+DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 64, "skip": False, "epochs": 6, "batch_size": 256,
             "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
 _EVAL_BATCH = 8192
 
 
 class ExpertFlowNet(nn.Module):
     def __init__(self, vocab_size: int, num_layers: int, num_experts: int, hidden_size: int, *, window: int,
-                 embed_dim: int, hidden: int):
+                 embed_dim: int, hidden: int, skip: bool = False):
         super().__init__()
         self.num_layers, self.num_experts = num_layers, num_experts
         self.embed = TokenWindowEmbedding(vocab_size, window, embed_dim)
@@ -41,7 +41,7 @@ class ExpertFlowNet(nn.Module):
         # index s + 1 holds the MLP of source position s (s = -1 .. L-2)
         self.sources = nn.ModuleList(
             mlp(common + (0 if s < 0 else hidden_size + (s + 1) * num_experts), hidden,
-                (num_layers - 1 - s) * num_experts)
+                (num_layers - 1 - s) * num_experts, skip)
             for s in range(-1, num_layers - 1))
 
     def forward(self, source: int, windows: torch.Tensor, previous_hot: torch.Tensor,
@@ -132,7 +132,8 @@ class ExpertFlowPredictor(NetPredictor):
     @classmethod
     def build_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> ExpertFlowNet:
         return ExpertFlowNet(options["vocab_size"], num_layers, num_experts, options["hidden_size"],
-                             window=options["window"], embed_dim=options["embed_dim"], hidden=options["hidden"])
+                             window=options["window"], embed_dim=options["embed_dim"], hidden=options["hidden"],
+                             skip=options.get("skip", False))
 
 
 class _Inputs:

@@ -37,8 +37,21 @@ class TokenWindowEmbedding(nn.Module):
         return self.table(ids[:, -self.width:]).flatten(1)
 
 
-def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, outputs))
+class MLP(nn.Module):
+    """One hidden layer, plus (``skip``) a linear path from the inputs to the outputs."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: int, skip: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, outputs))
+        self.skip = nn.Linear(inputs, outputs, bias=False) if skip else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out if self.skip is None else out + self.skip(x)
+
+
+def mlp(inputs: int, hidden: int, outputs: int, skip: bool = False) -> MLP:
+    return MLP(inputs, hidden, outputs, skip)
 
 
 def mlp_macs(net: nn.Module) -> int:
