@@ -7,7 +7,6 @@ error leaves the model exactly as it was.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -66,18 +65,30 @@ def wrap(model: nn.Module, config: MoEConfig | None = None, **fields: Any) -> nn
     for layer in layers:
         _verify_routing(layer)
 
+    ex = ModelExecutor(model, layers, new_config)  # builds the expert cache: may refuse a budget
     # nothing can fail from here on: swap the blocks in
     for found, layer in zip(blocks, layers):
         parent_name, _, attr = found.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, layer)
-    object.__setattr__(model, _EXECUTOR_ATTR, ModelExecutor(model, layers, new_config))
+    object.__setattr__(model, _EXECUTOR_ATTR, ex)
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Put the original MoE blocks back; the model then computes exactly what it did before `wrap`."""
+    """Put the original MoE blocks back; the model then computes exactly what it did before `wrap`.
+
+    Refused for a model loaded from a converted checkpoint: its experts live only in the store
+    (their parameters are on the `meta` device), so the original blocks could not run."""
     ex = executor(model)
+    from moe_infer.loading import expert_store_of
+
+    if expert_store_of(model) is not None:
+        raise ValueError(f"unwrap: this {type(model).__name__} was loaded from the converted checkpoint "
+                         f"{expert_store_of(model).root}; its experts are read from that store and are not in "
+                         f"memory, so there are no original MoE blocks to restore (load the transformers "
+                         f"directory with moe_infer.load(path, in_memory=True) to get an unwrappable model)")
+    ex.close()
     for layer in ex.layers:
         parent_name, _, attr = layer.block_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -125,24 +136,43 @@ def _verify_routing(layer: MoELayer) -> None:
 
 
 def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.device | None = None,
-         **fields: Any) -> nn.Module:
-    """Load a `transformers` model directory and wrap it (MoEConfig fields as keywords)."""
+         in_memory: bool = False, converted_dir: str | os.PathLike | None = None, **fields: Any) -> nn.Module:
+    """A wrapped model from a converted checkpoint directory or a plain `transformers` directory
+    (MoEConfig fields as keywords).
+
+    Converted directory (has `moe_infer.json`): the model is built on the `meta` device from its
+    config, the dense weights are loaded, and every MoE layer reads its experts from the store
+    (the expert parameters never enter memory). Plain `transformers` directory: converted once
+    into `converted_dir` (default: `$MOE_INFER_CACHE/converted/<fingerprint>`, see
+    `moe_infer.envs`) and loaded from there; with `in_memory=True` it is instead loaded whole with
+    `from_pretrained` and wrapped (experts in memory, as `wrap` on a loaded model).
+    """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"load: {path!r} is not a directory")
-    if os.path.exists(os.path.join(path, "moe_infer.json")):
-        with open(os.path.join(path, "moe_infer.json")) as f:
-            fmt = json.load(f).get("format")
-        raise ValueError(f"load: {path!r} is a converted checkpoint ({fmt}); this version of moe_infer loads "
-                         f"plain transformers directories only")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise ValueError(f"load: {path!r} has no config.json; expected a transformers model directory")
     check_field_names(fields)
     check_supported(MoEConfig().replace(**fields))
-    from transformers import AutoModelForCausalLM
+    from moe_infer.experts.store import MANIFEST
+    from moe_infer.loading import load_converted
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return wrap(model, **fields)
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        if in_memory:
+            raise ValueError(f"load: {path!r} is a converted checkpoint; in_memory=True applies to plain "
+                             f"transformers directories only")
+        return load_converted(path, dtype=dtype, device=device, fields=fields)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"load: {path!r} has no config.json; expected a transformers model directory or a "
+                         f"converted checkpoint")
+    if in_memory:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if device is not None:
+            model.to(device)
+        model.eval()
+        return wrap(model, **fields)
+    from moe_infer.experts.convert import convert, default_converted_dir
+
+    target = os.fspath(converted_dir) if converted_dir is not None else default_converted_dir(path)
+    convert(path, target)
+    return load_converted(target, dtype=dtype, device=device, fields=fields)

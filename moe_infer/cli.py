@@ -108,6 +108,80 @@ def _predictor_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from moe_infer.experts.convert import convert
+    from moe_infer.experts.hub_layouts import SourceCheckpoint
+
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        source = SourceCheckpoint(args.src)  # also checks the source before anything is written
+        total = source.total_bytes()
+        source.close()
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr)
+        progress = bar.update
+    summary = convert(args.src, args.dst, dtype=args.dtype, fp8=args.fp8, verify_after=args.verify, progress=progress)
+    if progress is not None:
+        bar.close()
+    if summary["skipped"]:
+        print(f"{summary['dst']} already holds this conversion; nothing to do" + (" (verified)" if args.verify else ""))
+    else:
+        gb = summary["bytes_written"] / 1e9
+        print(f"wrote {summary['dst']}: {len(summary['moe_layers'])} MoE layers x {summary['num_experts']} experts, "
+              f"{gb:.2f} GB in {summary['seconds']:.1f} s ({gb / summary['seconds']:.2f} GB/s)"
+              + (", verified" if args.verify else ""))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from moe_infer.experts.store import verify
+
+    result = verify(args.dir)
+    print(f"{args.dir}: OK ({result['moe_layers']} MoE layers, {result['experts']} experts, "
+          f"{result['bytes'] / 1e9:.2f} GB checked)")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from moe_infer.cache.simulate import TraceOracle, format_table, simulate
+    from moe_infer.trace import Trace
+
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    try:
+        capacities = [int(c) for c in args.capacity.split(",")]
+    except ValueError:
+        raise ValueError(f"--capacity {args.capacity!r}: expected expert slots, e.g. 4 or 2,4,6") from None
+    trace = Trace.load(args.trace)
+    predictor = None
+    if args.predictor == "oracle":
+        predictor = TraceOracle(args.oracle_noise)
+    elif args.predictor is not None:
+        from moe_infer import predictors
+
+        if not hasattr(predictors, "load"):
+            raise NotImplementedError("loading a saved predictor needs moe_infer.predictors.load (not in this build)")
+        predictor = predictors.load(args.predictor)
+    results = []
+    for capacity in capacities:
+        for policy in policies:
+            uses_predictor = predictor is not None and policy != "belady"
+            results.append(simulate(trace, policy, capacity, per_layer=not args.total,
+                                    predictor=predictor if uses_predictor else None,
+                                    prefetch_depth=args.prefetch_depth))
+    table = format_table(results)
+    print(table, end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"trace": args.trace, "num_tokens": trace.num_tokens, "moe_layers": list(trace.moe_layers),
+                       "num_experts": trace.num_experts, "top_k": trace.top_k, "predictor": args.predictor,
+                       "results": [r.as_dict() for r in results]}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-infer", description="Mixture-of-Experts inference for transformers models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -167,6 +241,35 @@ def build_parser() -> argparse.ArgumentParser:
     predictor_eval.add_argument("--max-distance", type=int, default=4, help="layer distances 1..D")
     predictor_eval.add_argument("--json", metavar="OUT", help="write the evaluation as JSON")
     predictor_eval.set_defaults(run=_predictor_eval)
+
+    sim = sub.add_parser("simulate", help="replay a trace through an expert cache policy (hit rate, loads)")
+    sim.add_argument("--trace", required=True, metavar="TRACE")
+    sim.add_argument("--policy", required=True,
+                     help="lru, lfu, static, expertflow, belady, or several separated by commas")
+    sim.add_argument("--capacity", required=True, help="expert slots per MoE layer (or in total with --total); "
+                                                        "several separated by commas")
+    sim.add_argument("--total", action="store_true", help="capacity counts slots over all layers, not per layer")
+    sim.add_argument("--predictor", default=None,
+                     help="a saved predictor file, or 'oracle' (the trace's own future: an upper bound)")
+    sim.add_argument("--oracle-noise", type=float, default=0.0, help="probability that an oracle prediction is replaced by random scores")
+    sim.add_argument("--prefetch-depth", type=int, default=1, help="MoE layers ahead that predictions prefetch")
+    sim.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    sim.set_defaults(run=_simulate)
+
+    conv = sub.add_parser("convert", help="convert a transformers MoE checkpoint into the expert-addressable layout")
+    conv.add_argument("src", metavar="SRC", help="a transformers model directory (safetensors, single or sharded)")
+    conv.add_argument("dst", metavar="DST", help="the converted checkpoint directory to create")
+    conv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                      help="cast the weights (default: keep the source dtype; FP8 becomes bfloat16)")
+    conv.add_argument("--fp8", default="dequantize", choices=["dequantize", "keep"],
+                      help="FP8 expert weights (DeepSeek-V3): dequantize, or keep FP8 with block scales")
+    conv.add_argument("--verify", action="store_true", help="check every checksum after writing")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    conv.set_defaults(run=_convert)
+
+    ver = sub.add_parser("verify", help="check a converted checkpoint: manifest, shapes, dtypes, every checksum")
+    ver.add_argument("dir", metavar="DIR")
+    ver.set_defaults(run=_verify)
     return parser
 
 

@@ -11,23 +11,20 @@ from typing import Any
 
 from torch import nn
 
+from moe_infer.cache.replay import RoutingReplay
+from moe_infer.cache.setup import build_cache, check_budgets
+from moe_infer.cache.tiered import ExpertCache
 from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
 
 # Fields that need machinery this version does not have yet, and what that machinery is.
 _NOT_YET = {
-    "gpu_memory": "the tiered expert cache (GPU/CPU/disk budgets)",
-    "cpu_memory": "the tiered expert cache (GPU/CPU/disk budgets)",
-    "offload_dir": "the disk tier of the expert cache",
-    "cache_policy": "the tiered expert cache and its policies",
+    "offload_dir": "writing an in-memory model's experts to a disk tier (load a converted checkpoint instead)",
     "predictor": "predictive routing and prefetch",
     "prefetch_depth": "predictive routing and prefetch",
-    "loader": "the SE-MoE ring loader",
-    "cpu_compute": "CPU compute of missed experts",
     "token_scheduling": "expert-aware token batching",
     "placement": "expert placement across devices",
     "parallel": "multi-rank parallelism",
-    "routing_override": "trace replay",
 }
 
 
@@ -52,12 +49,42 @@ def check_supported(config: MoEConfig) -> None:
 class ModelExecutor:
     """The MoE layers of one wrapped model (`moe_infer.executor(model)`)."""
 
-    def __init__(self, model: nn.Module, layers: list[MoELayer], config: MoEConfig):
+    def __init__(self, model: nn.Module, layers: list[MoELayer], config: MoEConfig, backing=None):
         self.model_class = type(model).__name__
         self.layers = layers
         self.config = config
+        self.backing = backing  # a converted checkpoint's experts (load); None: the layers' own weights
+        self.cache: ExpertCache | None = None  # the tiered expert cache, when a budget is set
+        self.replay: RoutingReplay | None = None  # MoEConfig.routing_override
+        self._expert_devices = {layer.layer_idx: layer.expert_source.device for layer in layers}
+        self._apply(config)
         for layer in layers:
             layer.executor = self
+
+    def _apply(self, config: MoEConfig) -> None:
+        """Build the cache and the replay of `config` (everything is checked before anything changes)."""
+        replay = None
+        if config.routing_override is not None:
+            first = self.layers[0]
+            replay = RoutingReplay(config.routing_override, self.moe_layer_indices, first.num_experts,
+                                   first.adapter.top_k)
+        check_budgets(self.layers, config, self.backing)
+        self.close()
+        self.cache = build_cache(self.layers, config, self.backing)
+        self.replay = replay
+        if self.cache is not None and config.cache_policy == "static" and replay is not None:
+            self.cache.pin_popular(replay.trace)  # the replayed trace's popularity is the right hot set
+
+    def close(self) -> None:
+        """Stop the cache's threads and put expert weights moved to host memory back where they were."""
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+            if self.backing is None:
+                from moe_infer.cache.setup import move_experts
+
+                for layer in self.layers:
+                    move_experts(layer, self._expert_devices[layer.layer_idx])
 
     @property
     def kernel(self) -> str:
@@ -66,6 +93,7 @@ class ModelExecutor:
 
     def configure(self, config: MoEConfig) -> None:
         check_supported(config)
+        self._apply(config)
         self.config = config
 
     def layer(self, layer_idx: int) -> MoELayer:
@@ -81,13 +109,15 @@ class ModelExecutor:
     def reset_stats(self) -> None:
         for layer in self.layers:
             layer.stats.reset()
+        if self.cache is not None:
+            self.cache.reset_stats()
 
     def stats(self) -> dict[str, Any]:
         """Counters since wrapping or the last `reset_stats()`.
 
-        Every expert is resident in this version, in the memory of the device that holds its weights
-        (tier "gpu" or "cpu"): each expert a forward call uses is a hit in that tier, nothing is
-        fetched, prefetched or computed elsewhere.
+        Without a budget every expert is resident in the memory of the device that holds its weights
+        (tier "gpu" or "cpu"): each expert a forward call uses is a hit there. With a budget, the
+        tiers, prefetches, CPU-computed experts and stall time are the expert cache's.
         """
         per_layer = {}
         tiers: dict[str, dict[str, float]] = {}
@@ -107,16 +137,19 @@ class ModelExecutor:
             t["hits"] += s.expert_loads
             t["peak_bytes"] += layer.expert_source.expert_nbytes() * layer.num_experts
         first = self.layers[0].stats
+        cache = self.cache.stats() if self.cache is not None else {
+            "tiers": tiers, "prefetch": {"issued": 0, "used": 0, "wasted": 0, "cancelled": 0},
+            "cpu_computed_experts": 0, "stall_seconds": 0.0}
         return {
             "tokens": first.tokens,
             "calls": first.calls,
             "expert_activations": sum(sum(l.stats.expert_counts) for l in self.layers),
             "layers": per_layer,
-            "tiers": tiers,
-            "prefetch": {"issued": 0, "used": 0, "wasted": 0},
+            "tiers": cache["tiers"],
+            "prefetch": cache["prefetch"],
             "predictor_recall": None,
-            "cpu_computed_experts": 0,
-            "stall_seconds": 0.0,
+            "cpu_computed_experts": cache["cpu_computed_experts"],
+            "stall_seconds": cache["stall_seconds"],
             "kernel": self.kernel,
         }
 

@@ -102,12 +102,18 @@ class MoELayer(nn.Module):
         shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, shape[-1])  # [T, H]
         routing = self.route(hidden)
+        if self.executor is not None and self.executor.replay is not None:
+            routing = self.executor.replay.apply(self.layer_idx, routing)
         self._feed_router_hooks(hidden, routing)
         for observer in self.routing_observers:
             observer(self, hidden, routing)
         grouping = group_by_expert(routing.expert_ids, self.num_experts)
-        out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
-                          self.num_experts, self.expert_source.activation, grouping=grouping)
+        cache = self.executor.cache if self.executor is not None else None
+        if cache is not None:  # weights come through the tiered expert cache (fetched or run on the CPU)
+            out = cache.forward(self, hidden, routing, grouping)
+        else:
+            out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
+                              self.num_experts, self.expert_source.activation, grouping=grouping)
         self.stats.record(hidden.shape[0], grouping[1])
         if self._shared is not None:
             out = out + self._shared(self, hidden)

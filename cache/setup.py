@@ -1,0 +1,85 @@
+"""Building the cache of a wrapped model from its `MoEConfig` (called by the executor).
+
+Which tier has which budget: on a model whose layers compute on CUDA, `gpu_memory` bounds the
+GPU tier and `cpu_memory` (optional) a pinned host tier, and the experts' own weights move to host
+memory (they are the backing source); on a CPU model, `cpu_memory` bounds the CPU tier and the
+backing is the weights where they are (or the converted checkpoint on disk). No budget for the
+compute tier: no cache, every expert stays resident.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_infer.config import MoEConfig
+
+from .backing import Backing, ModuleBacking, StoreBacking
+from .tiered import ExpertCache
+
+
+def compute_device(layers) -> torch.device:
+    """Where the layers compute: the device of their routers' weights."""
+    for p in layers[0].router.parameters():
+        return p.device
+    return layers[0].expert_source.device
+
+
+def backing_of(layers) -> Backing | None:
+    """The backing the layers' expert sources imply: a converted checkpoint's store when every layer
+    reads from the same one (`moe_infer.load` of a converted directory), else None (their weights)."""
+    from moe_infer.experts.store import StoreExperts
+
+    sources = [layer.expert_source for layer in layers]
+    if sources and all(isinstance(s, StoreExperts) for s in sources) and len({id(s.store) for s in sources}) == 1:
+        return StoreBacking(sources[0].store, {layer.layer_idx: layer.expert_source.activation for layer in layers},
+                            dtype=sources[0].dtype)
+    return None
+
+
+def check_budgets(layers, config: MoEConfig, backing: Backing | None = None):
+    """(compute device, compute-tier budget, host-tier budget) of `config`; raises `ValueError` for
+    budgets that cannot apply (and changes nothing)."""
+    backing = backing if backing is not None else backing_of(layers)
+    device = compute_device(layers)
+    if device.type == "cuda":
+        budget, host_budget = config.gpu_memory, config.cpu_memory
+        if budget is None and host_budget is not None:
+            raise ValueError("cpu_memory on a model that runs on CUDA bounds the pinned host tier behind the GPU "
+                             "tier: give gpu_memory too (the GPU tier's budget)")
+    else:
+        if config.gpu_memory is not None:
+            raise ValueError(f"gpu_memory={config.gpu_memory} but the model runs on {device}; move it to a CUDA "
+                             f"device, or give cpu_memory (the CPU tier's budget)")
+        budget, host_budget = config.cpu_memory, None
+    if budget is not None and config.loader == "ring" and config.cache_policy != "lru":
+        raise ValueError(f"loader='ring' evicts in ring order; cache_policy={config.cache_policy!r} cannot apply "
+                         f"(leave it at 'lru')")
+    largest = max(backing.expert_nbytes(l.layer_idx) if backing is not None else l.expert_source.expert_nbytes()
+                  for l in layers)
+    for name, value in (("gpu_memory" if device.type == "cuda" else "cpu_memory", budget), ("cpu_memory", host_budget)):
+        if value is not None and value < largest:
+            raise ValueError(f"{name}={value}: smaller than one expert ({largest} bytes); give at least {largest}")
+    return device, budget, host_budget
+
+
+def build_cache(layers, config: MoEConfig, backing: Backing | None = None) -> ExpertCache | None:
+    backing = backing if backing is not None else backing_of(layers)
+    device, budget, host_budget = check_budgets(layers, config, backing)
+    if budget is None:
+        return None
+    if backing is None:
+        if device.type == "cuda":
+            for layer in layers:
+                move_experts(layer, torch.device("cpu"), pin=True)
+        backing = ModuleBacking({layer.layer_idx: layer.expert_source for layer in layers})
+    return ExpertCache(backing, [layer.layer_idx for layer in layers], device=device, budget_bytes=budget,
+                       host_budget_bytes=host_budget, policy=config.cache_policy, loader=config.loader,
+                       cpu_compute=config.cpu_compute)
+
+
+def move_experts(layer, device: torch.device, *, pin: bool = False) -> None:
+    """Move a layer's expert parameters (the backing of the cache) to `device`, in place."""
+    for param in layer.experts.parameters(recurse=False):
+        if param.device != device and not param.is_meta:
+            data = param.data.to(device)
+            param.data = data.pin_memory() if pin and device.type == "cpu" else data

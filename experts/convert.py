@@ -1,0 +1,350 @@
+"""The checkpoint converter: a Hugging Face MoE checkpoint -> the converted layout of DESIGN section 5.
+
+Owns the conversion itself: streaming every tensor through (one source tensor, or one expert, in
+memory at a time), casting and FP8 handling, the per-layer expert files with one contiguous byte
+range per expert, checksums, the manifest, and the atomic publish (everything is written into
+`DST.moe_infer-partial` and renamed to DST at the very end; a re-run removes a stale partial
+directory and starts again). A destination that already holds the same conversion is left alone;
+one that holds anything else is refused.
+
+Shape legend: E experts, H hidden, I intermediate (per expert).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .fp8 import DEFAULT_BLOCK, dequantize, scale_shape
+from .hub_layouts import INDEX_FILE, ConversionPlan, LayerPlan, SourceCheckpoint, plan_conversion
+from .math import ExpertTensors
+from .store import DENSE_FILE, FORMAT, FP8_METHOD, MANIFEST, dtype_name, load_manifest, parse_dtype, verify
+from .tensorfile import CheckpointError, TensorWriter
+
+PARTIAL_SUFFIX = ".moe_infer-partial"
+_PARTIAL_MARKER = ".moe_infer_partial"
+FP8_MODES = ("dequantize", "keep")
+# files of a source directory that are weights (never copied) rather than config / tokenizer files
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    dtype: torch.dtype | None = None  # cast floating weights; None keeps the source dtype (FP8 -> bfloat16)
+    fp8: str = "dequantize"  # what to do with FP8 expert weights: "dequantize" or "keep" (with their scales)
+
+    def __post_init__(self) -> None:
+        if self.fp8 not in FP8_MODES:
+            raise ValueError(f"fp8={self.fp8!r}; allowed: {', '.join(FP8_MODES)}")
+        if self.dtype is not None and self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype={self.dtype}; allowed: float32, float16, bfloat16 (or None to keep the source's)")
+
+    def as_json(self) -> dict:
+        return {"dtype": None if self.dtype is None else dtype_name(self.dtype), "fp8": self.fp8}
+
+
+def layer_file(layer_idx: int) -> str:
+    return f"experts/layer_{layer_idx:03d}.safetensors"
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _build(source: SourceCheckpoint):
+    """The meta-device skeleton of the source's model, its MoE blocks, and its config."""
+    from transformers import AutoConfig
+
+    from moe_infer.families import find_moe_blocks
+    from moe_infer.loading import skeleton
+
+    try:
+        config = AutoConfig.from_pretrained(source.root)
+    except (ValueError, KeyError, OSError) as err:
+        raise CheckpointError(f"{source.root}: config.json names an architecture transformers does not know "
+                              f"({str(err).splitlines()[0]})") from None
+    clean = copy.deepcopy(config)
+    if hasattr(clean, "quantization_config"):
+        del clean.quantization_config  # no quantizer: the skeleton's linear layers are plain
+    try:
+        model = skeleton(clean)
+    except ValueError as err:
+        raise CheckpointError(f"{source.root}: no causal-LM model class for {type(config).__name__} "
+                              f"({str(err).splitlines()[0]})") from None
+    blocks = find_moe_blocks(model)  # UnsupportedModel (a ValueError) names the supported families
+    return config, model, blocks
+
+
+def _quant_block(config) -> tuple[int, int]:
+    quant = getattr(config, "quantization_config", None)
+    if isinstance(quant, dict):
+        block = quant.get("weight_block_size")
+    else:
+        block = getattr(quant, "weight_block_size", None)
+    return tuple(block) if block else DEFAULT_BLOCK
+
+
+class _Converter:
+    def __init__(self, source: SourceCheckpoint, plan: ConversionPlan, model, options: ConvertOptions,
+                 fp8_block: tuple[int, int], progress: Callable[[int], None] | None):
+        self.source, self.plan, self.options, self.fp8_block = source, plan, options, fp8_block
+        self.progress = progress or (lambda nbytes: None)
+        self.keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        fp8_layers = [p.layer_idx for p in plan.layers if p.fp8]
+        self.keep_fp8 = bool(fp8_layers) and options.fp8 == "keep"
+        self.compute_dtype = options.dtype or torch.bfloat16
+        if self.keep_fp8:
+            odd = [p.layer_idx for p in plan.layers if p.geometry.intermediate_size % fp8_block[0]]
+            if odd:
+                raise CheckpointError(f"{source.root}: fp8='keep' needs the expert intermediate size to be a multiple "
+                                      f"of the scale block {fp8_block[0]} (layers {odd}); use fp8='dequantize'")
+
+    # -- dtypes
+    def _cast(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.options.dtype is None or not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
+            return tensor
+        if any(pattern in name for pattern in self.keep_fp32):
+            return tensor
+        return tensor.to(self.options.dtype)
+
+    def _dense_dtype(self, item) -> torch.dtype:
+        spec = self.source.spec(item.key)
+        if item.scale_key is not None:
+            return self.compute_dtype
+        if self.options.dtype is not None and spec.dtype.is_floating_point and spec.dtype.itemsize > 1 \
+                and not any(p in item.target for p in self.keep_fp32):
+            return self.options.dtype
+        return spec.dtype
+
+    # -- dense
+    def write_dense(self, path: str) -> dict:
+        specs = [(item.target, self._dense_dtype(item), self.source.spec(item.key).shape) for item in self.plan.dense]
+        writer = TensorWriter(path, specs, {"format": "pt"})
+        for item in self.plan.dense:
+            tensor = self.source.read(item.key)
+            if item.scale_key is not None:
+                tensor = dequantize(tensor, self.source.read(item.scale_key), self.fp8_block, self.compute_dtype)
+            writer.write(item.target, self._cast(item.target, tensor))
+            self.progress(self.source.spec(item.key).nbytes)
+        writer.close()
+        return {"file": DENSE_FILE, "nbytes": os.path.getsize(path), "sha256": _sha256_file(path)}
+
+    # -- experts
+    def _expert_specs(self, plan: LayerPlan, e: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        g = plan.geometry
+        h, i = g.hidden_size, g.intermediate_size
+        weight_dtype = self.expert_dtype(plan)
+        specs = [(f"e{e}.w13", weight_dtype, (2 * i, h)), (f"e{e}.w2", weight_dtype, (h, i))]
+        if g.has_bias:
+            bias_dtype = self.options.dtype or self.source.spec(plan.fused["gate_up_proj_bias"]).dtype
+            specs += [(f"e{e}.b13", bias_dtype, (2 * i,)), (f"e{e}.b2", bias_dtype, (h,))]
+        if plan.fp8 and self.keep_fp8:
+            specs += [(f"e{e}.w13_scale", torch.float32, scale_shape((2 * i, h), self.fp8_block)),
+                      (f"e{e}.w2_scale", torch.float32, scale_shape((h, i), self.fp8_block))]
+        return specs
+
+    def expert_dtype(self, plan: LayerPlan) -> torch.dtype:
+        if plan.fp8:
+            return torch.float8_e4m3fn if self.keep_fp8 else self.compute_dtype
+        key = plan.fused["gate_up_proj"] if plan.fused else plan.per_expert[0]["gate"]
+        return self.options.dtype or self.source.spec(key).dtype
+
+    def _expert(self, plan: LayerPlan, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's tensors, canonical (gate rows then up rows; [out, in]), in the output dtypes."""
+        g = plan.geometry
+        if plan.fused:
+            rows = (e, e + 1)
+            w13, w2 = self.source.read(plan.fused["gate_up_proj"], rows)[0], self.source.read(plan.fused["down_proj"], rows)[0]
+            if g.transposed:
+                w13, w2 = w13.t(), w2.t()
+            b13 = self.source.read(plan.fused["gate_up_proj_bias"], rows)[0] if g.has_bias else None
+            b2 = self.source.read(plan.fused["down_proj_bias"], rows)[0] if g.has_bias else None
+            t = ExpertTensors(w13, w2, b13, b2, interleaved=g.interleaved).canonical()
+            out = {"w13": t.w13, "w2": t.w2}
+            if g.has_bias:
+                out.update(b13=t.b13, b2=t.b2)
+            return {k: self._cast(k, v) for k, v in out.items()}
+        roles = plan.per_expert[e]
+        gate, up, down = (self.source.read(roles[r]) for r in ("gate", "up", "down"))
+        if plan.fp8:
+            scales = {r: self.source.read(roles[r + "_scale"]) for r in ("gate", "up", "down")}
+            if self.keep_fp8:
+                w13 = torch.cat([gate.view(torch.uint8), up.view(torch.uint8)]).view(torch.float8_e4m3fn)
+                return {"w13": w13, "w2": down, "w13_scale": torch.cat([scales["gate"], scales["up"]]).float(),
+                        "w2_scale": scales["down"].float()}
+            gate, up, down = (dequantize(w, scales[r], self.fp8_block, self.compute_dtype)
+                              for w, r in ((gate, "gate"), (up, "up"), (down, "down")))
+        return {"w13": self._cast("w13", torch.cat([gate, up])), "w2": self._cast("w2", down)}
+
+    def write_layer(self, path: str, plan: LayerPlan) -> list[dict]:
+        g = plan.geometry
+        specs = [spec for e in range(g.num_experts) for spec in self._expert_specs(plan, e)]
+        writer = TensorWriter(path, specs, {"format": "moe_infer.experts", "layer": str(plan.layer_idx)})
+        relative = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
+        entries = []
+        for e in range(g.num_experts):
+            tensors = self._expert(plan, e)
+            digest = hashlib.sha256()
+            nbytes = 0
+            offset = writer.offsets[f"e{e}.w13"]
+            for name, _, _ in self._expert_specs(plan, e):
+                data = writer.write(name, tensors[name.split(".", 1)[1]])
+                digest.update(data)
+                nbytes += len(data)
+            entries.append({"layer": plan.layer_idx, "expert": e, "file": relative.replace(os.sep, "/"),
+                            "offset": offset, "nbytes": nbytes, "sha256": digest.hexdigest()})
+            self.progress(nbytes)
+        writer.close()
+        return entries
+
+
+def _sha256_file(path: str, chunk: int = 64 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_side_files(src: str, dst: str, keep_fp8: bool, dtype: torch.dtype | None) -> None:
+    """config.json (without the FP8 quantization_config, which no longer describes the dense
+    weights) and every tokenizer / generation file."""
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if not os.path.isfile(path) or name == INDEX_FILE or name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if name == "config.json":
+            with open(path) as f:
+                config = json.load(f)
+            config.pop("quantization_config", None)
+            if dtype is not None:
+                config["dtype"] = dtype_name(dtype)
+            elif str(config.get("dtype", config.get("torch_dtype", ""))).startswith("float8"):
+                config["dtype"] = "bfloat16"
+            with open(os.path.join(dst, name), "w") as f:
+                json.dump(config, f, indent=2)
+        else:
+            shutil.copy2(path, os.path.join(dst, name))
+
+
+def _check_destination(dst: str, fingerprint: str, options: ConvertOptions) -> bool:
+    """True when `dst` already holds this very conversion; raises if it holds anything else."""
+    if not os.path.exists(dst):
+        return False
+    if not os.path.isdir(dst):
+        raise CheckpointError(f"destination {dst} exists and is not a directory")
+    if not os.listdir(dst):
+        return False
+    if not os.path.isfile(os.path.join(dst, MANIFEST)):
+        raise CheckpointError(f"destination {dst} is not empty and is not a converted checkpoint; refusing to "
+                              f"overwrite it (choose another destination)")
+    manifest = load_manifest(dst)
+    source = manifest["source"]
+    if source.get("fingerprint") != fingerprint or source.get("options") != options.as_json():
+        raise CheckpointError(f"destination {dst} already holds a different conversion (model "
+                              f"{source.get('architecture')}, fingerprint {str(source.get('fingerprint'))[:12]}, options "
+                              f"{source.get('options')}); delete it or choose another destination")
+    return True
+
+
+def default_converted_dir(src: str | os.PathLike) -> str:
+    """Where `moe_infer.load` converts a plain transformers directory: under the moe_infer cache
+    (`moe_infer.envs.cache_dir()`), named by the source's fingerprint."""
+    from moe_infer.envs import cache_dir
+
+    source = SourceCheckpoint(os.fspath(src))
+    try:
+        fingerprint = source.fingerprint()
+    finally:
+        source.close()
+    return os.path.join(cache_dir(), "converted", fingerprint[:24])
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+            fp8: str = "dequantize", verify_after: bool = False,
+            progress: Callable[[int], None] | None = None) -> dict:
+    """Convert the Hugging Face checkpoint directory `src` into `dst` (DESIGN section 5).
+
+    Returns a summary: {"dst", "skipped" (already converted), "bytes_read", "bytes_written",
+    "seconds", "moe_layers", "num_experts"}. `progress(nbytes)` is called as source bytes are done.
+    """
+    src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype, "dtype")
+    options = ConvertOptions(dtype, fp8)
+    start = time.perf_counter()
+    source = SourceCheckpoint(src)
+    try:
+        fingerprint = source.fingerprint()
+        if _check_destination(dst, fingerprint, options):
+            if verify_after:
+                verify(dst)
+            manifest = load_manifest(dst)
+            return {"dst": dst, "skipped": True, "bytes_read": 0, "bytes_written": 0,
+                    "seconds": time.perf_counter() - start, "moe_layers": manifest["moe_layers"],
+                    "num_experts": manifest["num_experts"]}
+        config, model, blocks = _build(source)
+        text = _text_config(config)
+        hidden_act = getattr(text, "hidden_act", None)
+        plan = plan_conversion(source, model, blocks, hidden_act, int(getattr(text, "num_hidden_layers", 1 << 30)))
+        fp8_block = _quant_block(config)
+        converter = _Converter(source, plan, model, options, fp8_block, progress)
+
+        partial = dst + PARTIAL_SUFFIX
+        if os.path.exists(partial):
+            if not os.path.isfile(os.path.join(partial, _PARTIAL_MARKER)):
+                raise CheckpointError(f"{partial} exists and was not left by the converter; remove it")
+            shutil.rmtree(partial)  # an interrupted earlier run: start again
+        os.makedirs(os.path.join(partial, "experts"))
+        with open(os.path.join(partial, _PARTIAL_MARKER), "w") as f:
+            f.write(fingerprint)
+
+        dense = converter.write_dense(os.path.join(partial, DENSE_FILE))
+        entries = []
+        for layer_plan in plan.layers:
+            entries += converter.write_layer(os.path.join(partial, layer_file(layer_plan.layer_idx)), layer_plan)
+        _copy_side_files(src, partial, converter.keep_fp8, options.dtype)
+        first = plan.layers[0]
+        any_fp8 = any(p.fp8 for p in plan.layers)
+        manifest = {
+            "format": FORMAT,
+            "source": {"path": os.path.abspath(src), "fingerprint": fingerprint, "options": options.as_json(),
+                       "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+                       "model_type": getattr(config, "model_type", None), "fp8": any_fp8,
+                       "skipped_tensors": plan.skipped},
+            "family": blocks[0].spec.family,
+            "dtype": dtype_name(converter.expert_dtype(first)),
+            "quantization": ({"method": FP8_METHOD, "block_size": list(fp8_block),
+                              "compute_dtype": dtype_name(converter.compute_dtype)} if converter.keep_fp8 else None),
+            "num_experts": first.geometry.num_experts,
+            "top_k": int(getattr(blocks[0].module, blocks[0].router_attr).top_k),
+            "hidden_size": first.geometry.hidden_size,
+            "intermediate_size": first.geometry.intermediate_size,
+            "moe_layers": [p.layer_idx for p in plan.layers],
+            "dense": [dense],
+            "experts": entries,
+        }
+        with open(os.path.join(partial, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(os.path.join(partial, _PARTIAL_MARKER))
+        if verify_after:
+            verify(partial)
+        if os.path.isdir(dst):
+            os.rmdir(dst)  # empty (checked above)
+        os.rename(partial, dst)
+        bytes_written = sum(e["nbytes"] for e in entries) + dense["nbytes"]
+        return {"dst": dst, "skipped": False, "bytes_read": source.total_bytes(), "bytes_written": bytes_written,
+                "seconds": time.perf_counter() - start, "moe_layers": manifest["moe_layers"],
+                "num_experts": manifest["num_experts"]}
+    finally:
+        source.close()

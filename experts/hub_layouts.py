@@ -1,0 +1,230 @@
+"""What a Hugging Face checkpoint holds, tensor by tensor: the source side of the converter.
+
+Owns: opening a checkpoint directory (one `model.safetensors`, or shards listed by
+`model.safetensors.index.json`), its fingerprint, and the classification of every tensor name
+into dense weights (renamed to the names of the `transformers` model in memory), expert weights of
+an MoE block (per-expert hub keys `experts.E.w1/w2/w3.weight`, `experts.E.gate_proj/up_proj/
+down_proj.weight`, or fused `experts.gate_up_proj` / `down_proj` (+ `_bias`) as `transformers` 5
+keeps them, GPT-OSS's transposed and interleaved layout included), FP8 block scales
+(`weight_scale_inv`), and tensors to skip (DeepSeek-V3's multi-token-prediction layer).
+
+Key names are mapped with `transformers`' own checkpoint conversion mapping for the model class
+(the same renames `from_pretrained` applies), so what is dense in memory is dense here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .layout import ModuleExperts
+from .tensorfile import CheckpointError, TensorFile, TensorSpec
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# per-expert hub keys: "...experts.<E>.<projection>.weight"
+_PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+FUSED_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+SCALE_SUFFIX = "_scale_inv"  # "x.weight_scale_inv" scales "x.weight"
+_LAYER_NUMBER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class SourceCheckpoint:
+    """A Hugging Face model directory with safetensors weights, opened for positional reads."""
+
+    def __init__(self, root: str):
+        self.root = root
+        config_path = os.path.join(root, "config.json")
+        if not os.path.isdir(root):
+            raise CheckpointError(f"{root} is not a directory")
+        if not os.path.isfile(config_path):
+            raise CheckpointError(f"{root} has no config.json; expected a transformers model directory")
+        with open(config_path, "rb") as f:
+            self.config_bytes = f.read()
+        index_path = os.path.join(root, INDEX_FILE)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index_path}: malformed index ({err})") from None
+        elif os.path.isfile(os.path.join(root, SINGLE_FILE)):
+            weight_map = None
+        else:
+            raise CheckpointError(f"{root} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints "
+                                  f"are converted; pickled .bin files are refused)")
+        shard_names = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+        self.files: dict[str, TensorFile] = {}
+        try:
+            for shard in shard_names:
+                path = os.path.join(root, shard)
+                if os.path.isabs(shard) or os.path.commonpath([os.path.realpath(root), os.path.realpath(path)]) \
+                        != os.path.realpath(root):
+                    raise CheckpointError(f"{index_path}: shard {shard!r} escapes the model directory")
+                if not os.path.isfile(path):
+                    raise CheckpointError(f"{root}: missing shard {shard} (listed in {INDEX_FILE})")
+                self.files[shard] = TensorFile(path)
+        except BaseException:
+            self.close()
+            raise
+        self.key_file: dict[str, str] = {}
+        for shard, tf in self.files.items():
+            for key in tf.keys():
+                self.key_file[key] = shard
+        if weight_map is not None:
+            for key, shard in weight_map.items():
+                if self.key_file.get(key) != shard:
+                    self.close()
+                    raise CheckpointError(f"{root}: tensor {key!r} is listed in {INDEX_FILE} under {shard} but that "
+                                          f"shard does not hold it")
+
+    def keys(self) -> list[str]:
+        return list(self.key_file)
+
+    def spec(self, key: str) -> TensorSpec:
+        return self.files[self.key_file[key]].spec(key)
+
+    def read(self, key: str, rows: tuple[int, int] | None = None):
+        return self.files[self.key_file[key]].read(key, rows)
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json and every shard's name, size and header: two checkpoints with the same
+        fingerprint hold the same model as far as can be told without reading every byte."""
+        digest = hashlib.sha256(self.config_bytes)
+        for shard, tf in sorted(self.files.items()):
+            digest.update(shard.encode())
+            digest.update(str(tf.size).encode())
+            for key in sorted(tf.keys()):
+                spec = tf.spec(key)
+                digest.update(f"{key}:{spec.dtype}:{list(spec.shape)}:{spec.start}".encode())
+        return digest.hexdigest()
+
+    def total_bytes(self) -> int:
+        return sum(tf.size for tf in self.files.values())
+
+    def close(self) -> None:
+        for tf in self.files.values():
+            tf.close()
+
+
+@dataclass
+class LayerPlan:
+    """The expert tensors of one MoE block and where they come from."""
+
+    layer_idx: int
+    block_name: str
+    geometry: ModuleExperts  # over the meta-device experts module: E, H, I, layout flags
+    per_expert: dict[int, dict[str, str]] = field(default_factory=dict)  # e -> role -> key (+ "<role>_scale")
+    fused: dict[str, str] = field(default_factory=dict)  # fused param name -> key
+
+    @property
+    def fp8(self) -> bool:
+        return any("gate_scale" in roles for roles in self.per_expert.values())
+
+
+@dataclass
+class DenseItem:
+    target: str  # name in the transformers model
+    key: str  # name in the source checkpoint
+    scale_key: str | None = None  # FP8 block scales of `key`
+
+
+@dataclass
+class ConversionPlan:
+    dense: list[DenseItem]
+    layers: list[LayerPlan]
+    skipped: list[str]
+
+
+def _rename(model: nn.Module):
+    """key -> (name in memory, converter pattern or None), with transformers' mapping for this model."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta_state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    return lambda key: rename_source_key(key, renamings, converters, prefix, meta_state), meta_state
+
+
+def plan_conversion(source: SourceCheckpoint, model: nn.Module, blocks, hidden_act: str | None,
+                    num_layers: int) -> ConversionPlan:
+    """Classify every tensor of `source` for `model` (a meta-device skeleton) and its MoE `blocks`."""
+    rename, meta_state = _rename(model)
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    ignore.append(re.compile(r"rotary_emb\.inv_freq$"))
+    layers = {found.name + ".experts.": LayerPlan(found.layer_idx, found.name,
+                                                  ModuleExperts.from_module(found.module.experts, hidden_act))
+              for found in blocks}
+    keys = set(source.keys())
+    dense: list[DenseItem] = []
+    skipped: list[str] = []
+    for key in sorted(keys):
+        if key.endswith(SCALE_SUFFIX):
+            if key[: -len(SCALE_SUFFIX)] not in keys:
+                raise CheckpointError(f"{source.root}: {key} scales a tensor {key[:-len(SCALE_SUFFIX)]} the checkpoint "
+                                      f"does not hold")
+            continue
+        scale_key = key + SCALE_SUFFIX if key + SCALE_SUFFIX in keys else None
+        target, converter = rename(key)
+        layer = next((plan for prefix, plan in layers.items() if target.startswith(prefix)), None)
+        if layer is not None:
+            param = target.removeprefix(layer.block_name + ".experts.")
+            match = _PER_EXPERT.search(key)
+            if converter is not None and match:
+                roles = layer.per_expert.setdefault(int(match.group(1)), {})
+                role = _ROLE[match.group(2)]
+                roles[role] = key
+                if scale_key:
+                    roles[role + "_scale"] = scale_key
+            elif converter is None and param in FUSED_PARAMS:
+                if scale_key:
+                    raise CheckpointError(f"{source.root}: FP8 scales for the fused expert tensor {key} are not "
+                                          f"supported (only per-expert DeepSeek-V3 FP8 keys are)")
+                layer.fused[param] = key
+            else:
+                raise CheckpointError(f"{source.root}: tensor {key} belongs to the experts of {layer.block_name} "
+                                      f"but is in no layout the converter reads (per-expert w1/w2/w3 or "
+                                      f"gate_proj/up_proj/down_proj, or fused {', '.join(FUSED_PARAMS)})")
+        elif target in meta_state:
+            dense.append(DenseItem(target, key, scale_key))
+        else:
+            number = _LAYER_NUMBER.search(key)
+            if (number and int(number.group(1)) >= num_layers) or any(p.search(key) for p in ignore):
+                skipped.append(key)  # e.g. DeepSeek-V3's multi-token-prediction layer
+                continue
+            raise CheckpointError(f"{source.root}: tensor {key} (as {target}) is not a weight of "
+                                  f"{type(model).__name__}; wrong config.json for these weights?")
+    for plan in layers.values():
+        _check_layer(source.root, plan)
+    return ConversionPlan(dense, sorted(layers.values(), key=lambda p: p.layer_idx), skipped)
+
+
+def _check_layer(root: str, plan: LayerPlan) -> None:
+    g = plan.geometry
+    where = f"{root}: MoE block {plan.block_name}"
+    if plan.per_expert and plan.fused:
+        raise CheckpointError(f"{where} has both per-expert and fused expert tensors")
+    if plan.fused:
+        needed = ["gate_up_proj", "down_proj"] + (["gate_up_proj_bias", "down_proj_bias"] if g.has_bias else [])
+        missing = [p for p in needed if p not in plan.fused]
+        if missing:
+            raise CheckpointError(f"{where}: fused expert tensors {missing} are missing (missing shard?)")
+        return
+    roles = {"gate", "up", "down"}
+    missing = [e for e in range(g.num_experts) if not roles <= set(plan.per_expert.get(e, {}))]
+    extra = [e for e in plan.per_expert if not 0 <= e < g.num_experts]
+    if missing or extra:
+        raise CheckpointError(f"{where}: experts {missing[:8]} lack gate/up/down weights, experts {extra[:8]} are "
+                              f"beyond the config's {g.num_experts} (missing shard or wrong config?)")
+    scaled = {e for e, r in plan.per_expert.items() if "gate_scale" in r and "up_scale" in r and "down_scale" in r}
+    if scaled and len(scaled) != g.num_experts:
+        raise CheckpointError(f"{where}: FP8 weight_scale_inv present for some experts only")

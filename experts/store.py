@@ -1,0 +1,395 @@
+"""The expert store of a converted checkpoint (DESIGN section 5): manifest validation, one-read
+expert fetches, and the adapter that makes it an expert source for `MoELayer`.
+
+Owns: the `moe_infer.checkpoint/1` manifest (its schema and every check on it), the byte layout
+of the per-layer expert files (`e{E}.w13`, `e{E}.w2`, optional `e{E}.b13`, `e{E}.b2`, and
+`e{E}.w13_scale`, `e{E}.w2_scale` when FP8 is kept), `verify` of a whole directory.
+Does not own: writing checkpoints (`moe_infer.experts.convert`) or caching (`moe_infer.cache`).
+
+Shape legend: E experts, H hidden, I intermediate (per expert).
+
+How an expert is read: its tensors form one contiguous byte range of its layer file, fetched with
+one positional read (`os.preadv`) into one buffer (pinned when asked and CUDA is present); the
+returned tensors are views into that buffer. No memory map: touching mapped pages would count
+the whole file in the process's RSS (see `tensorfile`); with positional reads RSS holds the
+buffers the caller keeps, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .fp8 import dequantize, scale_shape
+from .math import Activation, ExpertTensors, as_activation
+from .tensorfile import DTYPES, CheckpointError, as_tensor, empty_buffer, pread_into, read_header
+
+FORMAT = "moe_infer.checkpoint/1"
+MANIFEST = "moe_infer.json"
+DENSE_FILE = "dense.safetensors"
+# the tensors one expert may hold, in the order the converter writes them
+EXPERT_TENSORS = ("w13", "w2", "b13", "b2", "w13_scale", "w2_scale")
+FP8_METHOD = "fp8_block"
+_DTYPE_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in DTYPES.values()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str, what: str = "dtype") -> torch.dtype:
+    if name not in _DTYPE_BY_NAME:
+        raise ValueError(f"{what} {name!r} is not one of {', '.join(sorted(_DTYPE_BY_NAME))}")
+    return _DTYPE_BY_NAME[name]
+
+
+def resolve_inside(root: str, relative: object, what: str) -> str:
+    """`root/relative`, refusing anything that is not a relative path staying inside `root`."""
+    if not isinstance(relative, str) or not relative or os.path.isabs(relative) or "\\" in relative:
+        raise CheckpointError(f"{what}: file {relative!r} must be a relative path inside the checkpoint directory")
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, relative))
+    if os.path.commonpath([real_root, path]) != real_root or path == real_root:
+        raise CheckpointError(f"{what}: file {relative!r} escapes the checkpoint directory {root}")
+    return path
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    layer: int
+    expert: int
+    file: str  # relative, as in the manifest
+    offset: int
+    nbytes: int
+    sha256: str
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise CheckpointError(message)
+
+
+def load_manifest(root: str) -> dict:
+    """The parsed and schema-checked `moe_infer.json` of a converted checkpoint directory."""
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{root}: no {MANIFEST}; not a converted moe_infer checkpoint "
+                              f"(convert one with `moe-infer convert SRC DST`)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt manifest ({err})") from None
+    _require(isinstance(manifest, dict) and manifest.get("format") == FORMAT,
+             f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} is not {FORMAT!r}")
+    for key, kind in (("num_experts", int), ("top_k", int), ("moe_layers", list), ("experts", list),
+                      ("dtype", str), ("family", str), ("source", dict)):
+        _require(isinstance(manifest.get(key), kind), f"{path}: field {key!r} missing or not a {kind.__name__}")
+    parse_dtype(manifest["dtype"], f"{path}: dtype")
+    num_experts = manifest["num_experts"]
+    _require(num_experts > 0 and all(isinstance(l, int) and l >= 0 for l in manifest["moe_layers"]),
+             f"{path}: num_experts must be positive and moe_layers non-negative integers")
+    quant = manifest.get("quantization")
+    if quant is not None:
+        _require(isinstance(quant, dict) and quant.get("method") == FP8_METHOD
+                 and isinstance(quant.get("block_size"), list) and len(quant["block_size"]) == 2
+                 and all(isinstance(b, int) and b > 0 for b in quant["block_size"]),
+                 f"{path}: quantization {quant!r} is not {{'method': {FP8_METHOD!r}, 'block_size': [bm, bn], ...}}")
+        parse_dtype(quant.get("compute_dtype", ""), f"{path}: quantization.compute_dtype")
+    return manifest
+
+
+def _entries(manifest: dict, root: str) -> dict[tuple[int, int], ExpertEntry]:
+    layers = set(manifest["moe_layers"])
+    entries: dict[tuple[int, int], ExpertEntry] = {}
+    for raw in manifest["experts"]:
+        try:
+            entry = ExpertEntry(int(raw["layer"]), int(raw["expert"]), raw["file"], int(raw["offset"]),
+                                int(raw["nbytes"]), str(raw["sha256"]))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{root}: malformed expert entry {raw!r} (needs layer, expert, file, offset, "
+                                  f"nbytes, sha256)") from None
+        what = f"{root}: expert (layer {entry.layer}, expert {entry.expert})"
+        _require(entry.layer in layers and 0 <= entry.expert < manifest["num_experts"],
+                 f"{what} is outside moe_layers {sorted(layers)} x experts 0..{manifest['num_experts'] - 1}")
+        _require((entry.layer, entry.expert) not in entries, f"{what} is listed twice")
+        _require(entry.offset >= 0 and entry.nbytes > 0, f"{what}: offset {entry.offset} / nbytes {entry.nbytes} invalid")
+        _require(len(entry.sha256) == 64 and all(c in "0123456789abcdef" for c in entry.sha256),
+                 f"{what}: sha256 {entry.sha256!r} is not 64 hex digits")
+        resolve_inside(root, entry.file, what)
+        entries[(entry.layer, entry.expert)] = entry
+    missing = len(layers) * manifest["num_experts"] - len(entries)
+    _require(missing == 0, f"{root}: the manifest lacks {missing} of the {len(layers)} x {manifest['num_experts']} experts")
+    return entries
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where one expert's tensors lie inside its byte range (identical for every expert of a layer)."""
+
+    parts: tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]  # (kind, dtype, shape, offset in range)
+    nbytes: int
+    hidden_size: int
+    intermediate_size: int
+
+    def kinds(self) -> set[str]:
+        return {kind for kind, *_ in self.parts}
+
+
+def _expert_layout(root: str, entry: ExpertEntry, tensors: dict, file_size: int, manifest: dict) -> ExpertLayout:
+    what = f"{root}: expert (layer {entry.layer}, expert {entry.expert}) in {entry.file}"
+    _require(entry.offset + entry.nbytes <= file_size,
+             f"{what}: bytes {entry.offset}..{entry.offset + entry.nbytes} lie past the end of the file "
+             f"({file_size} bytes; truncated file or bad offset)")
+    prefix = f"e{entry.expert}."
+    mine = sorted((spec for name, spec in tensors.items() if name.startswith(prefix)), key=lambda s: s.start)
+    kinds = [spec.name[len(prefix):] for spec in mine]
+    _require(set(kinds) <= set(EXPERT_TENSORS) and "w13" in kinds and "w2" in kinds,
+             f"{what}: tensors {kinds}; expected w13, w2 and optionally {', '.join(EXPERT_TENSORS[2:])}")
+    position = entry.offset
+    parts = []
+    for kind, spec in zip(kinds, mine):
+        _require(spec.start == position, f"{what}: tensor {spec.name} is not contiguous with the expert's other "
+                                         f"tensors at offset {entry.offset} (starts at {spec.start}, expected {position})")
+        parts.append((kind, spec.dtype, spec.shape, spec.start - entry.offset))
+        position = spec.end
+    _require(position - entry.offset == entry.nbytes,
+             f"{what}: tensors span {position - entry.offset} bytes, the manifest says {entry.nbytes}")
+    shapes = {kind: shape for kind, _, shape, _ in parts}
+    dtypes = {kind: dtype for kind, dtype, _, _ in parts}
+    w13, w2 = shapes["w13"], shapes["w2"]
+    _require(len(w13) == 2 and len(w2) == 2 and w13[0] == 2 * w2[1] and w13[1] == w2[0],
+             f"{what}: shapes w13 {list(w13)}, w2 {list(w2)} are not [2I, H] and [H, I]")
+    hidden, inter = w2[0], w2[1]
+    expected = {"b13": (2 * inter,), "b2": (hidden,)}
+    quant = manifest.get("quantization")
+    if quant is not None:
+        block = tuple(quant["block_size"])
+        _require("w13_scale" in shapes and "w2_scale" in shapes, f"{what}: FP8 checkpoint without w13_scale/w2_scale")
+        expected.update(w13_scale=scale_shape((2 * inter, hidden), block), w2_scale=scale_shape((hidden, inter), block))
+    else:
+        _require("w13_scale" not in shapes and "w2_scale" not in shapes, f"{what}: scales in an unquantized checkpoint")
+    for kind, shape in shapes.items():
+        if kind in expected:
+            _require(tuple(shape) == tuple(expected[kind]), f"{what}: {kind} has shape {list(shape)}, expected "
+                                                            f"{list(expected[kind])} for H={hidden}, I={inter}")
+    weight_dtype = parse_dtype(manifest["dtype"])
+    _require(dtypes["w13"] == weight_dtype and dtypes["w2"] == weight_dtype,
+             f"{what}: weights are {dtype_name(dtypes['w13'])}/{dtype_name(dtypes['w2'])}, the manifest says "
+             f"{manifest['dtype']}")
+    return ExpertLayout(tuple(parts), entry.nbytes, hidden, inter)
+
+
+class ExpertStore:
+    """Read-only access to the experts of a converted checkpoint directory.
+
+    `read(layer_idx, expert)` returns CPU `ExpertTensors` (views into one buffer filled by one
+    read); thread-safe (positional reads on shared descriptors).
+    """
+
+    def __init__(self, root: str, manifest: dict, entries: dict[tuple[int, int], ExpertEntry],
+                 layouts: dict[int, ExpertLayout]):
+        self.root = root
+        self.manifest = manifest
+        self._entries = entries
+        self._layouts = layouts
+        self.moe_layers: list[int] = list(manifest["moe_layers"])
+        self.num_experts: int = manifest["num_experts"]
+        self.top_k: int = manifest["top_k"]
+        self.family: str = manifest["family"]
+        self.dtype = parse_dtype(manifest["dtype"])
+        quant = manifest.get("quantization")
+        self.fp8_block: tuple[int, int] | None = tuple(quant["block_size"]) if quant else None
+        self.compute_dtype = parse_dtype(quant["compute_dtype"]) if quant else self.dtype
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "ExpertStore":
+        """Validate the manifest and every layer file's header against it (no expert bytes are read:
+        checksums are `verify`'s job)."""
+        root = os.fspath(root)
+        manifest = load_manifest(root)
+        entries = _entries(manifest, root)
+        headers: dict[str, tuple[dict, int]] = {}
+        layouts: dict[int, ExpertLayout] = {}
+        for (layer, expert), entry in sorted(entries.items()):
+            if entry.file not in headers:
+                tensors, _, size = read_header(resolve_inside(root, entry.file, f"{root}: layer {layer}"))
+                headers[entry.file] = (tensors, size)
+            layout = _expert_layout(root, entry, *headers[entry.file], manifest)
+            if layer not in layouts:
+                layouts[layer] = layout
+            else:
+                _require(layouts[layer].parts == layout.parts,
+                         f"{root}: expert (layer {layer}, expert {expert}) is laid out differently from expert 0 "
+                         f"of its layer")
+        return cls(root, manifest, entries, layouts)
+
+    # -- geometry
+    def layout(self, layer_idx: int) -> ExpertLayout:
+        if layer_idx not in self._layouts:
+            raise KeyError(f"layer {layer_idx} is not an MoE layer of {self.root}; MoE layers are {self.moe_layers}")
+        return self._layouts[layer_idx]
+
+    def expert_nbytes(self, layer_idx: int) -> int:
+        """Bytes of one expert as `read` returns it (dequantized when the checkpoint keeps FP8)."""
+        layout = self.layout(layer_idx)
+        if self.fp8_block is None:
+            return layout.nbytes
+        itemsize = self.compute_dtype.itemsize
+        return sum(torch.Size(shape).numel() * (itemsize if kind in ("w13", "w2") else dtype.itemsize)
+                   for kind, dtype, shape, _ in layout.parts if not kind.endswith("_scale"))
+
+    def stored_nbytes(self, layer_idx: int) -> int:
+        """Bytes of one expert on disk (what one read moves)."""
+        return self.layout(layer_idx).nbytes
+
+    def entry(self, layer_idx: int, expert: int) -> ExpertEntry:
+        key = (layer_idx, expert)
+        if key not in self._entries:
+            raise KeyError(f"no expert (layer {layer_idx}, expert {expert}) in {self.root}: MoE layers "
+                           f"{self.moe_layers}, experts 0..{self.num_experts - 1}")
+        return self._entries[key]
+
+    # -- reads
+    def _fd(self, relative: str) -> int:
+        with self._lock:
+            if relative not in self._fds:
+                self._fds[relative] = os.open(resolve_inside(self.root, relative, self.root), os.O_RDONLY)
+            return self._fds[relative]
+
+    def read_raw(self, layer_idx: int, expert: int, *, out: torch.Tensor | None = None,
+                 pin: bool = False) -> torch.Tensor:
+        """The expert's stored bytes (uint8 [nbytes]), read with one positional read into `out`
+        (a 1-D uint8 CPU tensor of at least `stored_nbytes` bytes) or a new buffer."""
+        entry = self.entry(layer_idx, expert)
+        if out is None:
+            buffer = empty_buffer(entry.nbytes, pin)
+        else:
+            if out.dtype != torch.uint8 or out.ndim != 1 or out.device.type != "cpu" or out.numel() < entry.nbytes \
+                    or not out.is_contiguous():
+                raise ValueError(f"read: out must be a contiguous 1-D uint8 CPU tensor of at least {entry.nbytes} "
+                                 f"bytes, got {out.dtype} {tuple(out.shape)} on {out.device}")
+            buffer = out[:entry.nbytes]
+        pread_into(self._fd(entry.file), buffer, entry.offset, os.path.join(self.root, entry.file))
+        return buffer
+
+    def tensors_from_bytes(self, layer_idx: int, raw: torch.Tensor) -> ExpertTensors:
+        """ExpertTensors viewing an expert's stored bytes (dequantized copies when FP8 is kept)."""
+        parts = {kind: as_tensor(raw[off:off + torch.Size(shape).numel() * dtype.itemsize], dtype, shape)
+                 for kind, dtype, shape, off in self.layout(layer_idx).parts}
+        w13, w2 = parts["w13"], parts["w2"]
+        if self.fp8_block is not None:
+            w13 = dequantize(w13, parts["w13_scale"], self.fp8_block, self.compute_dtype)
+            w2 = dequantize(w2, parts["w2_scale"], self.fp8_block, self.compute_dtype)
+        return ExpertTensors(w13, w2, parts.get("b13"), parts.get("b2"))
+
+    def read(self, layer_idx: int, expert: int, *, out: torch.Tensor | None = None, pin: bool = False) -> ExpertTensors:
+        """Expert `expert` of decoder layer `layer_idx`: w13 [2I, H], w2 [H, I] (+ biases), canonical
+        layout, CPU; views into `out` (see `read_raw`) or into a new buffer, pinned if `pin` and CUDA
+        is available."""
+        return self.tensors_from_bytes(layer_idx, self.read_raw(layer_idx, expert, out=out, pin=pin))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> "ExpertStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"ExpertStore({self.root!r}, family={self.family}, moe_layers={len(self.moe_layers)}, "
+                f"experts={self.num_experts}, dtype={dtype_name(self.dtype)})")
+
+
+class StoreExperts:
+    """Expert source (see `moe_infer.experts.math.moe_forward`) over one layer of an `ExpertStore`:
+    every call reads the expert from disk (no cache; the tiered cache of `moe_infer.cache` adds one).
+    On a CUDA `device` the read goes to pinned memory and is copied to the device; `dtype` casts
+    the weights after the read (None: as stored, or the compute dtype of an FP8 store)."""
+
+    def __init__(self, store: ExpertStore, layer_idx: int, activation: str | Activation,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        layout = store.layout(layer_idx)
+        self.store = store
+        self.layer_idx = layer_idx
+        self.activation = as_activation(activation)
+        self.num_experts = store.num_experts
+        self.hidden_size = layout.hidden_size
+        self.intermediate_size = layout.intermediate_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype if dtype is not None else store.compute_dtype
+
+    def __call__(self, expert_idx: int) -> ExpertTensors:
+        on_cuda = self.device.type == "cuda"
+        tensors = self.store.read(self.layer_idx, expert_idx, pin=on_cuda)
+        if self.device.type == "cpu" and tensors.w13.dtype == self.dtype:
+            return tensors
+        move = lambda t: None if t is None else t.to(self.device, self.dtype, non_blocking=on_cuda)  # noqa: E731
+        return ExpertTensors(move(tensors.w13), move(tensors.w2), move(tensors.b13), move(tensors.b2))
+
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert as this source returns it."""
+        return self.store.expert_nbytes(self.layer_idx) * self.dtype.itemsize // self.store.compute_dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"StoreExperts(layer={self.layer_idx}, experts={self.num_experts}, store={self.store.root!r})"
+
+
+def _sha256_file_range(fd: int, offset: int, nbytes: int, chunk: int = 64 << 20) -> str:
+    digest = hashlib.sha256()
+    buffer = empty_buffer(min(chunk, nbytes))
+    done = 0
+    while done < nbytes:
+        n = min(chunk, nbytes - done)
+        pread_into(fd, buffer[:n], offset + done)
+        digest.update(memoryview(buffer[:n].numpy()))
+        done += n
+    return digest.hexdigest()
+
+
+def verify(root: str | os.PathLike, progress=None) -> dict:
+    """Check a converted checkpoint completely: the manifest, every file header, every expert's
+    shapes, dtypes and sha256, and the dense files' checksums. Raises `CheckpointError` on the first
+    problem; returns a summary dict."""
+    root = os.fspath(root)
+    store = ExpertStore.open(root)
+    checked_bytes = 0
+    try:
+        for (layer, expert), entry in sorted(store._entries.items()):
+            fd = store._fd(entry.file)
+            if _sha256_file_range(fd, entry.offset, entry.nbytes) != entry.sha256:
+                raise CheckpointError(f"{root}: expert (layer {layer}, expert {expert}) in {entry.file}: sha256 "
+                                      f"mismatch (the file is corrupt; convert again)")
+            checked_bytes += entry.nbytes
+            if progress is not None:
+                progress(entry.nbytes)
+        dense = store.manifest.get("dense", [])
+        _require(isinstance(dense, list) and dense, f"{root}: the manifest lists no dense files")
+        for item in dense:
+            path = resolve_inside(root, item.get("file"), f"{root}: dense file")
+            read_header(path)
+            size = os.path.getsize(path)
+            _require(size == item.get("nbytes"), f"{root}: {item['file']} has {size} bytes, the manifest says "
+                                                 f"{item.get('nbytes')}")
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                ok = _sha256_file_range(fd, 0, size) == item.get("sha256")
+            finally:
+                os.close(fd)
+            _require(ok, f"{root}: {item['file']}: sha256 mismatch (the file is corrupt; convert again)")
+            checked_bytes += size
+    finally:
+        store.close()
+    return {"experts": len(store._entries), "moe_layers": len(store.moe_layers), "bytes": checked_bytes}
