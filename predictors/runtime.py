@@ -81,10 +81,8 @@ def _multi_hot(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 class PredictionHook:
     """The attached predictor of one wrapped model; ``detach()`` removes every hook."""
 
-    def __init__(self, model: nn.Module, predictor: Predictor, depth: int, sink: Sink | None):
-        import moe_infer
-
-        self.executor = moe_infer.executor(model)
+    def __init__(self, executor, embedding: nn.Module, predictor: Predictor, depth: int, sink: Sink | None):
+        self.executor = executor
         self.predictor, self.depth, self.sink = predictor, depth, sink
         self.layers = self.executor.layers
         self.positions = {layer.layer_idx: p for p, layer in enumerate(self.layers)}
@@ -95,7 +93,7 @@ class PredictionHook:
         self._last_routing: torch.Tensor | None = None  # [B, L, K] routing of each row's last token
         self._pending: dict[int, list[tuple[int, torch.Tensor]]] = {}  # target -> [(distance, top [T, K])]
         self.reset_stats()
-        self._handles = [model.get_input_embeddings().register_forward_pre_hook(self._see_tokens)]
+        self._handles = [embedding.register_forward_pre_hook(self._see_tokens)]
         for layer in self.layers:
             layer.routing_observers.append(self)
 
@@ -194,19 +192,26 @@ def attach(model: nn.Module, predictor: Predictor | str, *, depth: int = 1, sink
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth={depth!r}: expected an int >= 1 (MoE layers ahead)")
     executor = moe_infer.executor(model)
+    predictor = checked_predictor(executor, getattr(model.config, "_name_or_path", ""), predictor)
+    return PredictionHook(executor, model.get_input_embeddings(), predictor, depth, sink)
+
+
+def checked_predictor(executor, model_name: str, spec: Predictor | str) -> Predictor:
+    """The predictor ``spec`` names (``resolve``), refused (``PredictorMismatch``) unless it was
+    trained for the executor's routing shape (family, experts, top-k, MoE layers)."""
     layers = executor.layers
-    signature = ModelSignature(getattr(model.config, "_name_or_path", ""), layers[0].family, layers[0].num_experts,
-                               layers[0].adapter.top_k, tuple(executor.moe_layer_indices))
-    predictor = resolve(predictor, model, signature)
+    signature = ModelSignature(model_name, layers[0].family, layers[0].num_experts, layers[0].adapter.top_k,
+                               tuple(executor.moe_layer_indices))
+    predictor = resolve(spec, signature)
     mine = predictor.signature
     for field in ("family", "num_experts", "top_k", "moe_layers"):
         if getattr(mine, field) != getattr(signature, field):
             raise PredictorMismatch(f"the model has {field}={getattr(signature, field)!r}, but the predictor was "
                                     f"trained for {field}={getattr(mine, field)!r} (model {mine.model!r})")
-    return PredictionHook(model, predictor, depth, sink)
+    return predictor
 
 
-def resolve(spec: Predictor | str, model: nn.Module, signature: ModelSignature) -> Predictor:
+def resolve(spec: Predictor | str, signature: ModelSignature) -> Predictor:
     """A ``Predictor`` from a ``MoEConfig.predictor`` value."""
     import os
 
@@ -215,8 +220,8 @@ def resolve(spec: Predictor | str, model: nn.Module, signature: ModelSignature) 
 
     if isinstance(spec, Predictor):
         return spec
-    if spec == GateLookaheadPredictor.kind:
-        return GateLookaheadPredictor(signature, model, {"model": signature.model})
+    if spec == GateLookaheadPredictor.kind:  # at runtime it routes through the executor's own layers
+        return GateLookaheadPredictor(signature, None, {"model": signature.model})
     if isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec):
         return load(spec)
     if spec in PREDICTORS:

@@ -72,7 +72,7 @@ def _tiny_mixtral():
 @pytest.mark.parametrize("fields, needs", [
     ({"offload_dir": "/tmp"}, "disk tier"),
     ({"kernel": "triton"}, "kernel='triton'"),
-    ({"predictor": "markov"}, "predictive routing"),
+    ({"token_scheduling": True}, "token batching"),
     ({"parallel": "ep"}, "parallelism"),
 ])
 def test_valid_but_unavailable_fields_are_refused_clearly_and_change_nothing(fields, needs):

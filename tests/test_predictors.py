@@ -237,3 +237,31 @@ def test_cli_predictor_train_and_eval(tmp_path, planted, capsys):
     assert main(["predictor", "train", "--kind", "markov", "--trace", str(tmp_path / "train.safetensors"),
                  "--out", str(out), "--option", "smoothing"]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+def test_executor_prefetches_from_predictions_with_outputs_unchanged(shipped):
+    model, trace, directory = shipped
+    ids = torch.tensor([list(b"def main(argv):\n    total = 0\n")])
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=8, do_sample=False)
+    expertflow = train("expertflow", trace, epochs=1)
+    expertflow.save(directory / "ef.safetensors")
+    moe_infer.wrap(model)
+    half = moe_infer.executor(model).layers[0].expert_source.expert_nbytes() * 8 * 6 // 2  # half of every layer
+    moe_infer.unwrap(model)
+    for predictor, policy in [("gate-lookahead", "lru"), (str(directory / "ef.safetensors"), "expertflow")]:
+        moe_infer.wrap(model, cpu_memory=half, cache_policy=policy, predictor=predictor, prefetch_depth=2)
+        try:
+            with torch.no_grad():
+                generated = model.generate(ids, max_new_tokens=8, do_sample=False)
+            stats = moe_infer.executor(model).stats()
+        finally:
+            moe_infer.unwrap(model)
+        assert torch.equal(generated, reference), predictor
+        assert stats["prefetch"]["issued"] > 0 and stats["prefetch"]["used"] > 0
+        assert set(stats["predictor_recall"]) == {1, 2} and stats["predictor_recall"][1] > 0.4
+        assert not model.get_input_embeddings()._forward_pre_hooks  # unwrap detached the hook
+
+    with pytest.raises(ValueError, match="must be trained first"):
+        moe_infer.wrap(model, cpu_memory=half, predictor="pregate")
+    assert not moe_infer.is_wrapped(model) and not model.get_input_embeddings()._forward_pre_hooks
