@@ -7,7 +7,10 @@ text (the held-out stdlib files, split by ``scripts/train_tiny_moe.py``'s rule) 
 kind (license texts from /usr/share/common-licenses) -- train every predictor on the first, and
 report recall of the true experts among the predicted top-K at layer distances 1..4 on the other
 two, with calibration and cost per token (multiply-accumulates and measured time) beside the
-model's own. Writes ``bench/results/predictors.json`` and ``predictors.md``.
+model's own. Then, with room for half of each layer's experts: hit rates in the trace-driven cache
+simulator (LRU, belady, and prefetch driven by each predictor), and in the executor on CPU tiers
+(greedy decoding of held-out prompts: bytes moved, time stalled, prefetches, outputs compared with
+the unbudgeted model). Writes ``bench/results/predictors.json`` and ``predictors.md``.
 
     python scripts/bench_predictors.py                      # both models, about 10 min on 1 core
     python scripts/bench_predictors.py --models tiny-mixtral --epochs 2
@@ -49,6 +52,14 @@ PREDICTORS = [
 ]
 LEARNED = {"expertflow", "pregate"}
 DISTANCES = (1, 2, 3, 4)
+# simulator rows: (row name, policy, predictor row or None)
+SIMULATIONS = [("lru", "lru", None), ("belady (no prefetch)", "belady", None)] + [
+    (f"{policy} + {row}", policy, row) for row in ("markov", "gate-lookahead", "expertflow", "pregate")
+    for policy in ("lru", "expertflow")]
+# executor rows: (row name, cache policy, predictor row or None)
+EXECUTIONS = [("lru", "lru", None), ("lru + gate-lookahead", "lru", "gate-lookahead"),
+              ("expertflow + gate-lookahead", "expertflow", "gate-lookahead"),
+              ("expertflow + expertflow", "expertflow", "expertflow"), ("expertflow + pregate", "expertflow", "pregate")]
 
 
 def corpora() -> dict[str, list[Path]]:
@@ -103,6 +114,7 @@ def run_model(model_name: str, args) -> dict:
     for name, trace in traces.items():
         result["traces"][name] = {"tokens": trace.num_tokens, "sequences": trace.num_sequences,
                                   "files": json.loads(trace.source).get("files", [])[:3] + ["..."]}
+    predictors = {}
     for row, kind, options in PREDICTORS:
         options = dict(options)
         if kind in LEARNED:
@@ -121,18 +133,82 @@ def run_model(model_name: str, args) -> dict:
             entry["eval"][name] = {key: evaluation[key] for key in
                                    ("recall", "recall_per_layer", "calibration", "seconds_per_token")}
         result["predictors"][row] = entry
+        predictors[row] = predictor
         print(f"{model_name} {row}: " + ", ".join(
             f"{name} " + " ".join(f"{entry['eval'][name]['recall'][d]:.3f}" for d in DISTANCES)
             for name in entry["eval"]) + f" (trained in {seconds:.0f} s)", flush=True)
     moe_infer.unwrap(model)
+    result["simulator"] = simulations(traces, predictors, args)
+    result["executor"] = executions(model, traces["heldout"], predictors, args)
     return result
+
+
+def simulations(traces: dict[str, Trace], predictors: dict, args) -> dict:
+    """Hit rates in the cache simulator with half of each layer's experts, prefetch depth 1."""
+    from moe_infer.cache.simulate import simulate
+
+    out = {}
+    for name, trace in traces.items():
+        if name == "train":
+            continue
+        trace = trace.select_sequences([seq for seq, _ in trace.sequences()][:args.sim_sequences])
+        capacity = trace.num_experts // 2
+        out[name] = {"tokens": trace.num_tokens, "capacity": capacity, "hit_rate": {}, "runs": {}}
+        for row, policy, predictor in SIMULATIONS:
+            sim = simulate(trace, policy, capacity, predictor=predictors.get(predictor), prefetch_depth=1)
+            out[name]["hit_rate"][row] = sim.hit_rate
+            out[name]["runs"][row] = sim.as_dict()
+        print(f"simulator {name}: " + ", ".join(f"{row} {rate:.3f}" for row, rate in out[name]["hit_rate"].items()),
+              flush=True)
+    return out
+
+
+def executions(model, trace: Trace, predictors: dict, args) -> dict:
+    """Greedy decoding of held-out prompts under a CPU-tier budget of half of the experts."""
+    import tempfile
+
+    spans = [span for _, span in trace.sequences()][:args.prompts]
+    prompts = [trace.token_ids[span][:args.prompt_tokens].long()[None] for span in spans]
+    with torch.inference_mode():
+        references = [model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False) for ids in prompts]
+    moe_infer.wrap(model)
+    ex = moe_infer.executor(model)
+    budget = sum(layer.expert_source.expert_nbytes() * layer.num_experts for layer in ex.layers) // 2
+    moe_infer.unwrap(model)
+    out = {"budget_bytes": budget, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
+           "new_tokens": args.new_tokens, "rows": {}}
+    with tempfile.TemporaryDirectory() as directory:
+        for row, policy, predictor_row in EXECUTIONS:
+            predictor = None
+            if predictor_row == "gate-lookahead":
+                predictor = "gate-lookahead"
+            elif predictor_row is not None:
+                predictor = f"{directory}/{predictor_row}.safetensors"
+                predictors[predictor_row].save(predictor)
+            moe_infer.wrap(model, cpu_memory=budget, cache_policy=policy, predictor=predictor, prefetch_depth=1)
+            same = True
+            start = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    for ids, reference in zip(prompts, references):
+                        generated = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)
+                        same = same and torch.equal(generated, reference)
+                stats = moe_infer.executor(model).stats()
+            finally:
+                moe_infer.unwrap(model)
+            tier = stats["tiers"]["cpu"]
+            out["rows"][row] = {"outputs_equal": same, "seconds": time.perf_counter() - start,
+                                "hit_rate": tier["hits"] / max(tier["hits"] + tier["misses"], 1),
+                                "bytes_moved": tier["bytes_moved"], "stall_seconds": stats["stall_seconds"],
+                                "prefetch": stats["prefetch"], "predictor_recall": stats["predictor_recall"]}
+            print(f"executor {row}: {out['rows'][row]}", flush=True)
+    return out
 
 
 def markdown(results: dict) -> str:
     lines = ["# Routing predictors: recall on held-out text and on text of another kind", "",
              f"{results['date']}, {results['device']}, torch {results['torch']}, 1 thread. "
-             "Command: `python scripts/bench_predictors.py` "
-             f"(epochs={results['args']['epochs']}).", "",
+             f"Command: `{results['command']}`.", "",
              "Recall = mean fraction of a token's K true experts found among the predictor's top-K at that "
              "layer, predicted from what is known d MoE layers earlier (for layers below d: from what is "
              "known before the first MoE layer); averaged over every MoE layer. Traces: prefill over "
@@ -168,6 +244,44 @@ def markdown(results: dict) -> str:
             lines.append(f"- {row}: d=1 " + " ".join(f"{v:.2f}" for v in per_layer[1])
                          + "; d=4 " + " ".join(f"{v:.2f}" for v in per_layer[4]))
         lines.append("")
+        lines += simulator_markdown(model), ""
+        lines += executor_markdown(model), ""
+    return "\n".join(lines)
+
+
+def simulator_markdown(model: dict) -> str:
+    sims = model["simulator"]
+    names = list(sims)
+    first = sims[names[0]]
+    lines = [f"### {model['model']}: cache simulator, {first['capacity']} of {2 * first['capacity']} experts per "
+             "layer, prefetch depth 1", "",
+             "Hit rate = share of (token, layer, expert) accesses found resident. `lru + P`: LRU cache, "
+             "predictions of P prefetched one MoE layer ahead (for layer 0: before the token's first layer); "
+             "`expertflow + P`: the cache's `expertflow` policy (evicts what P predicts least) with the same "
+             "prefetch. Belady here is demand-only (it evicts optimally but never loads ahead), so "
+             "prefetching policies can pass it. Tokens: " + ", ".join(f"{n} {sims[n]['tokens']}" for n in names) + ".",
+             "", "| policy | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for row in first["hit_rate"]:
+        lines.append(f"| {row} | " + " | ".join(f"{sims[n]['hit_rate'][row]:.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def executor_markdown(model: dict) -> str:
+    run = model["executor"]
+    lines = [f"### {model['model']}: executor on CPU tiers, budget {run['budget_bytes']:,} bytes (half of the experts)",
+             "", f"Greedy decoding of {run['prompts']} held-out prompts ({run['prompt_tokens']} tokens, "
+             f"{run['new_tokens']} new tokens each), batch 1, prefetch depth 1. Outputs compared with the "
+             "unbudgeted model. On CPU, 'bytes moved' are copies from the backing weights into the cache tier "
+             "and stalls are waits for background loads.", "",
+             "| cache policy + predictor | outputs equal | hit rate | bytes moved | stall s | prefetch issued / used / "
+             "wasted | runtime recall d=1 | wall s |", "|---" * 8 + "|"]
+    for row, r in run["rows"].items():
+        recall = r["predictor_recall"]
+        recall = f"{recall.get(1, recall.get('1')):.3f}" if recall else "-"
+        p = r["prefetch"]
+        lines.append(f"| {row} | {r['outputs_equal']} | {r['hit_rate']:.3f} | {r['bytes_moved']:,} | "
+                     f"{r['stall_seconds']:.3f} | {p['issued']} / {p['used']} / {p['wasted']} | {recall} | "
+                     f"{r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -180,6 +294,10 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=24_000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=None, help="training time limit per learned predictor")
+    parser.add_argument("--sim-sequences", type=int, default=24, help="sequences of each trace the simulator replays")
+    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts decoded in the executor run")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -188,6 +306,7 @@ def main(argv=None) -> int:
     results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "device": f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
                "python": platform.python_version(),
+               "command": " ".join(["python", "scripts/bench_predictors.py", *(sys.argv[1:] if argv is None else argv)]),
                "args": {"epochs": args.epochs, "train_tokens": args.train_tokens, "eval_tokens": args.eval_tokens,
                         "max_seconds": args.max_seconds},
                "models": [run_model(name, args) for name in args.models]}
