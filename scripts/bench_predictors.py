@@ -125,6 +125,7 @@ def run_model(model_name: str, args) -> dict:
         predictor = train(kind, traces["train"], **options)
         seconds = time.perf_counter() - start
         entry = {"kind": kind, "options": {k: v for k, v in predictor.options.items() if k != "model"},
+                 "training": predictor.training,
                  "train_seconds": seconds, "cost": predictor.cost(), "eval": {}}
         for name, trace in traces.items():
             if name == "train":
