@@ -11,6 +11,7 @@ Shape legend: H hidden, I intermediate (per expert).
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 
 import torch
@@ -95,6 +96,8 @@ class Backing(ABC):
     def expert_nbytes(self, layer_idx: int) -> int:
         return tensors_nbytes(self.template(layer_idx))
 
+    tier_name: str | None = None  # the name of this backing in stats()["tiers"] (None: not a tier of its own)
+
     def close(self) -> None:
         """Release files or mappings."""
 
@@ -129,7 +132,12 @@ class StoreBacking(Backing):
     """A converted checkpoint's `ExpertStore`: one positional read of the expert's contiguous byte
     range, straight into the buffer (cast afterwards when the model runs another dtype)."""
 
+    tier_name = "disk"
+
     def __init__(self, store, activations: dict[int, Activation], dtype: torch.dtype | None = None):
+        self.reads = 0
+        self.bytes_read = 0
+        self._count_lock = threading.Lock()
         self.store = store
         self.activations = activations
         self.dtype = dtype if dtype is not None else store.compute_dtype
@@ -160,6 +168,9 @@ class StoreBacking(Backing):
         return torch.empty(self.store.stored_nbytes(layer_idx), dtype=torch.uint8, pin_memory=pin)
 
     def read(self, layer_idx: int, expert: int, out=None) -> ExpertTensors:
+        with self._count_lock:  # the loader thread and the CPU-compute worker both read
+            self.reads += 1
+            self.bytes_read += self.store.stored_nbytes(layer_idx)
         if not self.cast:
             return self.store.read(layer_idx, expert, out=out)
         t = self.store.read(layer_idx, expert)

@@ -154,15 +154,16 @@ class CopyEngine:
             self._staging[key] = make()
         return self._staging[key]
 
-    def copy(self, dst: ExpertTensors, src: ExpertTensors, wait_for: "torch.cuda.Event | None" = None):
-        """Copy `src` (host) into `dst` (this engine's device); returns the CUDA event that marks the
-        end of the copy, or None when the copy is already complete."""
+    def copy(self, dst: ExpertTensors, src: ExpertTensors, wait_for: list | None = None):
+        """Copy `src` (host) into `dst` (this engine's device), after the CUDA events `wait_for` (the
+        last readers of the memory it overwrites); returns the event that marks the end of the copy,
+        or None when the copy is already complete."""
         if not self.cuda:
             copy_expert(dst, src)
             return None
         with torch.cuda.stream(self.stream):
-            if wait_for is not None:
-                self.stream.wait_event(wait_for)  # the buffer's previous user has finished with it
+            for event in wait_for or ():
+                self.stream.wait_event(event)
             copy_expert(dst, src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)

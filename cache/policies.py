@@ -57,6 +57,11 @@ class Policy(ABC):
     def victim(self, candidates: list[Key]) -> Key:
         """The key to evict among `candidates` (non-empty, all resident and evictable)."""
 
+    def victim_for(self, key: Key, candidates: list[Key], resident: list[Key]) -> Key:
+        """The key to evict to make room for `key`; `resident` is every key in the cache (some
+        not evictable). Policies that apportion room between layers look at it."""
+        return self.victim(candidates)
+
     def _oldest(self, candidates: list[Key]) -> Key:
         return min(candidates, key=lambda k: self.last_use.get(k, 0))
 
@@ -148,6 +153,26 @@ class ExpertFlowPolicy(Policy):
 
     def victim(self, candidates: list[Key]) -> Key:
         return min(candidates, key=lambda k: (self.scores.get(k, -math.inf), self.last_use.get(k, 0)))
+
+    def need(self, layer: Hashable) -> float:
+        """Predicted need of a layer: 1 + the scores of its latest prediction (clipped at 0)."""
+        return 1.0 + sum(max(self.scores.get(k, 0.0), 0.0) for k in self._layer_keys.get(layer, ()))
+
+    def victim_for(self, key: Key, candidates: list[Key], resident: list[Key]) -> Key:
+        """Evict from the layer that holds the most slots beyond its share, the share of each layer
+        being proportional to its predicted need (equal shares without predictions)."""
+        occupancy: dict[Hashable, int] = {}
+        for k in [*resident, key]:
+            occupancy[k[0]] = occupancy.get(k[0], 0) + 1
+        layers = {k[0] for k in candidates}
+        total_need = sum(self.need(layer) for layer in occupancy)
+        slots = len(resident)
+
+        def excess(layer: Hashable) -> float:
+            return occupancy[layer] - slots * self.need(layer) / total_need
+
+        worst = max(layers, key=excess)
+        return self.victim([k for k in candidates if k[0] == worst])
 
     def worth_evicting(self, victim: Key, key: Key) -> bool:
         return self.scores.get(victim, -math.inf) < self.scores.get(key, -math.inf)

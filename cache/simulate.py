@@ -164,7 +164,7 @@ class _Sim:
         if not prefetch:
             if not self.policy.admit(key, candidates):
                 return False
-        victim = self.policy.victim(candidates)
+        victim = self.policy.victim_for(key, candidates, list(pool))
         if prefetch and not self.policy.worth_evicting(victim, key):
             return False
         pool.discard(victim)

@@ -11,9 +11,10 @@ at demand priority, in the order the layer computes them, then runs the referenc
 math with a source that waits for each expert in turn (pinning it while it computes, releasing
 the previous one). The loader thread fills entries in the background; a load's error is raised
 in the forward that waits for it; waits have a timeout; `close()` joins every thread.
-Entries in use are pinned; a demand entry is reserved until used; a waiting forward's request is
-urgent and may take a reserved entry's place (it is requested again when its turn comes), so
-the cache makes progress with a budget of a single expert.
+Entries in use are pinned; the experts a layer call needs (hits and demand loads) are reserved
+until used; a waiting forward's request is urgent and may, when nothing else can go, take a
+reserved entry's place (it is requested again when its turn comes), so the cache makes progress
+with a budget of a single expert.
 
 Shape legend: T tokens, H hidden, K top-k, E experts.
 """
@@ -55,6 +56,7 @@ class Entry:
     charged: bool = False
     event: Any = None  # CUDA event: the copy into `tensors` is complete
     release_event: Any = None  # CUDA event: the last kernel reading `tensors` is complete
+    wait_events: list = field(default_factory=list)  # release events of the entries evicted to make room
 
 
 @dataclass
@@ -145,6 +147,7 @@ class ExpertCache:
         self.prefetch_counts = {"issued": 0, "used": 0, "wasted": 0, "cancelled": 0}
         self.cpu_computed_experts = 0
         self.stall_seconds = 0.0
+        self._backing_reads_at_reset = self._backing_bytes_at_reset = 0
         self.closed = False
         self.loader = Loader(self.queue, self.cond, self._run_job)
 
@@ -225,6 +228,7 @@ class ExpertCache:
                                    activation, grouping=grouping)
             finally:
                 source.release()
+                self._end(layer_idx)
         # CUDA: missed experts chosen for the CPU run there while the GPU fetches and computes the rest
         on_cpu = torch.zeros(num_experts + 1, dtype=torch.bool)
         on_cpu[cpu_experts] = True
@@ -242,10 +246,11 @@ class ExpertCache:
                               num_experts, activation)
         finally:
             source.release()
+            self._end(layer_idx)
         return out + future.result().to(out.device, non_blocking=True)
 
     def close(self) -> None:
-        """Stop the loader and the CPU worker and join them; release the backing source. Idempotent."""
+        """Stop the loader and the CPU worker and join them; drop every cached expert. Idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -264,6 +269,10 @@ class ExpertCache:
             tiers = {self.tier.name: self.tier.stats()}
             if self.host_tier is not None:
                 tiers["cpu"] = self.host_tier.stats()
+            if self.backing.tier_name is not None:  # every read is a hit: the backing holds every expert
+                tiers[self.backing.tier_name] = {"hits": self.backing.reads - self._backing_reads_at_reset,
+                                                 "misses": 0, "bytes_moved": 0, "peak_bytes": 0,
+                                                 "bytes_read": self.backing.bytes_read - self._backing_bytes_at_reset}
             return {"tiers": tiers, "prefetch": dict(self.prefetch_counts),
                     "cpu_computed_experts": self.cpu_computed_experts, "stall_seconds": self.stall_seconds}
 
@@ -276,6 +285,8 @@ class ExpertCache:
             self.prefetch_counts = dict.fromkeys(self.prefetch_counts, 0)
             self.cpu_computed_experts = 0
             self.stall_seconds = 0.0
+            self._backing_reads_at_reset = getattr(self.backing, "reads", 0)
+            self._backing_bytes_at_reset = getattr(self.backing, "bytes_read", 0)
 
     def resident(self) -> dict[Key, int]:
         """Ready entries of the compute tier and their bytes (for tests and reports)."""
@@ -296,6 +307,9 @@ class ExpertCache:
             if isinstance(self.tier.policy, RingPolicy):
                 self.tier.policy.current = layer_idx
             misses = {e: r for e, r in rows.items() if (layer_idx, e) not in self.tier.entries}
+            for e in rows:
+                if e not in misses:  # a hit (or a load in flight): keep it for this call
+                    self.tier.entries[(layer_idx, e)].reserved = True
             cpu = self._cpu_experts(layer_idx, misses)
             for e in sorted(misses):
                 if e not in cpu:
@@ -304,6 +318,17 @@ class ExpertCache:
             if self.loader_kind == "ring":
                 self._ring_requests(layer_idx)
             return cpu
+
+    def _end(self, layer_idx: int) -> None:
+        """A layer call is over (normally or not): what it reserved and did not use is free to go, and
+        the predictions made for this call are stale (a wrong one must not keep its slot)."""
+        with self.cond:
+            if isinstance(self.tier.policy, ExpertFlowPolicy):
+                self.tier.policy.predict(layer_idx, {})
+            for (l, _), entry in self.tier.entries.items():
+                if l == layer_idx:
+                    entry.reserved = entry.demand_miss = False
+            self.cond.notify_all()
 
     def _cpu_experts(self, layer_idx: int, misses: dict[int, int]) -> list[int]:
         if not misses or self.cpu_compute == "never":
@@ -383,7 +408,11 @@ class ExpertCache:
             entry.reserved = entry.demand_miss = False
             tier.policy.access(key)
         if entry.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(entry.event)
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(entry.event)
+            for x in (entry.tensors.w13, entry.tensors.w2, entry.tensors.b13, entry.tensors.b2):
+                if x is not None:
+                    x.record_stream(stream)  # the allocator must not reuse it before this stream is done
         return entry
 
     def _release(self, entry: Entry) -> None:
@@ -435,7 +464,11 @@ class ExpertCache:
         while tier.used_bytes + entry.nbytes > tier.budget_bytes:
             candidates = [k for k, e in tier.entries.items() if e is not entry and e.charged
                           and tier.evictable(e, urgent) and tier.policy.may_evict_for_use(k, entry.key)]
-            victim_key = tier.policy.victim(candidates) if candidates else None
+            if urgent:  # take an expert reserved for later in this call only when nothing else can go
+                free = [k for k in candidates if not tier.entries[k].reserved]
+                candidates = free or candidates
+            victim_key = tier.policy.victim_for(entry.key, candidates, [k for k, e in tier.entries.items()
+                                                                        if e.charged]) if candidates else None
             if victim_key is not None and job.priority in (PREDICTED, RING) and \
                     not tier.policy.worth_evicting(victim_key, entry.key):
                 victim_key = None
@@ -453,6 +486,9 @@ class ExpertCache:
                 self.cond.wait(0.05)
                 continue
             victim = tier.entries[victim_key]
+            if victim.release_event is not None:
+                # the copy into the room it leaves must wait for the kernels still reading it
+                entry.wait_events.append(victim.release_event)
             if victim.prefetched:
                 self.prefetch_counts["wasted"] += 1
             tier.remove(victim)
@@ -460,11 +496,7 @@ class ExpertCache:
                     self._buffer_key(tier, victim.key[0]) == self._buffer_key(tier, entry.key[0]):
                 reuse = victim
             victim.tensors = None
-        if reuse is None:
-            return None
-        if reuse.release_event is not None:
-            entry.release_event = reuse.release_event  # the copy into this buffer waits for its last reader
-        return reuse.buffer
+        return None if reuse is None else reuse.buffer
 
     def _buffer_key(self, tier: Tier, layer_idx: int):
         if tier.device.type == "cuda":
@@ -478,9 +510,13 @@ class ExpertCache:
         if self.device.type != "cuda":
             entry.buffer = buffer if buffer is not None else self.backing.host_buffer(layer_idx)
             return self.backing.read(layer_idx, expert, out=entry.buffer), None
-        entry.buffer = buffer if buffer is not None else empty_like_expert(self.templates[layer_idx], self.device)
+        if buffer is None:
+            with torch.cuda.stream(self.engine.stream):  # allocated where it is written
+                buffer = empty_like_expert(self.templates[layer_idx], self.device)
+        entry.buffer = buffer
         host = self._host_copy(entry.key)
-        event = self.engine.copy(entry.buffer, host, wait_for=entry.release_event)
+        event = self.engine.copy(entry.buffer, host, wait_for=entry.wait_events)
+        entry.wait_events = []
         if self.host_tier is not None:
             with self.cond:
                 host_entry = self.host_tier.entries.get(entry.key)

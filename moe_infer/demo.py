@@ -8,7 +8,7 @@ The default model is the shipped `tiny-mixtral` (trained, so its routing has rea
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,32 @@ class DemoResult:
     tokens_per_s_wrapped: float
     tokens_per_s_unwrapped: float
     stats: dict
+    budget_runs: list = field(default_factory=list)  # BudgetRun, ours and the plain LRU baseline
+    budget_bytes: int = 0
+    expert_bytes_total: int = 0
+
+
+@dataclass
+class BudgetRun:
+    """One generation with the experts under a byte budget."""
+
+    label: str
+    fields: dict
+    tokens_per_s: float
+    hit_rate: float
+    bytes_moved: int
+    stall_seconds: float
+    cpu_computed_experts: int
+    same_tokens: bool  # generated exactly what the unlimited run generated
+
+
+# ours: expertflow (room apportioned between layers by predicted need; equal shares without a
+# predictor, which beats one LRU pool over all layers on held-out text: see
+# bench/results/tiny-mixtral-heldout-simulate.md) and CPU compute of misses by the cost model; the baseline: plain on-demand LRU, the
+# mixtral-offloading design
+OURS = {"cache_policy": "expertflow", "cpu_compute": "auto"}
+BASELINE = {"cache_policy": "lru", "cpu_compute": "never"}
+BUDGET_FRACTION = 0.5  # of all expert bytes: half the experts of every layer
 
 
 def _timed_generate(model, input_ids, new_tokens: int, pad_token_id: int) -> tuple[torch.Tensor, float]:
@@ -57,8 +83,31 @@ def run_demo(model_name: str = "tiny-mixtral", prompt: str = "def main(", new_to
     out, seconds_wrapped = _timed_generate(model, input_ids, new_tokens, pad)
     stats = moe_infer.executor(model).stats()
     text = decode_tokens(tokenizer, out[0].tolist())
-    return DemoResult(model_name, str(device_t), max_diff, text, new_tokens,
-                      new_tokens / seconds_wrapped, new_tokens / seconds_unwrapped, stats)
+    result = DemoResult(model_name, str(device_t), max_diff, text, new_tokens,
+                        new_tokens / seconds_wrapped, new_tokens / seconds_unwrapped, stats)
+    _budget_runs(model, input_ids, new_tokens, pad, out, result)
+    moe_infer.executor(model).close()
+    return result
+
+
+def _budget_runs(model, input_ids, new_tokens: int, pad: int, expected, result: DemoResult) -> None:
+    """Generate again with half the expert bytes, ours beside the plain LRU baseline."""
+    ex = moe_infer.executor(model)
+    total = sum(layer.expert_source.expert_nbytes() * layer.num_experts for layer in ex.layers)
+    budget = max(int(total * BUDGET_FRACTION), max(layer.expert_source.expert_nbytes() for layer in ex.layers))
+    tier = "gpu" if input_ids.device.type == "cuda" else "cpu"
+    result.budget_bytes, result.expert_bytes_total = budget, total
+    for label, fields in (("ours", OURS), ("plain LRU", BASELINE)):
+        moe_infer.wrap(model, **{f"{tier}_memory": budget}, **fields)
+        _timed_generate(model, input_ids, 4, pad)  # warm-up: threads started, first loads
+        ex.reset_stats()
+        out, seconds = _timed_generate(model, input_ids, new_tokens, pad)
+        stats = ex.stats()
+        t = stats["tiers"][tier]
+        result.budget_runs.append(BudgetRun(
+            label, dict(fields), new_tokens / seconds, t["hits"] / max(t["hits"] + t["misses"], 1), t["bytes_moved"],
+            stats["stall_seconds"], stats["cpu_computed_experts"], torch.equal(out, expected)))
+    moe_infer.wrap(model, gpu_memory=None, cpu_memory=None, **BASELINE)
 
 
 def format_report(result: DemoResult) -> str:
@@ -77,4 +126,16 @@ def format_report(result: DemoResult) -> str:
     for layer_idx, layer in result.stats["layers"].items():
         counts = " ".join(f"{c:4d}" for c in layer["expert_counts"])
         lines.append(f"  layer {layer_idx:2d}: {counts}   imbalance {layer['load_imbalance']:.2f}")
+    if result.budget_runs:
+        lines += [
+            "",
+            f"experts under a budget: {result.budget_bytes / 2**20:.2f} MiB of {result.expert_bytes_total / 2**20:.2f} MiB "
+            f"({100 * result.budget_bytes / result.expert_bytes_total:.0f}%), {result.new_tokens} tokens, batch 1",
+            f"  {'run':10s} {'tokens/s':>9s} {'hit rate':>9s} {'moved MiB':>10s} {'stall s':>8s} {'CPU experts':>12s}  same text",
+        ]
+        for run in result.budget_runs:
+            lines.append(f"  {run.label:10s} {run.tokens_per_s:9.1f} {run.hit_rate:9.3f} {run.bytes_moved / 2**20:10.1f} "
+                         f"{run.stall_seconds:8.3f} {run.cpu_computed_experts:12d}  {'yes' if run.same_tokens else 'NO'}")
+        ours = ", ".join(f"{k}={v}" for k, v in OURS.items())
+        lines.append(f"  ours = {ours}; plain LRU = on-demand LRU, no CPU compute (the mixtral-offloading design)")
     return "\n".join(lines)

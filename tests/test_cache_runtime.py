@@ -273,25 +273,31 @@ def test_load_queue_orders_by_priority_then_arrival_and_cancels():
 
 
 def test_expertflow_runtime_correction(tiny_model):
-    """Wrong predictions cost loads but never correctness: a mispredicted expert is loaded on
-    demand and the unused predictions are counted as wasted once they are evicted."""
+    """Wrong predictions cost loads but never correctness: the experts really needed are loaded on
+    demand, and the mispredicted ones lose their protection once the layer has run, so they are
+    evicted (counted as wasted) instead of holding their slots."""
     model = tiny_model("mixtral")
     ids = tiny_models.token_ids(4, 1, 6)
     with torch.no_grad():
         reference = model(ids).logits
+        with tiny_models.wrapped(model):
+            model(ids)
+            ex = moe_infer.executor(model)
+            first = ex.layers[0]
+            used = {e for e, c in enumerate(ex.stats()["layers"][first.layer_idx]["expert_counts"]) if c}
+        wrong = [e for e in range(first.num_experts) if e not in used]
+        assert wrong, "the test needs an expert layer 0 does not use"
         with tiny_models.wrapped(model, cpu_memory=4 * expert_bytes(model), cache_policy="expertflow"):
             ex = moe_infer.executor(model)
-            routing = ex.layers[0].route(model.model.embed_tokens(ids).reshape(-1, model.config.hidden_size))
-            used = set(routing.expert_ids.reshape(-1).tolist())
-            wrong = [e for e in range(ex.layers[0].num_experts) if e not in used]
-            ex.cache.prefetch(ex.layers[0].layer_idx, wrong or [0])
-            assert torch.equal(model(ids).logits, reference)
+            ex.cache.prefetch(first.layer_idx, wrong[:2], scores=[0.9, 0.8])
             for _ in range(3):
-                model(ids)
+                assert torch.equal(model(ids).logits, reference)
             stats = ex.stats()
-    assert stats["prefetch"]["issued"] + stats["prefetch"]["cancelled"] >= 1
-    if wrong:
-        assert stats["prefetch"]["used"] == 0
+            resident = set(ex.cache.resident())
+    assert stats["prefetch"]["used"] == 0
+    assert stats["prefetch"]["issued"] + stats["prefetch"]["cancelled"] == len(wrong[:2])
+    assert stats["prefetch"]["wasted"] == stats["prefetch"]["issued"]  # all evicted unused
+    assert not {(first.layer_idx, e) for e in wrong[:2]} & resident
 
 
 def test_static_policy_keeps_its_hot_set(tiny_model):

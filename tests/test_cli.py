@@ -28,6 +28,10 @@ def test_demo_on_random_model_reports_exact_outputs_and_counts(entry):
     prompt_len = len("def main(".encode())
     for _, counts in layers:
         assert sum(map(int, counts.split())) == 2 * (prompt_len + 7)
+    # part 7: under half the expert bytes, ours and plain LRU generate the same text as unlimited
+    budget_rows = re.findall(r"^  (ours|plain LRU) +[0-9.]+ +([0-9.]+) .* (yes|NO)$", result.stdout, re.M)
+    assert [(name, same) for name, _, same in budget_rows] == [("ours", "yes"), ("plain LRU", "yes")]
+    assert all(0.0 <= float(rate) <= 1.0 for _, rate, _ in budget_rows)
 
 
 def test_user_error_is_one_line_without_traceback():

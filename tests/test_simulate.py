@@ -137,3 +137,21 @@ def test_format_table_lists_every_result():
     trace = random_trace(4, n=40)
     table = format_table([simulate(trace, p, 2) for p in ("lru", "belady")])
     assert table.count("\n") == 4 and "| belady | 2 per layer |" in table
+
+
+def test_cli_simulate_prints_a_table_and_writes_json(tmp_path, capsys):
+    import json
+
+    from moe_infer.cli import main
+
+    path = tmp_path / "t.safetensors"
+    make_trace(SEQUENCE, 4).save(path)
+    assert main(["simulate", "--trace", str(path), "--policy", "lru,belady", "--capacity", "2",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| lru | 2 per layer | 0.000 | 0 | 7 |" in out and "| belady | 2 per layer | 0.429 | 3 | 4 |" in out
+    assert [r["hits"] for r in json.loads((tmp_path / "r.json").read_text())["results"]] == [0, 3]
+    assert main(["simulate", "--trace", str(path), "--policy", "lru", "--capacity", "two"]) == 2
+    assert main(["simulate", "--trace", str(path), "--policy", "expertflow", "--capacity", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("moe-infer simulate: error:") for line in err)
