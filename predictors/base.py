@@ -90,8 +90,6 @@ class Predictor(ABC):
     """
 
     kind: ClassVar[str] = "base"
-    # what runtime_scores needs from the running model: "hidden" (MoE inputs), "routing", "tokens"
-    needs_model: ClassVar[bool] = False
 
     def __init__(self, signature: ModelSignature, options: dict[str, Any] | None = None,
                  training: dict[str, Any] | None = None):
@@ -176,8 +174,8 @@ class Predictor(ABC):
     # ----------------------------------------------------------------- runtime
     def runtime_scores(self, position: int, state: Any, max_depth: int) -> dict[int, torch.Tensor]:
         """Online prediction at MoE-layer ``position``: ``{target position: scores [T, E]}`` for
-        targets ``position + 1 .. position + max_depth`` (``moe_infer.predictors.runtime`` builds
-        ``state``). The default runs the offline model on the state's feature view."""
+        targets ``position + 1 .. position + max_depth`` (``state`` is a
+        ``moe_infer.predictors.runtime.CallState``: what the running model revealed so far)."""
         raise NotImplementedError(f"the {self.kind} predictor has no runtime prediction")
 
     # ----------------------------------------------------------------- files

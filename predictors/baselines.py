@@ -126,7 +126,6 @@ class GateLookaheadPredictor(Predictor):
     """
 
     kind = "gate-lookahead"
-    needs_model = True
 
     def __init__(self, signature: ModelSignature, model: nn.Module | None = None, options=None, training=None):
         super().__init__(signature, options, training)
@@ -184,9 +183,7 @@ class GateLookaheadPredictor(Predictor):
                     for target in state.targets(position, max_depth)}
 
     def macs_per_token(self) -> int:
-        layer = self._routers()[0] if self._model is not None else None
-        hidden = layer.expert_source.hidden_size if layer is not None else self.options.get("hidden_size", 0)
-        return self.num_layers * hidden * self.num_experts
+        return self.num_layers * self._routers()[0].expert_source.hidden_size * self.num_experts
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}  # the routers are the model's; the file names the model

@@ -23,6 +23,8 @@ from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, Predictor
 
+MAX_WINDOW = 32  # tokens a running model's prediction hook keeps per row (window + lookahead)
+
 
 class TokenWindowEmbedding(nn.Module):
     """Embeds a window of token ids [B, W] into [B, W * D]; ids < 0 or >= V share one padding row."""
@@ -142,6 +144,12 @@ class NetPredictor(Predictor):
         options = {**cls.defaults, **options}
         for name in ("window", "embed_dim", "hidden", "epochs", "batch_size"):
             check_positive_int(name, options[name])
+        lookahead = options.get("lookahead", 0)
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise ValueError(f"lookahead={lookahead!r}: expected an int >= 0 (tokens ahead)")
+        if options["window"] + lookahead > MAX_WINDOW:
+            raise ValueError(f"window={options['window']} + lookahead={lookahead}: at most {MAX_WINDOW} tokens "
+                             "(what the runtime hook keeps per row)")
         return options
 
     def macs_per_token(self) -> int:

@@ -48,9 +48,6 @@ class PreGatePredictor(NetPredictor):
     @classmethod
     def fit(cls, trace: Trace, **options: Any) -> PreGatePredictor:
         options = cls.checked_options(options)
-        if isinstance(options["lookahead"], bool) or not isinstance(options["lookahead"], int) \
-                or options["lookahead"] < 0:
-            raise ValueError(f"lookahead={options['lookahead']!r}: expected an int >= 0 (tokens ahead)")
         options["vocab_size"] = max(int(trace.token_ids.max()) + 1, 1)
         net = cls.build_net(trace.num_layers, trace.num_experts, options)
         windows = torch.from_numpy(token_windows(trace, options["window"], options["lookahead"]))

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, Predictor, PredictorMismatch
+from moe_infer.predictors.nets import MAX_WINDOW as _MAX_WINDOW
 
 Sink = Callable[[int, list, list], Any]
-_MAX_WINDOW = 32
 
 
 class CallState:
@@ -91,6 +91,7 @@ class PredictionHook:
         self._input_ids: torch.Tensor | None = None
         self._history: torch.Tensor | None = None  # [B, _MAX_WINDOW] last tokens of each row
         self._last_routing: torch.Tensor | None = None  # [B, L, K] routing of each row's last token
+        self._shape: tuple[int, int] | None = None  # (B, S) of the current call, None when unknown
         self._pending: dict[int, list[tuple[int, torch.Tensor]]] = {}  # target -> [(distance, top [T, K])]
         self.reset_stats()
         self._handles = [embedding.register_forward_pre_hook(self._see_tokens)]
@@ -116,7 +117,7 @@ class PredictionHook:
         self._input_ids = None
         num_layers = len(self.layers)
         if ids is None or ids.numel() != num_tokens:  # inputs_embeds, or a call we cannot follow
-            self._history = self._last_routing = None
+            self._history = self._last_routing = self._shape = None
             return CallState(self.executor, num_tokens, torch.full((num_tokens, _MAX_WINDOW), -1),
                              torch.full((num_tokens, num_layers, self.top_k), -1))
         ids = ids.reshape(ids.shape[0], -1).long().cpu()  # [B, S]
@@ -166,7 +167,7 @@ class PredictionHook:
             self.needed[distance] = self.needed.get(distance, 0) + truth.numel()
 
     def _end_call(self, state: CallState) -> None:
-        if len(state.routing) == len(self.layers) and hasattr(self, "_shape"):
+        if len(state.routing) == len(self.layers) and self._shape is not None:
             rows, width = self._shape
             routed = torch.stack([state.routing[p].cpu() for p in range(len(self.layers))], 1)  # [T, L, K]
             self._last_routing = routed.reshape(rows, width, len(self.layers), -1)[:, -1]

@@ -126,6 +126,8 @@ def test_bad_requests_get_one_clear_error(tmp_path, planted):
         train("expertflow", trace, layers=3)
     with pytest.raises(ValueError, match="hidden=0"):
         train("pregate", trace, hidden=0)
+    with pytest.raises(ValueError, match="window=30 \\+ lookahead=3: at most 32 tokens"):
+        train("pregate", trace, window=30, lookahead=3)
     markov = train("markov", trace)
     with pytest.raises(ValueError, match="distance=0"):
         markov.predict_trace(trace, 0)
