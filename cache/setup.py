@@ -51,6 +51,9 @@ def check_budgets(layers, config: MoEConfig, backing: Backing | None = None):
             raise ValueError(f"gpu_memory={config.gpu_memory} but the model runs on {device}; move it to a CUDA "
                              f"device, or give cpu_memory (the CPU tier's budget)")
         budget, host_budget = config.cpu_memory, None
+    if budget is not None and config.parallel is not None:
+        raise ValueError("a byte budget for experts (the tiered cache) and parallel cannot be combined in this "
+                         "version: every rank would need its own cache of its own experts")
     if budget is not None and config.loader == "ring" and config.cache_policy != "lru":
         raise ValueError(f"loader='ring' evicts in ring order; cache_policy={config.cache_policy!r} cannot apply "
                          f"(leave it at 'lru')")

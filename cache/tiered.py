@@ -8,8 +8,9 @@ allocated and `Tier.charge` refuses (AssertionError, an internal invariant) to g
 
 One forward of a layer: `forward(layer, hidden, routing, grouping)` requests every missed expert
 at demand priority, in the order the layer computes them, then runs the reference grouped MoE
-math with a source that waits for each expert in turn (pinning it while it computes, releasing
-the previous one). The loader thread fills entries in the background; a load's error is raised
+math with a source that waits for each expert in turn and pins it until the call ends (the
+reference math takes all of a call's experts before computing). Experts of a call beyond what
+the budget can hold at once run from the backing on the CPU (counted as CPU-computed misses). The loader thread fills entries in the background; a load's error is raised
 in the forward that waits for it; waits have a timeout; `close()` joins every thread.
 Entries in use are pinned; the experts a layer call needs (hits and demand loads) are reserved
 until used; a waiting forward's request is urgent and may, when nothing else can go, take a
@@ -142,8 +143,9 @@ class ExpertCache:
         if cpu_compute == "auto" and self.device.type == "cuda" and cost_model is None:
             first = self.layer_order[0]
             self.cost_model = CostModel.measure(self.templates[first], backing.activation(first), self.device)
+        # on CUDA, experts the budget cannot hold beside the rest of their call run on the CPU
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moe-infer-cpu-experts") \
-            if self.device.type == "cuda" and cpu_compute != "never" else None
+            if self.device.type == "cuda" else None
         self.prefetch_counts = {"issued": 0, "used": 0, "wasted": 0, "cancelled": 0}
         self.cpu_computed_experts = 0
         self.stall_seconds = 0.0
@@ -310,14 +312,24 @@ class ExpertCache:
             for e in rows:
                 if e not in misses:  # a hit (or a load in flight): keep it for this call
                     self.tier.entries[(layer_idx, e)].reserved = True
-            cpu = self._cpu_experts(layer_idx, misses)
+            cpu = set(self._cpu_experts(layer_idx, misses))
+            # the reference math holds every expert of the call at once: what the budget cannot
+            # hold beside the others runs straight from the backing (on the CPU), fewest rows first
+            kept = getattr(self.tier.policy, "hot", set())  # static: room that stays with the hot set
+            kept_bytes = sum(e.nbytes for k, e in self.tier.entries.items()
+                             if k in kept and e.charged and not (k[0] == layer_idx and k[1] in rows))
+            capacity = (self.tier.budget_bytes - kept_bytes) // self.nbytes[layer_idx]
+            overflow = len(rows) - len(cpu) - capacity
+            if overflow > 0:
+                spare = sorted((e for e in misses if e not in cpu), key=lambda e: (misses[e], e))
+                cpu.update(spare[:overflow])
             for e in sorted(misses):
                 if e not in cpu:
                     entry = self._request((layer_idx, e), DEMAND)
                     entry.reserved = entry.demand_miss = True
             if self.loader_kind == "ring":
                 self._ring_requests(layer_idx)
-            return cpu
+            return sorted(cpu)
 
     def _end(self, layer_idx: int) -> None:
         """A layer call is over (normally or not): what it reserved and did not use is free to go, and
@@ -464,6 +476,9 @@ class ExpertCache:
         while tier.used_bytes + entry.nbytes > tier.budget_bytes:
             candidates = [k for k, e in tier.entries.items() if e is not entry and e.charged
                           and tier.evictable(e, urgent) and tier.policy.may_evict_for_use(k, entry.key)]
+            if urgent and not candidates:  # a forward waits: a protected (e.g. hot) expert may go too
+                candidates = [k for k, e in tier.entries.items() if e is not entry and e.charged
+                              and tier.evictable(e, urgent)]
             if urgent:  # take an expert reserved for later in this call only when nothing else can go
                 free = [k for k in candidates if not tier.entries[k].reserved]
                 candidates = free or candidates
@@ -564,26 +579,30 @@ class ExpertCache:
 
 
 class _LayerSource:
-    """The expert source one layer's forward computes from: waits for each expert, pins it while it
-    computes and releases the previous one (the reference math runs one expert at a time)."""
+    """The expert source one layer's forward computes from: waits for each expert and pins it until
+    the call ends (the reference math takes every expert of the call before it computes)."""
 
     def __init__(self, cache: ExpertCache, layer_idx: int, cpu_experts: set[int]):
         self.cache = cache
         self.layer_idx = layer_idx
         self.cpu_experts = cpu_experts
-        self.held: Entry | None = None
+        self.held: list[Entry] = []
 
     def __call__(self, expert: int) -> ExpertTensors:
-        self.release()
         if expert in self.cpu_experts:  # CPU compute device: run it from the backing, uncached
             with self.cache.cond:
                 self.cache.tier.misses += 1
                 self.cache.cpu_computed_experts += 1
-            return self.cache.backing.read(self.layer_idx, expert)
-        self.held = self.cache._acquire(self.layer_idx, expert)
-        return self.held.tensors
+            try:
+                return self.cache.backing.read(self.layer_idx, expert)
+            except Exception as err:
+                raise RuntimeError(f"reading expert {expert} of layer {self.layer_idx} failed: "
+                                   f"{type(err).__name__}: {err}") from err
+        entry = self.cache._acquire(self.layer_idx, expert)
+        self.held.append(entry)
+        return entry.tensors
 
     def release(self) -> None:
-        if self.held is not None:
-            self.cache._release(self.held)
-            self.held = None
+        for entry in self.held:
+            self.cache._release(entry)
+        self.held = []

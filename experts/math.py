@@ -108,14 +108,17 @@ def expert_forward(x: Tensor, expert: ExpertTensors, activation: Activation) -> 
 def group_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
     """Sort the T*K (token, k) slots by expert.
 
-    Returns `order` [T*K] (slot indices, expert-major, stable) and `counts` (a list of E ints):
+    Returns `order` [T*K] (slot indices, expert-major) and `counts` (a list of E ints):
     expert e owns order[sum(counts[:e]) : sum(counts[:e+1])]. Slots whose id is outside [0, E)
     (another rank's experts, or "no expert") sort to the end and belong to no expert.
     """
     flat_ids = expert_ids.reshape(-1)
     valid = (flat_ids >= 0) & (flat_ids < num_experts)
     sort_key = torch.where(valid, flat_ids, torch.full_like(flat_ids, num_experts))
-    sorted_ids, order = torch.sort(sort_key, stable=True)
+    # Not stable, on purpose: the same call as `transformers`' grouped_mm experts, so rows of an
+    # expert reach the matmul in the same order. On CPU with several threads a row's result depends
+    # on its position in the gemm (full tile or tail), so a different order changed logits by ~1e-5.
+    sorted_ids, order = torch.sort(sort_key)
     counts = torch.bincount(sorted_ids, minlength=num_experts + 1)[:num_experts]
     return order, counts.tolist()  # the one host sync: the loop below needs the sizes
 
@@ -136,9 +139,13 @@ def moe_forward(
     """Weighted sum over each token's K experts: hidden [T, H], expert_ids/expert_weights [T, K]
     -> [T, H] in hidden's dtype. `expert(e)` gives expert e's tensors (resident or fetched).
 
-    Rows are weighted in the promoted dtype of the expert output and the routing weights (fp32
-    when a family keeps fp32 weights) and the K rows of a token are summed in that dtype, as
-    `transformers`' `grouped_mm` does. `grouping` reuses a `group_by_expert` result.
+    Staged like `transformers`' `grouped_mm` experts, so results are bit-identical to it on any
+    number of CPU threads: the (token, k) rows are gathered expert-major into one buffer; each hit
+    expert's gate/up matmul writes its slice; the activation runs ONCE over the whole buffer (a
+    vectorised exp gives different bits in a loop's scalar tail, so applying it per expert moved
+    logits by ~1e-7..1e-5 with two threads); then the down matmuls, the routing weights (in the
+    promoted dtype of expert output and weights: fp32 when a family keeps fp32 weights) and the
+    sum over K in that dtype. `grouping` reuses a `group_by_expert` result.
     """
     num_tokens, top_k = expert_ids.shape
     if hidden.ndim != 2 or hidden.shape[0] != num_tokens or expert_weights.shape != expert_ids.shape:
@@ -148,15 +155,31 @@ def moe_forward(
             f"expert_weights {tuple(expert_weights.shape)}"
         )
     order, counts = grouping if grouping is not None else group_by_expert(expert_ids, num_experts)
-    flat_weights = expert_weights.reshape(-1)
     out_dtype = torch.promote_types(hidden.dtype, expert_weights.dtype)
     weighted = hidden.new_zeros((num_tokens * top_k, hidden.shape[-1]), dtype=out_dtype)  # [T*K, H]
+    num_rows = sum(counts)  # slots with a valid expert id, expert-major in `order`
+    if num_rows:
+        slots = order[:num_rows]
+        rows = hidden[slots // top_k]  # [S, H]
+        hit = [(e, start, count) for e, start, count in _segments(counts) if count]
+        tensors = {e: expert(e) for e, _, _ in hit}
+        # per-expert matmuls concatenated (not written with out=, which autograd refuses)
+        gate_up = torch.cat([_linear(rows[start : start + count], tensors[e].w13, tensors[e].b13)
+                             for e, start, count in hit])  # [S, 2I]
+        if tensors[hit[0][0]].interleaved:
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+        act = activation(gate, up)  # [S, I], once over all rows
+        down = torch.cat([_linear(act[start : start + count], tensors[e].w2, tensors[e].b2)
+                          for e, start, count in hit])  # [S, H]
+        weighted[slots] = down * expert_weights.reshape(-1)[slots, None]
+    return weighted.view(num_tokens, top_k, hidden.shape[-1]).sum(dim=1).to(hidden.dtype)  # T may be 0
+
+
+def _segments(counts: list[int]):
+    """(expert, first row, row count) of each expert's segment in an expert-major buffer."""
     start = 0
     for expert_idx, count in enumerate(counts):
-        if count == 0:
-            continue
-        slots = order[start : start + count]
+        yield expert_idx, start, count
         start += count
-        rows = expert_forward(hidden[slots // top_k], expert(expert_idx), activation)  # [count, H]
-        weighted[slots] = rows * flat_weights[slots, None]
-    return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)

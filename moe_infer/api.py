@@ -65,7 +65,7 @@ def wrap(model: nn.Module, config: MoEConfig | None = None, **fields: Any) -> nn
     for layer in layers:
         _verify_routing(layer)
 
-    ex = ModelExecutor(model, layers, new_config)  # builds the expert cache: may refuse a budget
+    ex = ModelExecutor(model, layers, new_config)  # builds the expert cache, may join the process group
     # nothing can fail from here on: swap the blocks in
     for found, layer in zip(blocks, layers):
         parent_name, _, attr = found.name.rpartition(".")

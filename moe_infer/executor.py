@@ -7,6 +7,7 @@ saying what is missing), the per-model statistics of DESIGN section 3, and the r
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -22,7 +23,6 @@ _NOT_YET = {
     "offload_dir": "writing an in-memory model's experts to a disk tier (load a converted checkpoint instead)",
     "token_scheduling": "expert-aware token batching",
     "placement": "expert placement across devices",
-    "parallel": "multi-rank parallelism",
 }
 
 
@@ -59,6 +59,8 @@ class ModelExecutor:
         self._model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         self._expert_devices = {layer.layer_idx: layer.expert_source.device for layer in layers}
         self._apply(config)
+        self.parallel = None  # moe_infer.parallel.ParallelRuntime when config.parallel is set
+        self._configure_parallel(config)
         for layer in layers:
             layer.executor = self
 
@@ -108,7 +110,21 @@ class ModelExecutor:
     def configure(self, config: MoEConfig) -> None:
         check_supported(config)
         self._apply(config)
+        self._configure_parallel(config)
         self.config = config
+
+    def _configure_parallel(self, config: MoEConfig) -> None:
+        if config.parallel is None:
+            for layer in self.layers:
+                layer.parallel = None
+            self.parallel = None
+        elif self.parallel is None:
+            from moe_infer.parallel import build_runtime
+
+            self.parallel = build_runtime(self.layers, config.parallel)
+        else:
+            self.parallel.set(config.parallel, capacity_factor=self.parallel.capacity_factor,
+                              placement=self.parallel.placement)
 
     def layer(self, layer_idx: int) -> MoELayer:
         for layer in self.layers:
@@ -127,6 +143,8 @@ class ModelExecutor:
             self.cache.reset_stats()
         if self.predictor_hook is not None:
             self.predictor_hook.reset_stats()
+        if self.parallel is not None:
+            self.parallel.reset_stats()
 
     def stats(self) -> dict[str, Any]:
         """Counters since wrapping or the last `reset_stats()`.
@@ -167,13 +185,27 @@ class ModelExecutor:
             "cpu_computed_experts": cache["cpu_computed_experts"],
             "stall_seconds": cache["stall_seconds"],
             "kernel": self.kernel,
+            "parallel": None if self.parallel is None else self.parallel.stats(),
         }
 
-    def set_parallelism(self, r: int) -> None:
-        raise RuntimeError(
-            "set_parallelism switches the sharding factor of a multi-rank run (MoEConfig.parallel); "
-            "this version runs every expert in one process, so there is nothing to switch"
-        )
+    def set_parallelism(self, r: int | str, *, capacity_factor: float | None = None, placement: Any = None) -> None:
+        """Switch the sharding factor of the following forward calls (moves no stored weights).
+
+        `r`: 0 (data parallel), a divisor of the world size (1 = expert parallel, world size =
+        tensor-sliced experts), "ep", "tp" or "auto" (the cost model picks r per call).
+        `capacity_factor`: None = dropless; c > 0 keeps at most ceil(c * T * K / E) (token, expert)
+        pairs per rank and expert (T = largest token count of a rank), giving fixed message shapes.
+        `placement`: an object with `device_of(layer_idx, expert) -> int` (e.g. a
+        `moe_infer.placement.PlacementPlan`); each expert then runs on its planned rank (r = 1)
+        or on the r ranks that include it. Every rank must make the same call.
+        """
+        if self.parallel is None:
+            raise RuntimeError(
+                "set_parallelism switches the sharding factor of a multi-rank run; wrap the model with "
+                "MoEConfig(parallel='auto' | 'ep' | 'tp' | r) under torchrun or deepspeed first"
+            )
+        self.parallel.set(r, capacity_factor=capacity_factor, placement=placement)
+        self.config = dataclasses.replace(self.config, parallel=r)
 
     def __repr__(self) -> str:
         return (f"ModelExecutor({self.model_class}, moe_layers={self.moe_layer_indices}, "

@@ -72,6 +72,8 @@ class MoELayer(nn.Module):
         self.executor: ModelExecutor | None = None  # set by the ModelExecutor that owns this layer
         # callables (layer, hidden [T, H], routing) run after routing: profilers, predictors
         self.routing_observers: list = []
+        # moe_infer.parallel.ParallelExperts when MoEConfig.parallel is set: the experts run across ranks
+        self.parallel = None
         self.train(block.training)
 
     # -- the block's own state, wherever it lives now (buffers on self follow .to(); the rest on the original)
@@ -111,6 +113,8 @@ class MoELayer(nn.Module):
         cache = self.executor.cache if self.executor is not None else None
         if cache is not None:  # weights come through the tiered expert cache (fetched or run on the CPU)
             out = cache.forward(self, hidden, routing, grouping)
+        elif self.parallel is not None:
+            out = self.parallel(hidden, routing.expert_ids, routing.expert_weights)
         else:
             out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
                               self.num_experts, self.expert_source.activation, grouping=grouping)

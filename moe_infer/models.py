@@ -72,7 +72,9 @@ def encode_text(tokenizer, text: str, *, add_special_tokens: bool = True) -> lis
     """Token ids of ``text``; without a tokenizer (byte-level random models) its UTF-8 bytes."""
     if tokenizer is None:
         return list(text.encode("utf-8"))
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    # verbose=False: whole files are encoded at once and cut into windows later, so the
+    # tokenizer's "longer than the maximum sequence length" warning does not apply
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
 
 def decode_tokens(tokenizer, token_ids: Sequence[int]) -> str:

@@ -9,6 +9,20 @@ import moe_infer
 import tiny_models
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_cache(tmp_path_factory):
+    """`moe_infer.load` of a plain directory converts into $MOE_INFER_CACHE: keep that out of ~/.cache."""
+    import os
+
+    previous = os.environ.get("MOE_INFER_CACHE")
+    os.environ["MOE_INFER_CACHE"] = str(tmp_path_factory.mktemp("moe_infer_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MOE_INFER_CACHE", None)
+    else:
+        os.environ["MOE_INFER_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """`tiny_model(name, seed=0, dtype=torch.float32)`: a `tiny_models.build` model, built once per session

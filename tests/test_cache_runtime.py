@@ -86,7 +86,9 @@ def test_outputs_equal_the_unlimited_run_and_budgets_hold(tiny_model, charges, f
     if cpu_compute == "always":
         assert stats["cpu_computed_experts"] > 0 and tier["bytes_moved"] <= stats["cpu_computed_experts"] * budget
     else:
-        assert stats["cpu_computed_experts"] == 0 and len(charges) > 0
+        assert len(charges) > 0
+        if slots >= ex.layers[0].num_experts:  # a whole call always fits: nothing overflows to the backing
+            assert stats["cpu_computed_experts"] == 0
     assert not cache_threads()  # unwrap joined the loader
 
 
@@ -201,7 +203,7 @@ def test_a_failed_background_load_surfaces_in_the_forward_that_needs_it(tiny_mod
         reference = model(ids).logits
         first = tiny_models.build("mixtral", 0).model.layers[0]  # only to name the layer index
         try:
-            cache = install(model, FailingBacking, {(0, 1)})
+            cache = install(model, FailingBacking, {(0, 1)}, slots=8)
             cache.prefetch(0, [1, 2])  # the prefetch of expert 1 fails in the loader thread
             result = run_with_deadline(lambda: model(ids).logits)
             err = result.get("error")
@@ -220,7 +222,7 @@ def test_a_load_that_never_finishes_times_out_and_shutdown_still_joins(tiny_mode
     model = tiny_model("mixtral")
     ids = tiny_models.token_ids(3, 1, 8)
     try:
-        cache = install(model, GatedBacking, {(0, e) for e in range(4)}, load_timeout=0.3)
+        cache = install(model, GatedBacking, {(0, e) for e in range(8)}, slots=8, load_timeout=0.3)
         with torch.no_grad():
             result = run_with_deadline(lambda: model(ids).logits)
         assert isinstance(result.get("error"), TimeoutError), result

@@ -73,7 +73,6 @@ def _tiny_mixtral():
     ({"offload_dir": "/tmp"}, "disk tier"),
     ({"kernel": "triton"}, "kernel='triton'"),
     ({"token_scheduling": True}, "token batching"),
-    ({"parallel": "ep"}, "parallelism"),
 ])
 def test_valid_but_unavailable_fields_are_refused_clearly_and_change_nothing(fields, needs):
     model = _tiny_mixtral()
