@@ -75,7 +75,7 @@ class ExpertFlowPredictor(NetPredictor):
         vocab_size = max(int(trace.token_ids.max()) + 1, 1)
         options.update(vocab_size=vocab_size, hidden_size=inputs.hidden.shape[-1],
                        model=model if isinstance(model, str) else trace.model)
-        net = cls.build_net(trace.num_layers, trace.num_experts, options)
+        net = cls.initial_net(trace.num_layers, trace.num_experts, options)
         targets = torch.from_numpy(routing_targets(trace))  # [N, L, E]
 
         def batch_loss(rows: np.ndarray) -> torch.Tensor:

@@ -80,7 +80,13 @@ def train_loop(module: nn.Module, num_rows: int, batch_loss: Callable[[np.ndarra
     """
     if num_rows == 0:
         raise ValueError("the training trace holds no tokens")
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # the caller's random stream is untouched
+        torch.manual_seed(seed)
+        return _train(module, num_rows, batch_loss, epochs=epochs, batch_size=batch_size,
+                      learning_rate=learning_rate, max_seconds=max_seconds, seed=seed)
+
+
+def _train(module, num_rows, batch_loss, *, epochs, batch_size, learning_rate, max_seconds, seed) -> dict:
     generator = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps_per_epoch = math.ceil(num_rows / batch_size)
@@ -134,6 +140,13 @@ class NetPredictor(Predictor):
     @classmethod
     def build_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
+
+    @classmethod
+    def initial_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> nn.Module:
+        """``build_net`` with weights drawn from ``options["seed"]`` (same seed, same predictor)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(options["seed"])
+            return cls.build_net(num_layers, num_experts, options)
 
     @classmethod
     def checked_options(cls, options: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class PreGatePredictor(NetPredictor):
     def fit(cls, trace: Trace, **options: Any) -> PreGatePredictor:
         options = cls.checked_options(options)
         options["vocab_size"] = max(int(trace.token_ids.max()) + 1, 1)
-        net = cls.build_net(trace.num_layers, trace.num_experts, options)
+        net = cls.initial_net(trace.num_layers, trace.num_experts, options)
         windows = torch.from_numpy(token_windows(trace, options["window"], options["lookahead"]))
         targets = torch.from_numpy(routing_targets(trace))  # [N, L, E]
         summary = train_loop(net, trace.num_tokens,

@@ -267,3 +267,15 @@ def test_executor_prefetches_from_predictions_with_outputs_unchanged(shipped):
     with pytest.raises(ValueError, match="must be trained first"):
         moe_infer.wrap(model, cpu_memory=half, predictor="pregate")
     assert not moe_infer.is_wrapped(model) and not model.get_input_embeddings()._forward_pre_hooks
+
+
+def test_training_is_deterministic_and_leaves_the_callers_random_stream(planted):
+    trace, _ = planted
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = train("pregate", trace, epochs=1)
+    assert torch.equal(torch.rand(3), expected)
+    second = train("pregate", trace, epochs=1)
+    for name, tensor in first.tensors().items():
+        assert torch.equal(tensor, second.tensors()[name]), name
