@@ -105,6 +105,62 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predictor_options(pairs: list[str] | None) -> dict:
+    import json
+
+    options = {}
+    for pair in pairs or ():
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise ValueError(f"--option {pair!r}: expected NAME=VALUE (e.g. epochs=4, hidden=64)")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value  # a bare string, e.g. model=tiny-mixtral
+    return options
+
+
+def _predictor_train(args: argparse.Namespace) -> int:
+    import os
+
+    from moe_infer.predictors import train
+    from moe_infer.trace import Trace
+
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise FileNotFoundError(f"output folder of {args.out!r} does not exist")
+    predictor = train(args.kind, Trace.load(args.trace), **_predictor_options(args.option))
+    predictor.save(args.out)
+    cost = predictor.cost()
+    print(f"wrote {args.out}: {args.kind} predictor, {cost['parameters']} parameters, "
+          f"{cost['macs_per_token']} multiply-accumulates per token")
+    return 0
+
+
+def _predictor_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from moe_infer.predictors import load
+    from moe_infer.trace import Trace
+
+    predictor = load(args.predictor)
+    result = predictor.evaluate(Trace.load(args.trace), top_k=args.top_k, max_distance=args.max_distance)
+    print(f"{predictor.kind} on {result['tokens']} tokens: recall of the true experts among the predicted "
+          f"top-{result['top_k']}")
+    print("| distance | recall | per layer | brier | ece |")
+    print("|---|---|---|---|---|")
+    for distance, value in result["recall"].items():
+        per_layer = " ".join(f"{v:.3f}" for v in result["recall_per_layer"][distance])
+        calibration = result["calibration"][distance]
+        print(f"| {distance} | {value:.3f} | {per_layer} | {calibration['brier']:.4f} | {calibration['ece']:.4f} |")
+    print(f"cost: {result['cost']['macs_per_token']} multiply-accumulates per token, "
+          f"{result['seconds_per_token'] * 1e6:.1f} us per token offline")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(result, file, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from moe_infer.experts.convert import convert
     from moe_infer.experts.hub_layouts import SourceCheckpoint
@@ -256,6 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     config_flags.add_argument("--token-scheduling", dest="token_scheduling", action="store_true", default=None)
     config_flags.add_argument("--parallel", dest="parallel", default=None, type=lambda v: int(v) if v.isdigit() else v)
     gen.set_defaults(run=_generate)
+
+    predictor = sub.add_parser("predictor", help="train and evaluate routing predictors")
+    predictor_sub = predictor.add_subparsers(dest="predictor_command", required=True, metavar="ACTION")
+    predictor_train = predictor_sub.add_parser("train", help="fit a predictor on a trace and save it")
+    predictor_train.add_argument("--kind", required=True,
+                                 choices=["gate-lookahead", "markov", "frequency", "expertflow", "pregate"])
+    predictor_train.add_argument("--trace", required=True, metavar="TRACE")
+    predictor_train.add_argument("--out", required=True, metavar="PREDICTOR", help="file to write (.safetensors)")
+    predictor_train.add_argument("--option", action="append", metavar="NAME=VALUE",
+                                 help="a training option (repeatable): epochs=4, hidden=64, window=8, lookahead=1, ...")
+    predictor_train.set_defaults(run=_predictor_train)
+    predictor_eval = predictor_sub.add_parser("eval", help="recall of a saved predictor on a trace")
+    predictor_eval.add_argument("--predictor", required=True, metavar="PREDICTOR")
+    predictor_eval.add_argument("--trace", required=True, metavar="TRACE")
+    predictor_eval.add_argument("--top-k", type=int, default=None, help="predicted experts per layer (default: the model's K)")
+    predictor_eval.add_argument("--max-distance", type=int, default=4, help="layer distances 1..D")
+    predictor_eval.add_argument("--json", metavar="OUT", help="write the evaluation as JSON")
+    predictor_eval.set_defaults(run=_predictor_eval)
 
     sim = sub.add_parser("simulate", help="replay a trace through an expert cache policy (hit rate, loads)")
     sim.add_argument("--trace", required=True, metavar="TRACE")

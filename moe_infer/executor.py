@@ -23,8 +23,6 @@ from moe_infer.layer import MoELayer
 # Fields that need machinery this version does not have yet, and what that machinery is.
 _NOT_YET = {
     "offload_dir": "writing an in-memory model's experts to a disk tier (load a converted checkpoint instead)",
-    "predictor": "predictive routing and prefetch",
-    "prefetch_depth": "predictive routing and prefetch",
     "placement": "expert placement across devices",
 }
 
@@ -59,6 +57,9 @@ class ModelExecutor:
         self.backing = backing  # a converted checkpoint's experts (load); None: the layers' own weights
         self.cache: ExpertCache | None = None  # the tiered expert cache, when a budget is set
         self.replay: RoutingReplay | None = None  # MoEConfig.routing_override
+        self.predictor_hook = None  # MoEConfig.predictor: predictions -> cache.prefetch (moe_infer.predictors)
+        self._embedding = model.get_input_embeddings()
+        self._model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         self._expert_devices = {layer.layer_idx: layer.expert_source.device for layer in layers}
         self._apply(config)
         self.parallel = None  # moe_infer.parallel.ParallelRuntime when config.parallel is set
@@ -73,15 +74,28 @@ class ModelExecutor:
             first = self.layers[0]
             replay = RoutingReplay(config.routing_override, self.moe_layer_indices, first.num_experts,
                                    first.adapter.top_k)
+        predictor = None
+        if config.predictor is not None:
+            from moe_infer.predictors.runtime import PredictionHook, checked_predictor
+
+            predictor = checked_predictor(self, self._model_name, config.predictor)
         check_budgets(self.layers, config, self.backing)
         self.close()
         self.cache = build_cache(self.layers, config, self.backing)
         self.replay = replay
         if self.cache is not None and config.cache_policy == "static" and replay is not None:
             self.cache.pin_popular(replay.trace)  # the replayed trace's popularity is the right hot set
+        if predictor is not None:
+            # prefetch_depth 0: predictions are scored (stats) but nothing is prefetched
+            sink = self.cache.prefetch if self.cache is not None and config.prefetch_depth > 0 else None
+            self.predictor_hook = PredictionHook(self, self._embedding, predictor, max(config.prefetch_depth, 1),
+                                                 sink)
 
     def close(self) -> None:
         """Stop the cache's threads and put expert weights moved to host memory back where they were."""
+        if self.predictor_hook is not None:
+            self.predictor_hook.detach()
+            self.predictor_hook = None
         if self.cache is not None:
             self.cache.close()
             self.cache = None
@@ -138,6 +152,8 @@ class ModelExecutor:
             layer.stats.reset()
         if self.cache is not None:
             self.cache.reset_stats()
+        if self.predictor_hook is not None:
+            self.predictor_hook.reset_stats()
         if self.parallel is not None:
             self.parallel.reset_stats()
 
@@ -177,7 +193,7 @@ class ModelExecutor:
             "layers": per_layer,
             "tiers": cache["tiers"],
             "prefetch": cache["prefetch"],
-            "predictor_recall": None,
+            "predictor_recall": self.predictor_hook.recall() if self.predictor_hook is not None else None,
             "cpu_computed_experts": cache["cpu_computed_experts"],
             "stall_seconds": cache["stall_seconds"],
             "kernel": self.kernel,

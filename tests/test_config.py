@@ -70,7 +70,7 @@ def _tiny_mixtral():
 
 
 @pytest.mark.parametrize("fields, needs", [
-    ({"predictor": "markov"}, "predictive routing"),
+    ({"offload_dir": "/tmp"}, "disk tier"),
 ])
 def test_valid_but_unavailable_fields_are_refused_clearly_and_change_nothing(fields, needs):
     model = _tiny_mixtral()

@@ -1,0 +1,178 @@
+"""``expertflow``: a lightweight routing-path predictor with runtime correction (after ExpertFlow).
+
+Before the first MoE layer it predicts the experts of every MoE layer of a token from what is known
+then: the ids of the token and of the ``window - 1`` tokens before it, and the full routing of the
+previous token. At each MoE layer s the prediction of the later layers is corrected with what the
+model has just revealed: the MoE input (hidden state) of layer s and the token's actual experts at
+layers 0..s. One small MLP per source position (-1 = before the first MoE layer, then 0..L-2),
+sharing one token-window embedding; the MLP of source s predicts layers s+1..L-1.
+
+Shape legend: N tokens, T tokens of a call, L MoE layers, K top-k, E experts, H hidden size,
+W window width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_infer.predictors.base import ModelSignature, source_position
+from moe_infer.predictors.features import (model_moe_inputs, multi_hot, previous_routing, recorded_moe_inputs,
+                                           routing_targets, token_windows)
+from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, distillation_loss, mlp, scores_from_logits,
+                                       train_loop)
+from moe_infer.trace import Trace
+
+DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 64, "skip": False, "epochs": 6, "batch_size": 256,
+            "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
+_EVAL_BATCH = 8192
+
+
+class ExpertFlowNet(nn.Module):
+    def __init__(self, vocab_size: int, num_layers: int, num_experts: int, hidden_size: int, *, window: int,
+                 embed_dim: int, hidden: int, skip: bool = False):
+        super().__init__()
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.embed = TokenWindowEmbedding(vocab_size, window, embed_dim)
+        common = window * embed_dim + num_layers * num_experts
+        # index s + 1 holds the MLP of source position s (s = -1 .. L-2)
+        self.sources = nn.ModuleList(
+            mlp(common + (0 if s < 0 else hidden_size + (s + 1) * num_experts), hidden,
+                (num_layers - 1 - s) * num_experts, skip)
+            for s in range(-1, num_layers - 1))
+
+    def forward(self, source: int, windows: torch.Tensor, previous_hot: torch.Tensor,
+                hidden: torch.Tensor | None = None, routed_hot: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, L-1-source, E] of layers source+1 .. L-1.
+
+        windows [B, W] token ids; previous_hot [B, L*E] the previous token's experts; for source >= 0
+        hidden [B, H] the MoE input of layer ``source`` and routed_hot [B, (source+1)*E] the
+        token's experts at layers 0..source."""
+        parts = [self.embed(windows), previous_hot]
+        if source >= 0:
+            parts += [hidden, routed_hot]
+        logits = self.sources[source + 1](torch.cat(parts, 1))
+        return logits.view(len(windows), self.num_layers - 1 - source, self.num_experts)
+
+
+class ExpertFlowPredictor(NetPredictor):
+    kind = "expertflow"
+    defaults = DEFAULTS
+
+    def __init__(self, signature: ModelSignature, net: ExpertFlowNet, options: dict[str, Any],
+                 training: dict[str, Any] | None = None, model: nn.Module | None = None):
+        super().__init__(signature, net, options, training)
+        self._model = model  # recomputes MoE inputs of traces recorded without them (not saved)
+
+    # ----------------------------------------------------------------- training
+    @classmethod
+    def fit(cls, trace: Trace, *, model: nn.Module | str | None = None, **options: Any) -> ExpertFlowPredictor:
+        options = cls.checked_options(options)
+        inputs = _Inputs.of(trace, model, options["window"])
+        vocab_size = max(int(trace.token_ids.max()) + 1, 1)
+        options.update(vocab_size=vocab_size, hidden_size=inputs.hidden.shape[-1],
+                       model=model if isinstance(model, str) else trace.model)
+        net = cls.initial_net(trace.num_layers, trace.num_experts, options)
+        targets = torch.from_numpy(routing_targets(trace))  # [N, L, E]
+
+        def batch_loss(rows: np.ndarray) -> torch.Tensor:
+            batch = inputs.batch(rows)
+            loss = 0.0
+            for source in range(-1, trace.num_layers - 1):
+                logits = net(source, *batch.source_inputs(source))
+                loss = loss + distillation_loss(logits, targets[rows, source + 1:])
+            return loss / trace.num_layers
+
+        summary = train_loop(net, trace.num_tokens, batch_loss, epochs=options["epochs"],
+                             batch_size=options["batch_size"], learning_rate=options["learning_rate"],
+                             max_seconds=options["max_seconds"], seed=options["seed"])
+        return cls(ModelSignature.of(trace), net, options, summary,
+                   model if isinstance(model, nn.Module) else None)
+
+    # ----------------------------------------------------------------- prediction
+    @torch.inference_mode()
+    def _source_scores(self, inputs: _Inputs, source: int) -> np.ndarray:
+        """[N, L-1-source, E] scores of layers after ``source``."""
+        out = []
+        for first in range(0, len(inputs.windows), _EVAL_BATCH):
+            rows = np.arange(first, min(first + _EVAL_BATCH, len(inputs.windows)))
+            logits = self.net(source, *inputs.batch(rows).source_inputs(source))
+            out.append(scores_from_logits(logits, self.top_k))
+        return torch.cat(out).numpy()
+
+    def _predict(self, trace: Trace, distance: int) -> np.ndarray:
+        inputs = _Inputs.of(trace, self._model or self.options["model"], self.options["window"])
+        if inputs.hidden.shape[-1] != self.options["hidden_size"]:
+            raise ValueError(f"the trace's MoE inputs have hidden size {inputs.hidden.shape[-1]}, the "
+                             f"predictor was trained on {self.options['hidden_size']}")
+        out = np.empty((trace.num_tokens, self.num_layers, self.num_experts), dtype=np.float32)
+        by_source: dict[int, np.ndarray] = {}
+        for layer in range(self.num_layers):
+            source = source_position(layer, distance)
+            if source not in by_source:
+                by_source[source] = self._source_scores(inputs, source)
+            out[:, layer] = by_source[source][:, layer - source - 1]
+        return out
+
+    @torch.inference_mode()
+    def runtime_scores(self, position: int, state, max_depth: int) -> dict[int, torch.Tensor]:
+        targets = state.targets(position, max_depth)
+        if not targets:
+            return {}
+        routed = torch.cat([state.routing_hot(s) for s in range(position + 1)], 1)
+        param = next(self.net.parameters())
+        logits = self.net(position, state.windows.to(param.device), state.previous_hot().to(param.device),
+                          state.hidden[position].to(param.device, param.dtype), routed.to(param.device))
+        scores = scores_from_logits(logits, self.top_k)  # [T, L-1-position, E]
+        return {target: scores[:, target - position - 1] for target in targets}
+
+    @classmethod
+    def build_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> ExpertFlowNet:
+        return ExpertFlowNet(options["vocab_size"], num_layers, num_experts, options["hidden_size"],
+                             window=options["window"], embed_dim=options["embed_dim"], hidden=options["hidden"],
+                             skip=options.get("skip", False))
+
+
+class _Inputs:
+    """Every predictor input of a trace, as arrays indexed by token."""
+
+    def __init__(self, windows, previous_hot, hidden, routed_hot):
+        self.windows = windows  # [N, W] int64
+        self.previous_hot = previous_hot  # [N, L*E] float32
+        self.hidden = hidden  # [N, L, H] (float16 or float32)
+        self.routed_hot = routed_hot  # [N, L*E] float32, layer-major
+
+    @classmethod
+    def of(cls, trace: Trace, model: nn.Module | str | None, window: int) -> _Inputs:
+        hidden = recorded_moe_inputs(trace)
+        if hidden is None:
+            from moe_infer.models import load_model
+
+            if model is None or isinstance(model, str):
+                model, _ = load_model(model or trace.model, device="cpu")
+            hidden, _ = model_moe_inputs(trace, model)
+        num_experts = trace.num_experts
+        previous = multi_hot(previous_routing(trace), num_experts).reshape(trace.num_tokens, -1)
+        routed = multi_hot(trace.expert_ids.numpy(), num_experts).reshape(trace.num_tokens, -1)
+        return cls(token_windows(trace, window), previous, hidden, routed)
+
+    def batch(self, rows: np.ndarray) -> _Batch:
+        return _Batch(torch.from_numpy(self.windows[rows]), torch.from_numpy(self.previous_hot[rows]),
+                      torch.from_numpy(np.asarray(self.hidden[rows], dtype=np.float32)),
+                      torch.from_numpy(self.routed_hot[rows]), self.routed_hot.shape[1] // self.hidden.shape[1])
+
+
+class _Batch:
+    def __init__(self, windows, previous_hot, hidden, routed_hot, num_experts):
+        self.windows, self.previous_hot, self.hidden, self.routed_hot = windows, previous_hot, hidden, routed_hot
+        self.num_experts = num_experts
+
+    def source_inputs(self, source: int) -> tuple:
+        if source < 0:
+            return self.windows, self.previous_hot
+        return (self.windows, self.previous_hot, self.hidden[:, source],
+                self.routed_hot[:, :(source + 1) * self.num_experts])
+

@@ -1,0 +1,148 @@
+"""Predictor inputs computed from a trace: token windows, earlier tokens' routing, MoE-layer inputs.
+
+This module owns turning a ``Trace`` into the arrays predictors read, with the causal rule of
+``moe_infer.predictors.base`` (nothing of a later token, nothing of a later layer). MoE-layer inputs
+(hidden states) come from the trace's recorded ``moe_input:<layer>`` features when every MoE layer
+was recorded (``moe-infer profile --features moe_input:0,...``), otherwise from running the model
+over the trace's token ids.
+
+Shape legend: N tokens, L MoE layers, K top-k, E experts, H hidden size, W window width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moe_infer.trace import Trace
+
+PAD_TOKEN = -1  # a window slot before the start of the sequence
+
+
+def same_sequence_offsets(trace: Trace, offset: int) -> np.ndarray:
+    """[N] bool: token ``n - offset`` exists and belongs to the sequence of token ``n``."""
+    seq_ids = trace.seq_ids.numpy()
+    valid = np.zeros(trace.num_tokens, dtype=bool)
+    if offset < trace.num_tokens:
+        valid[offset:] = seq_ids[offset:] == seq_ids[:len(seq_ids) - offset]
+    return valid
+
+
+def token_windows(trace: Trace, width: int, lookahead: int = 0) -> np.ndarray:
+    """[N, W] int64: ids of tokens ``n - lookahead - W + 1 .. n - lookahead`` (oldest first) of the
+    token's own sequence, ``PAD_TOKEN`` before the sequence start."""
+    token_ids = trace.token_ids.numpy().astype(np.int64)
+    windows = np.full((trace.num_tokens, width), PAD_TOKEN, dtype=np.int64)
+    for slot in range(width):
+        offset = lookahead + width - 1 - slot
+        valid = same_sequence_offsets(trace, offset)
+        windows[valid, slot] = token_ids[np.flatnonzero(valid) - offset]
+    return windows
+
+
+def previous_routing(trace: Trace) -> np.ndarray:
+    """[N, L, K] int64: the routing of the previous token of the same sequence, -1 at its start."""
+    expert_ids = trace.expert_ids.numpy().astype(np.int64)
+    previous = np.full_like(expert_ids, -1)
+    valid = same_sequence_offsets(trace, 1)
+    previous[valid] = expert_ids[np.flatnonzero(valid) - 1]
+    return previous
+
+
+def multi_hot(expert_ids: np.ndarray | torch.Tensor, num_experts: int) -> np.ndarray:
+    """[..., E] float32 with 1 at every id of ``expert_ids`` [..., K]; ids < 0 are ignored."""
+    ids = np.asarray(expert_ids, dtype=np.int64)
+    out = np.zeros((*ids.shape[:-1], num_experts + 1), dtype=np.float32)
+    np.put_along_axis(out, np.where(ids < 0, num_experts, ids), 1.0, axis=-1)
+    return out[..., :num_experts]
+
+
+def routing_targets(trace: Trace) -> np.ndarray:
+    """[N, L, E] float32: each token's routing as a distribution over experts (its top-k weights,
+    renormalised; equal shares where the weights do not sum to a positive number)."""
+    weights = trace.expert_weights.numpy().astype(np.float32)
+    weights = np.abs(weights)
+    total = weights.sum(-1, keepdims=True)
+    weights = np.where(total > 0, weights / np.maximum(total, 1e-12), 1.0 / trace.top_k)
+    out = np.zeros((*weights.shape[:-1], trace.num_experts), dtype=np.float32)
+    np.put_along_axis(out, trace.expert_ids.numpy().astype(np.int64), weights, axis=-1)
+    return out
+
+
+def recorded_moe_inputs(trace: Trace) -> np.ndarray | None:
+    """[N, L, H] float16 (as recorded) from the trace's ``moe_input:<layer>`` features, or None if
+    any MoE layer was not recorded."""
+    if trace.features is None or trace.feature_names is None:
+        return None
+    columns = [trace.feature_names.get(f"moe_input:{layer}") for layer in trace.moe_layers]
+    if any(column is None for column in columns):
+        return None
+    features = trace.features.numpy()
+    return np.stack([features[:, start:end] for start, end in columns], 1)
+
+
+def recorded_embeddings(trace: Trace) -> np.ndarray | None:
+    """[N, H] float32 from the trace's ``embedding`` feature, or None."""
+    if trace.features is None or trace.feature_names is None or "embedding" not in trace.feature_names:
+        return None
+    start, end = trace.feature_names["embedding"]
+    return trace.features.numpy()[:, start:end].astype(np.float32)
+
+
+@torch.inference_mode()
+def model_moe_inputs(trace: Trace, model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``model`` over every sequence of ``trace`` (teacher forcing, as the profiler's prefill
+    mode) and return (MoE-layer inputs [N, L, H], token embeddings [N, H]), float32.
+
+    The model must be the trace's model: its routing is compared with the trace's and a mismatch
+    raises ``ValueError``.
+    """
+    import moe_infer
+
+    if int(trace.token_ids.min()) < 0:
+        raise ValueError("the trace has unknown token ids (-1): hidden states cannot be recomputed; "
+                         "record it with `moe-infer profile --features moe_input:...`")
+    we_wrapped = not moe_infer.is_wrapped(model)
+    if we_wrapped:
+        moe_infer.wrap(model)
+    executor = moe_infer.executor(model)
+    try:
+        if executor.moe_layer_indices != list(trace.moe_layers):
+            raise ValueError(f"the model's MoE layers {executor.moe_layer_indices} are not the trace's "
+                             f"{list(trace.moe_layers)}")
+        captured: dict[int, torch.Tensor] = {}
+        positions = {layer.layer_idx: i for i, layer in enumerate(executor.layers)}
+
+        def observer(layer, hidden, routing):
+            captured[positions[layer.layer_idx]] = hidden.float().cpu()
+            captured[-1 - positions[layer.layer_idx]] = routing.expert_ids.cpu()
+
+        for layer in executor.layers:
+            layer.routing_observers.append(observer)
+        device = model.get_input_embeddings().weight.device
+        hidden_parts, embedding_parts = [], []
+        agree = 0  # (token, layer) pairs routed as in the trace
+        token_ids = trace.token_ids.to(torch.long)
+        starts = [0, *(np.flatnonzero(np.diff(trace.seq_ids.numpy())) + 1).tolist(), trace.num_tokens]
+        try:
+            for start, end in zip(starts[:-1], starts[1:]):
+                ids = token_ids[start:end][None].to(device)  # [1, S]
+                captured.clear()
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                routed = torch.stack([captured[-1 - i] for i in range(len(executor.layers))], 1)  # [S, L, K]
+                agree += int((routed.sort(-1).values.to(torch.int32)
+                              == trace.expert_ids[start:end].sort(-1).values).all(-1).sum())
+                hidden_parts.append(torch.stack([captured[i] for i in range(len(executor.layers))], 1))
+                embedding_parts.append(model.get_input_embeddings()(ids[0]).float().cpu())
+        finally:
+            for layer in executor.layers:
+                layer.routing_observers.remove(observer)
+    finally:
+        if we_wrapped:
+            moe_infer.unwrap(model)
+    # batching and padding in the profiler can flip near-ties; another model disagrees broadly
+    agreement = agree / max(trace.num_tokens * trace.num_layers, 1)
+    if agreement < 0.99:
+        raise ValueError(f"the model routes only {agreement:.1%} of the trace's (token, layer) pairs as the "
+                         "trace does: it is not the trace's model")
+    return torch.cat(hidden_parts).numpy(), torch.cat(embedding_parts).numpy()

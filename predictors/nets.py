@@ -1,0 +1,178 @@
+"""What the learned predictors (``expertflow``, ``pregate``) share: token embeddings, small MLPs,
+the distillation loss and the training loop.
+
+Training is distillation from a trace: at each target layer the predictor's softmax over the E
+experts is fitted (cross-entropy) to the router's choice, the token's top-k weights renormalised
+(``features.routing_targets``). Scores are the softmax times K, clipped to 1: an estimate of the
+chance that the token uses each expert.
+
+Shape legend: B batch rows, L MoE layers, E experts, K top-k, W window width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_infer.predictors.base import ModelSignature, Predictor
+
+MAX_WINDOW = 32  # tokens a running model's prediction hook keeps per row (window + lookahead)
+
+
+class TokenWindowEmbedding(nn.Module):
+    """Embeds a window of token ids [B, W] into [B, W * D]; ids < 0 or >= V share one padding row."""
+
+    def __init__(self, vocab_size: int, width: int, dim: int):
+        super().__init__()
+        self.vocab_size, self.width, self.dim = vocab_size, width, dim
+        self.table = nn.Embedding(vocab_size + 1, dim)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        ids = torch.where((windows < 0) | (windows >= self.vocab_size), self.vocab_size, windows)
+        return self.table(ids[:, -self.width:]).flatten(1)
+
+
+class MLP(nn.Module):
+    """One hidden layer, plus (``skip``) a linear path from the inputs to the outputs."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: int, skip: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, outputs))
+        self.skip = nn.Linear(inputs, outputs, bias=False) if skip else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out if self.skip is None else out + self.skip(x)
+
+
+def mlp(inputs: int, hidden: int, outputs: int, skip: bool = False) -> MLP:
+    return MLP(inputs, hidden, outputs, skip)
+
+
+def mlp_macs(net: nn.Module) -> int:
+    return sum(layer.in_features * layer.out_features for layer in net.modules() if isinstance(layer, nn.Linear))
+
+
+def scores_from_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[..., E] logits -> inclusion-probability estimates: softmax * K, clipped to 1."""
+    return (torch.softmax(logits.float(), -1) * top_k).clamp_(max=1.0)
+
+
+def distillation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows and layers of the cross-entropy of softmax(logits) [B, L', E] against the
+    target distributions [B, L', E]."""
+    return -(targets * F.log_softmax(logits, -1)).sum(-1).mean()
+
+
+def train_loop(module: nn.Module, num_rows: int, batch_loss: Callable[[np.ndarray], torch.Tensor], *,
+               epochs: int, batch_size: int, learning_rate: float, max_seconds: float | None,
+               seed: int) -> dict:
+    """AdamW over shuffled row batches with cosine decay; stops after ``epochs`` or ``max_seconds``.
+
+    ``batch_loss(rows)`` returns the loss of the rows (int64 indices). Returns a summary dict.
+    """
+    if num_rows == 0:
+        raise ValueError("the training trace holds no tokens")
+    with torch.random.fork_rng():  # the caller's random stream is untouched
+        torch.manual_seed(seed)
+        return _train(module, num_rows, batch_loss, epochs=epochs, batch_size=batch_size,
+                      learning_rate=learning_rate, max_seconds=max_seconds, seed=seed)
+
+
+def _train(module, num_rows, batch_loss, *, epochs, batch_size, learning_rate, max_seconds, seed) -> dict:
+    generator = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(num_rows / batch_size)
+    total_steps = max(epochs * steps_per_epoch, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
+    start = time.perf_counter()
+    module.train()
+    losses: list[float] = []
+    step = 0
+    stopped_early = False
+    for _ in range(epochs):
+        order = generator.permutation(num_rows)
+        epoch_loss, batches = 0.0, 0
+        for first in range(0, num_rows, batch_size):
+            loss = batch_loss(order[first:first + batch_size])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            epoch_loss += float(loss.detach())
+            batches += 1
+            step += 1
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                stopped_early = True
+                break
+        losses.append(epoch_loss / max(batches, 1))
+        if stopped_early:
+            break
+    module.eval()
+    return {"tokens": num_rows, "steps": step, "epochs_run": len(losses), "loss_per_epoch": losses,
+            "seconds": time.perf_counter() - start, "stopped_by_time": stopped_early}
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+    return value
+
+
+class NetPredictor(Predictor):
+    """A predictor whose learned state is one ``nn.Module`` (``net``), built from its options."""
+
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, signature: ModelSignature, net: nn.Module, options: dict[str, Any],
+                 training: dict[str, Any] | None = None):
+        super().__init__(signature, options, training)
+        self.net = net.eval()
+
+    @classmethod
+    def build_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def initial_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> nn.Module:
+        """``build_net`` with weights drawn from ``options["seed"]`` (same seed, same predictor)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(options["seed"])
+            return cls.build_net(num_layers, num_experts, options)
+
+    @classmethod
+    def checked_options(cls, options: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``options`` over the defaults; unknown names and non-positive sizes are refused."""
+        unknown = sorted(set(options) - set(cls.defaults) - set(extra))
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} option(s) {unknown}; options are {sorted([*cls.defaults, *extra])}")
+        options = {**cls.defaults, **options}
+        for name in ("window", "embed_dim", "hidden", "epochs", "batch_size"):
+            check_positive_int(name, options[name])
+        lookahead = options.get("lookahead", 0)
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise ValueError(f"lookahead={lookahead!r}: expected an int >= 0 (tokens ahead)")
+        if options["window"] + lookahead > MAX_WINDOW:
+            raise ValueError(f"window={options['window']} + lookahead={lookahead}: at most {MAX_WINDOW} tokens "
+                             "(what the runtime hook keeps per row)")
+        return options
+
+    def macs_per_token(self) -> int:
+        return mlp_macs(self.net)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.net.state_dict())
+
+    @classmethod
+    def _from_tensors(cls, signature, options, training, tensors):
+        net = cls.build_net(len(signature.moe_layers), signature.num_experts, options)
+        net.load_state_dict(tensors)
+        return cls(signature, net, options, training)

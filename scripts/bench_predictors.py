@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""Recall of every routing predictor on the shipped tiny models (DESIGN section 8, issue 6).
+
+For each model: record three traces with ``moe_infer.profiler.record_trace`` (every MoE input and
+the token embedding as features) -- training text (every 6th training-split stdlib file), held-out
+text (the held-out stdlib files, split by ``scripts/train_tiny_moe.py``'s rule) and text of another
+kind (license texts from /usr/share/common-licenses) -- train every predictor on the first, and
+report recall of the true experts among the predicted top-K at layer distances 1..4 on the other
+two, with calibration and cost per token (multiply-accumulates and measured time) beside the
+model's own. Then, with room for half of each layer's experts: hit rates in the trace-driven cache
+simulator (LRU, belady, and prefetch driven by each predictor), and in the executor on CPU tiers
+(greedy decoding of held-out prompts: bytes moved, time stalled, prefetches, outputs compared with
+the unbudgeted model). Writes ``bench/results/predictors.json`` and ``predictors.md``.
+
+    python scripts/bench_predictors.py                      # both models, about 10 min on 1 core
+    python scripts/bench_predictors.py --models tiny-mixtral --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_tiny_moe import is_heldout, stdlib_files  # noqa: E402  (the split rule of the shipped models)
+
+import moe_infer  # noqa: E402
+import moe_infer.assets  # noqa: E402
+from moe_infer.predictors import train  # noqa: E402
+from moe_infer.profiler import record_trace  # noqa: E402
+from moe_infer.trace import Trace  # noqa: E402
+
+LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1"]
+LICENSE_DIR = Path("/usr/share/common-licenses")
+# (row name, kind, options); learned predictors also get --epochs
+PREDICTORS = [
+    ("frequency", "frequency", {}),
+    ("markov", "markov", {}),
+    ("gate-lookahead", "gate-lookahead", {}),
+    ("expertflow", "expertflow", {}),
+    ("pregate", "pregate", {}),
+    ("pregate (next token)", "pregate", {"lookahead": 1}),
+]
+LEARNED = {"expertflow", "pregate"}
+DISTANCES = (1, 2, 3, 4)
+# simulator rows: (row name, policy, predictor row or None)
+SIMULATIONS = [("lru", "lru", None), ("belady (no prefetch)", "belady", None)] + [
+    (f"{policy} + {row}", policy, row) for row in ("markov", "gate-lookahead", "expertflow", "pregate")
+    for policy in ("lru", "expertflow")]
+# executor rows: (row name, cache policy, predictor row or None)
+EXECUTIONS = [("lru", "lru", None), ("lru + gate-lookahead", "lru", "gate-lookahead"),
+              ("expertflow + gate-lookahead", "expertflow", "gate-lookahead"),
+              ("expertflow + expertflow", "expertflow", "expertflow"), ("expertflow + pregate", "expertflow", "pregate")]
+
+
+def corpora() -> dict[str, list[Path]]:
+    _, files = stdlib_files()
+    training = [path for rel, path in files if not is_heldout(rel)]
+    corpora = {"train": training[::6], "heldout": [path for rel, path in files if is_heldout(rel)]}
+    licenses = [LICENSE_DIR / name for name in LICENSES if (LICENSE_DIR / name).is_file()]
+    if licenses:
+        corpora["licenses"] = licenses
+    return corpora
+
+
+def record(model_name: str, model, name: str, files: list[Path], work_dir: Path, max_tokens: int) -> Trace:
+    path = work_dir / f"{model_name}-{name}.safetensors"
+    if not path.exists():
+        layers = moe_infer.executor(model).moe_layer_indices
+        features = ("embedding", *(f"moe_input:{layer}" for layer in layers))
+        record_trace(model, path, texts=files, seq_len=512, batch_size=8, max_tokens=max_tokens,
+                     features=features, model_name=model_name, progress=False)
+    return Trace.load(path)
+
+
+def model_cost(model, trace: Trace) -> dict:
+    """Parameter multiply-accumulates per token (non-embedding weights, routed experts at K/E) and
+    measured seconds per token of a prefill over the trace's first sequences."""
+    num_experts, top_k = trace.num_experts, trace.top_k
+    macs = 0.0
+    for name, param in model.named_parameters():
+        if "embed_tokens" in name or param.ndim < 2:
+            continue
+        share = top_k / num_experts if ".experts." in name and "shared" not in name else 1.0
+        macs += param.numel() * share
+    sequences = [span for _, span in trace.sequences()][:8]
+    ids = [trace.token_ids[span].long() for span in sequences]
+    width = min(len(i) for i in ids)
+    batch = torch.stack([i[:width] for i in ids])
+    with torch.inference_mode():
+        model(batch, use_cache=False)  # warm-up
+        start = time.perf_counter()
+        model(batch, use_cache=False)
+        seconds = time.perf_counter() - start
+    return {"macs_per_token": int(macs), "seconds_per_token": seconds / batch.numel()}
+
+
+def run_model(model_name: str, args) -> dict:
+    model, _ = moe_infer.assets.load_model(model_name)
+    moe_infer.wrap(model)
+    traces = {name: record(model_name, model, name, files, args.work_dir,
+                           args.train_tokens if name == "train" else args.eval_tokens)
+              for name, files in corpora().items()}
+    result = {"model": model_name, "traces": {}, "predictors": {}, "model_cost": model_cost(model, traces["heldout"])}
+    for name, trace in traces.items():
+        result["traces"][name] = {"tokens": trace.num_tokens, "sequences": trace.num_sequences,
+                                  "files": json.loads(trace.source).get("files", [])[:3] + ["..."]}
+    predictors = {}
+    for row, kind, options in PREDICTORS:
+        options = dict(options)
+        if kind in LEARNED:
+            options.update(epochs=args.epochs, max_seconds=args.max_seconds)
+        if kind == "gate-lookahead":
+            options["model"] = model
+        start = time.perf_counter()
+        predictor = train(kind, traces["train"], **options)
+        seconds = time.perf_counter() - start
+        entry = {"kind": kind, "options": {k: v for k, v in predictor.options.items() if k != "model"},
+                 "training": predictor.training,
+                 "train_seconds": seconds, "cost": predictor.cost(), "eval": {}}
+        for name, trace in traces.items():
+            if name == "train":
+                continue
+            evaluation = predictor.evaluate(trace, max_distance=max(DISTANCES))
+            entry["eval"][name] = {key: evaluation[key] for key in
+                                   ("recall", "recall_per_layer", "calibration", "seconds_per_token")}
+        result["predictors"][row] = entry
+        predictors[row] = predictor
+        print(f"{model_name} {row}: " + ", ".join(
+            f"{name} " + " ".join(f"{entry['eval'][name]['recall'][d]:.3f}" for d in DISTANCES)
+            for name in entry["eval"]) + f" (trained in {seconds:.0f} s)", flush=True)
+    moe_infer.unwrap(model)
+    result["simulator"] = simulations(traces, predictors, args)
+    result["executor"] = executions(model, traces["heldout"], predictors, args)
+    return result
+
+
+def simulations(traces: dict[str, Trace], predictors: dict, args) -> dict:
+    """Hit rates in the cache simulator with half of each layer's experts, prefetch depth 1."""
+    from moe_infer.cache.simulate import simulate
+
+    out = {}
+    for name, trace in traces.items():
+        if name == "train":
+            continue
+        trace = trace.select_sequences([seq for seq, _ in trace.sequences()][:args.sim_sequences])
+        capacity = trace.num_experts // 2
+        out[name] = {"tokens": trace.num_tokens, "capacity": capacity, "hit_rate": {}, "runs": {}}
+        for row, policy, predictor in SIMULATIONS:
+            sim = simulate(trace, policy, capacity, predictor=predictors.get(predictor), prefetch_depth=1)
+            out[name]["hit_rate"][row] = sim.hit_rate
+            out[name]["runs"][row] = sim.as_dict()
+        print(f"simulator {name}: " + ", ".join(f"{row} {rate:.3f}" for row, rate in out[name]["hit_rate"].items()),
+              flush=True)
+    return out
+
+
+def executions(model, trace: Trace, predictors: dict, args) -> dict:
+    """Greedy decoding of held-out prompts under a CPU-tier budget of half of the experts."""
+    import tempfile
+
+    spans = [span for _, span in trace.sequences()][:args.prompts]
+    prompts = [trace.token_ids[span][:args.prompt_tokens].long()[None] for span in spans]
+    with torch.inference_mode():
+        references = [model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False) for ids in prompts]
+    moe_infer.wrap(model)
+    ex = moe_infer.executor(model)
+    budget = sum(layer.expert_source.expert_nbytes() * layer.num_experts for layer in ex.layers) // 2
+    moe_infer.unwrap(model)
+    out = {"budget_bytes": budget, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
+           "new_tokens": args.new_tokens, "rows": {}}
+    with tempfile.TemporaryDirectory() as directory:
+        for row, policy, predictor_row in EXECUTIONS:
+            predictor = None
+            if predictor_row == "gate-lookahead":
+                predictor = "gate-lookahead"
+            elif predictor_row is not None:
+                predictor = f"{directory}/{predictor_row}.safetensors"
+                predictors[predictor_row].save(predictor)
+            moe_infer.wrap(model, cpu_memory=budget, cache_policy=policy, predictor=predictor, prefetch_depth=1)
+            same = True
+            start = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    for ids, reference in zip(prompts, references):
+                        generated = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)
+                        same = same and torch.equal(generated, reference)
+                stats = moe_infer.executor(model).stats()
+            finally:
+                moe_infer.unwrap(model)
+            tier = stats["tiers"]["cpu"]
+            out["rows"][row] = {"outputs_equal": same, "seconds": time.perf_counter() - start,
+                                "hit_rate": tier["hits"] / max(tier["hits"] + tier["misses"], 1),
+                                "bytes_moved": tier["bytes_moved"], "stall_seconds": stats["stall_seconds"],
+                                "prefetch": stats["prefetch"], "predictor_recall": stats["predictor_recall"]}
+            print(f"executor {row}: {out['rows'][row]}", flush=True)
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Routing predictors: recall on held-out text and on text of another kind", "",
+             f"{results['date']}, {results['device']}, torch {results['torch']}, 1 thread. "
+             f"Command: `{results['command']}`.", "",
+             "Recall = mean fraction of a token's K true experts found among the predictor's top-K at that "
+             "layer, predicted from what is known d MoE layers earlier (for layers below d: from what is "
+             "known before the first MoE layer); averaged over every MoE layer. Traces: prefill over "
+             "512-token windows. Training: every 6th training-split stdlib file; held-out: the held-out "
+             "stdlib files (`int(sha256(relpath)[:8],16) % 100 < 5`, the split the models were trained "
+             "with); other text: license texts (" + ", ".join(LICENSES) + ").", ""]
+    for model in results["models"]:
+        cost = model["model_cost"]
+        lines += [f"## {model['model']}", "",
+                  "Traces: " + ", ".join(f"{name} {t['tokens']} tokens" for name, t in model["traces"].items())
+                  + f". Model: {cost['macs_per_token']:,} parameter MACs per token, "
+                  f"{cost['seconds_per_token'] * 1e6:.1f} us per token (prefill, this machine).", ""]
+        names = [name for name in model["traces"] if name != "train"]
+        header = "| predictor | " + " | ".join(f"{name} d={d}" for name in names for d in DISTANCES)
+        lines += [header + " | ECE d=1 (held-out) | MACs/token | % of model | us/token offline |",
+                  "|---" * (1 + len(names) * len(DISTANCES) + 4) + "|"]
+        best = {(name, d): max(p["eval"][name]["recall"][d] for p in model["predictors"].values())
+                for name in names for d in DISTANCES}
+        for row, entry in model["predictors"].items():
+            cells = []
+            for name in names:
+                for d in DISTANCES:
+                    value = entry["eval"][name]["recall"][d]
+                    cells.append(f"**{value:.3f}**" if value == best[(name, d)] else f"{value:.3f}")
+            macs = entry["cost"]["macs_per_token"]
+            held = entry["eval"]["heldout"]
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {held['calibration'][1]['ece']:.3f} | {macs:,} | "
+                         f"{100 * macs / cost['macs_per_token']:.1f} | {held['seconds_per_token'] * 1e6:.1f} |")
+        lines.append("")
+        lines += ["Per layer, held-out, d=1 and d=4 (layer 0 first):", ""]
+        for row, entry in model["predictors"].items():
+            per_layer = entry["eval"]["heldout"]["recall_per_layer"]
+            lines.append(f"- {row}: d=1 " + " ".join(f"{v:.2f}" for v in per_layer[1])
+                         + "; d=4 " + " ".join(f"{v:.2f}" for v in per_layer[4]))
+        lines.append("")
+        lines += simulator_markdown(model), ""
+        lines += executor_markdown(model), ""
+    return "\n".join(lines)
+
+
+def simulator_markdown(model: dict) -> str:
+    sims = model["simulator"]
+    names = list(sims)
+    first = sims[names[0]]
+    lines = [f"### {model['model']}: cache simulator, {first['capacity']} of {2 * first['capacity']} experts per "
+             "layer, prefetch depth 1", "",
+             "Hit rate = share of (token, layer, expert) accesses found resident. `lru + P`: LRU cache, "
+             "predictions of P prefetched one MoE layer ahead (for layer 0: before the token's first layer); "
+             "`expertflow + P`: the cache's `expertflow` policy (evicts what P predicts least) with the same "
+             "prefetch. Belady here is demand-only (it evicts optimally but never loads ahead), so "
+             "prefetching policies can pass it. Tokens: " + ", ".join(f"{n} {sims[n]['tokens']}" for n in names) + ".",
+             "", "| policy | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for row in first["hit_rate"]:
+        lines.append(f"| {row} | " + " | ".join(f"{sims[n]['hit_rate'][row]:.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def executor_markdown(model: dict) -> str:
+    run = model["executor"]
+    lines = [f"### {model['model']}: executor on CPU tiers, budget {run['budget_bytes']:,} bytes (half of the experts)",
+             "", f"Greedy decoding of {run['prompts']} held-out prompts ({run['prompt_tokens']} tokens, "
+             f"{run['new_tokens']} new tokens each), batch 1, prefetch depth 1. Outputs compared with the "
+             "unbudgeted model. On CPU, 'bytes moved' are copies from the backing weights into the cache tier "
+             "and stalls are waits for background loads.", "",
+             "| cache policy + predictor | outputs equal | hit rate | bytes moved | stall s | prefetch issued / used / "
+             "wasted | runtime recall d=1 | wall s |", "|---" * 8 + "|"]
+    for row, r in run["rows"].items():
+        recall = r["predictor_recall"]
+        recall = f"{recall.get(1, recall.get('1')):.3f}" if recall else "-"
+        p = r["prefetch"]
+        lines.append(f"| {row} | {r['outputs_equal']} | {r['hit_rate']:.3f} | {r['bytes_moved']:,} | "
+                     f"{r['stall_seconds']:.3f} | {p['issued']} / {p['used']} / {p['wasted']} | {recall} | "
+                     f"{r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-deepseek"])
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/moe_infer_bench_predictors"),
+                        help="where the traces are recorded (reused when present)")
+    parser.add_argument("--train-tokens", type=int, default=120_000)
+    parser.add_argument("--eval-tokens", type=int, default=24_000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--max-seconds", type=float, default=None, help="training time limit per learned predictor")
+    parser.add_argument("--sim-sequences", type=int, default=24, help="sequences of each trace the simulator replays")
+    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts decoded in the executor run")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "device": f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
+               "python": platform.python_version(),
+               "command": " ".join(["python", "scripts/bench_predictors.py", *(sys.argv[1:] if argv is None else argv)]),
+               "args": {"epochs": args.epochs, "train_tokens": args.train_tokens, "eval_tokens": args.eval_tokens,
+                        "max_seconds": args.max_seconds},
+               "models": [run_model(name, args) for name in args.models]}
+    (args.out / "predictors.json").write_text(json.dumps(results, indent=1))
+    (args.out / "predictors.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"wrote {args.out / 'predictors.json'} and {args.out / 'predictors.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Routing predictors: a planted routing path is learned exactly, files round-trip without pickle,
+another model's trace is refused, gate-lookahead agrees offline and at runtime, the runtime hook
+leaves outputs unchanged, and `moe-infer predictor train/eval` works end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import moe_infer
+import moe_infer.assets
+from moe_infer import Trace
+from moe_infer.predictors import PREDICTORS, Predictor, PredictorMismatch, attach, load, train
+from moe_infer.profiler import record_trace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NUM_EXPERTS, TOP_K, LAYERS, HIDDEN = 8, 2, (0, 1, 2, 3), 8
+FAST = {"expertflow": dict(epochs=25, batch_size=128, learning_rate=1e-2),
+        "pregate": dict(epochs=25, batch_size=128, learning_rate=1e-2)}
+TEXT = ("def main(argv):\n    total = 0\n    for name in argv:\n        total += len(name)\n"
+        "    return total  # the sum of lengths\n\nclass Tree:\n    def __init__(self):\n        self.children = []\n")
+
+
+def planted_trace(seed: int = 0, num_tokens: int = 1200, model: str = "planted") -> Trace:
+    """Routing fully determined by the token id: layer 0 uses {t, t+3} mod E, and each next layer
+    maps every expert e of the previous layer to (3e + l) mod E (a bijection, so the two stay
+    distinct). Hidden-state features are noise: only the path carries information."""
+    rng = np.random.default_rng(seed)
+    token_ids = rng.integers(0, 16, num_tokens)
+    expert_ids = np.empty((num_tokens, len(LAYERS), TOP_K), dtype=np.int64)
+    expert_ids[:, 0] = np.stack([token_ids % NUM_EXPERTS, (token_ids + 3) % NUM_EXPERTS], 1)
+    for layer in range(1, len(LAYERS)):
+        expert_ids[:, layer] = (3 * expert_ids[:, layer - 1] + layer) % NUM_EXPERTS
+    seq_len = 100
+    names = {"embedding": [0, HIDDEN], **{f"moe_input:{l}": [HIDDEN * (l + 1), HIDDEN * (l + 2)] for l in LAYERS}}
+    return Trace.from_arrays(
+        expert_ids=expert_ids, expert_weights=np.full(expert_ids.shape, 0.5, dtype=np.float32),
+        seq_ids=np.arange(num_tokens) // seq_len, positions=np.arange(num_tokens) % seq_len, token_ids=token_ids,
+        num_experts=NUM_EXPERTS, moe_layers=LAYERS, model=model, family="mixtral", source="planted",
+        features=rng.standard_normal((num_tokens, HIDDEN * (len(LAYERS) + 1))).astype(np.float32),
+        feature_names=names)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_trace(0), planted_trace(1)
+
+
+@pytest.fixture(scope="module")
+def planted_predictors(planted):
+    trace, _ = planted
+    return {kind: train(kind, trace, **FAST.get(kind, {})) for kind in ("frequency", "markov", "expertflow", "pregate")}
+
+
+@pytest.mark.parametrize("kind", ["expertflow", "pregate"])
+def test_learned_predictors_recover_a_planted_routing_path(planted, planted_predictors, kind):
+    _, held_out = planted
+    result = planted_predictors[kind].evaluate(held_out, max_distance=3)
+    assert result["recall"] == {1: 1.0, 2: 1.0, 3: 1.0}
+
+
+def test_markov_recovers_the_path_from_the_layer_it_sees(planted, planted_predictors):
+    _, held_out = planted
+    result = planted_predictors["markov"].evaluate(held_out, max_distance=2)
+    for distance, per_layer in result["recall_per_layer"].items():
+        assert per_layer[distance:] == [1.0] * (len(LAYERS) - distance)  # layers with a source layer
+        assert max(per_layer[:distance]) < 0.75  # below the first MoE layer: popularity only
+    frequency = planted_predictors["frequency"].evaluate(held_out, max_distance=1)["recall"][1]
+    assert frequency < result["recall"][1]
+
+
+def test_predictions_are_probabilities_of_the_right_shape(planted, planted_predictors):
+    _, held_out = planted
+    for kind, predictor in planted_predictors.items():
+        scores = predictor.predict_trace(held_out, 2)
+        assert scores.shape == (held_out.num_tokens, len(LAYERS), NUM_EXPERTS) and scores.dtype == np.float32
+        assert scores.min() >= 0 and scores.max() <= 1, kind
+        calibration = predictor.evaluate(held_out, max_distance=1)["calibration"][1]
+        assert 0 <= calibration["ece"] <= 1 and 0 <= calibration["brier"] <= 1
+
+
+def test_save_load_round_trip_without_pickle(tmp_path, planted, planted_predictors):
+    _, held_out = planted
+    for kind, predictor in planted_predictors.items():
+        path = tmp_path / f"{kind}.safetensors"
+        predictor.save(path)
+        with safe_open(path, framework="pt") as file:  # a plain safetensors file: tensors + JSON metadata
+            metadata = file.metadata()
+        assert metadata["format"] == "moe_infer.predictor/1" and metadata["kind"] == kind
+        assert json.loads(metadata["signature"])["moe_layers"] == list(LAYERS)
+        loaded = load(path)
+        assert type(loaded) is type(predictor) and loaded.options == predictor.options
+        for distance in (1, 3):
+            np.testing.assert_array_equal(loaded.predict_trace(held_out, distance),
+                                          predictor.predict_trace(held_out, distance))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("change", [dict(model="other-model"), dict(num_experts=16), dict(moe_layers=(1, 2, 3, 4))])
+def test_another_models_trace_is_refused(tmp_path, planted, planted_predictors, change):
+    _, held_out = planted
+    other = dataclasses.replace(held_out, **change)
+    field = next(iter(change))
+    predictor = planted_predictors["markov"]
+    predictor.save(tmp_path / "p.safetensors")
+    for candidate in (predictor, load(tmp_path / "p.safetensors")):
+        with pytest.raises(PredictorMismatch, match=f"trace has {field}=.*trained for {field}="):
+            candidate.evaluate(other)
+        with pytest.raises(ValueError, match=field):
+            candidate.predict_trace(other, 1)
+
+
+def test_bad_requests_get_one_clear_error(tmp_path, planted):
+    trace, _ = planted
+    with pytest.raises(ValueError, match="unknown predictor kind 'oracle'; kinds are gate-lookahead"):
+        train("oracle", trace)
+    with pytest.raises(ValueError, match=r"unknown expertflow option\(s\) \['layers'\]"):
+        train("expertflow", trace, layers=3)
+    with pytest.raises(ValueError, match="hidden=0"):
+        train("pregate", trace, hidden=0)
+    with pytest.raises(ValueError, match="window=30 \\+ lookahead=3: at most 32 tokens"):
+        train("pregate", trace, window=30, lookahead=3)
+    markov = train("markov", trace)
+    with pytest.raises(ValueError, match="distance=0"):
+        markov.predict_trace(trace, 0)
+    with pytest.raises(ValueError, match="top_k=9"):
+        markov.evaluate(trace, top_k=9)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a predictor")
+    with pytest.raises(ValueError, match="not a safetensors predictor file"):
+        load(garbage)
+    with pytest.raises(ValueError, match="not a moe_infer predictor"):
+        Predictor.load(_a_trace_file(tmp_path, trace))
+    assert set(PREDICTORS) == {"gate-lookahead", "markov", "frequency", "expertflow", "pregate"}
+
+
+def _a_trace_file(tmp_path: Path, trace: Trace) -> Path:
+    path = tmp_path / "trace.safetensors"
+    trace.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- a real model
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """The shipped tiny-mixtral and a short trace of it with every MoE input recorded."""
+    model, _ = moe_infer.assets.load_model("tiny-mixtral")
+    directory = tmp_path_factory.mktemp("shipped")
+    (directory / "code.py").write_text(TEXT * 2, encoding="utf-8")
+    layers = [int(i) for i in range(model.config.num_hidden_layers)]
+    features = ("embedding", *(f"moe_input:{layer}" for layer in layers))
+    result = record_trace(model, directory / "t.safetensors", texts=[directory / "code.py"], seq_len=128,
+                          features=features, progress=False, model_name="tiny-mixtral")
+    return model, Trace.load(result.path), directory
+
+
+def test_gate_lookahead_offline_from_features_equals_recomputed_and_runtime(shipped):
+    model, trace, _ = shipped
+    predictor = train("gate-lookahead", trace, model=model)
+    from_features = predictor.evaluate(trace, max_distance=2)["recall"]
+    bare = dataclasses.replace(trace, features=None, feature_names=None)  # hidden states recomputed by the model
+    recomputed = predictor.evaluate(bare, max_distance=2)["recall"]
+    assert from_features == pytest.approx(recomputed, abs=0.01)
+    assert from_features[1] > 0.5  # far above a uniform guess (K/E = 0.25)
+
+    # the same sequences through the wrapped model with the hook attached (prefill, one call each)
+    received = []
+    moe_infer.wrap(model)
+    try:
+        hook = attach(model, "gate-lookahead", depth=2, sink=lambda *call: received.append(call))
+        with torch.no_grad():
+            for _, span in trace.sequences():
+                model(trace.token_ids[span][None].long())
+        hook.detach()
+    finally:
+        moe_infer.unwrap(model)
+    runtime = hook.recall()
+    # offline, layers below the first MoE layer come from the embedding; at runtime they are not predicted
+    offline = predictor.evaluate(trace, max_distance=2)["recall_per_layer"]
+    for distance in (1, 2):
+        assert runtime[distance] == pytest.approx(np.mean(offline[distance][distance:]), abs=0.01)
+    assert {layer for layer, _, _ in received} == set(range(1, len(trace.moe_layers)))
+    for layer, experts, scores in received:
+        assert experts and all(0 <= e < trace.num_experts for e in experts) and scores == sorted(scores, reverse=True)
+
+
+def test_runtime_hook_keeps_outputs_and_follows_decoding(shipped):
+    model, trace, _ = shipped
+    predictor = train("expertflow", trace, epochs=1)
+    ids = torch.tensor([list(b"def main(argv):\n    total")])
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=6, do_sample=False)
+    moe_infer.wrap(model)
+    try:
+        hook = attach(model, predictor, depth=3, sink=lambda *call: None)
+        with torch.no_grad():
+            generated = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(generated, reference)
+        assert set(hook.recall()) == {1, 2, 3} and hook.sunk > 0
+        assert hook._last_routing is not None and hook._history[0, -1] == generated[0, -2]
+        hook.detach()
+        assert all(not layer.routing_observers for layer in moe_infer.executor(model).layers)
+        with pytest.raises(ValueError, match="must be trained first"):
+            attach(model, "expertflow")
+        with pytest.raises(PredictorMismatch, match="the model has moe_layers=.*trained for moe_layers="):
+            attach(model, train("markov", planted_trace(model="tiny-mixtral")))
+    finally:
+        moe_infer.unwrap(model)
+
+
+def test_cli_predictor_train_and_eval(tmp_path, planted, capsys):
+    from moe_infer.cli import main
+
+    trace, held_out = planted
+    trace.save(tmp_path / "train.safetensors")
+    held_out.save(tmp_path / "held.safetensors")
+    out = tmp_path / "p.safetensors"
+    assert main(["predictor", "train", "--kind", "markov", "--trace", str(tmp_path / "train.safetensors"),
+                 "--out", str(out), "--option", "smoothing=0.5"]) == 0
+    assert load(out).options == {"smoothing": 0.5}
+    assert main(["predictor", "eval", "--predictor", str(out), "--trace", str(tmp_path / "held.safetensors"),
+                 "--max-distance", "2", "--json", str(tmp_path / "eval.json")]) == 0
+    assert re.search(r"\| 1 \| 0\.\d+ \| 0\.\d+ 1\.000 1\.000 1\.000 \|", capsys.readouterr().out)
+    assert json.loads((tmp_path / "eval.json").read_text())["recall_per_layer"]["2"][2:] == [1.0, 1.0]
+    dataclasses.replace(held_out, model="other").save(tmp_path / "other.safetensors")
+    assert main(["predictor", "eval", "--predictor", str(out), "--trace", str(tmp_path / "other.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "model='other'" in error
+    assert main(["predictor", "train", "--kind", "markov", "--trace", str(tmp_path / "train.safetensors"),
+                 "--out", str(out), "--option", "smoothing"]) == 2
+    assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+def test_executor_prefetches_from_predictions_with_outputs_unchanged(shipped):
+    model, trace, directory = shipped
+    ids = torch.tensor([list(b"def main(argv):\n    total = 0\n")])
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=8, do_sample=False)
+    expertflow = train("expertflow", trace, epochs=1)
+    expertflow.save(directory / "ef.safetensors")
+    moe_infer.wrap(model)
+    half = moe_infer.executor(model).layers[0].expert_source.expert_nbytes() * 8 * 6 // 2  # half of every layer
+    moe_infer.unwrap(model)
+    for predictor, policy in [("gate-lookahead", "lru"), (str(directory / "ef.safetensors"), "expertflow")]:
+        moe_infer.wrap(model, cpu_memory=half, cache_policy=policy, predictor=predictor, prefetch_depth=2)
+        try:
+            with torch.no_grad():
+                generated = model.generate(ids, max_new_tokens=8, do_sample=False)
+            stats = moe_infer.executor(model).stats()
+        finally:
+            moe_infer.unwrap(model)
+        assert torch.equal(generated, reference), predictor
+        assert stats["prefetch"]["issued"] > 0 and stats["prefetch"]["used"] > 0
+        assert set(stats["predictor_recall"]) == {1, 2} and stats["predictor_recall"][1] > 0.4
+        assert not model.get_input_embeddings()._forward_pre_hooks  # unwrap detached the hook
+
+    with pytest.raises(ValueError, match="must be trained first"):
+        moe_infer.wrap(model, cpu_memory=half, predictor="pregate")
+    assert not moe_infer.is_wrapped(model) and not model.get_input_embeddings()._forward_pre_hooks
+
+
+def test_training_is_deterministic_and_leaves_the_callers_random_stream(planted):
+    trace, _ = planted
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = train("pregate", trace, epochs=1)
+    assert torch.equal(torch.rand(3), expected)
+    second = train("pregate", trace, epochs=1)
+    for name, tensor in first.tensors().items():
+        assert torch.equal(tensor, second.tensors()[name]), name
