@@ -316,8 +316,9 @@ class ExpertCache:
             # the reference math holds every expert of the call at once: what the budget cannot
             # hold beside the others runs straight from the backing (on the CPU), fewest rows first
             kept = getattr(self.tier.policy, "hot", set())  # static: room that stays with the hot set
-            kept_bytes = sum(e.nbytes for k, e in self.tier.entries.items()
-                             if k in kept and e.charged and not (k[0] == layer_idx and k[1] in rows))
+            # counted whether loaded yet or not: a hot expert still queued (pin_popular just ran) must
+            # find its room free, or this call's cold experts take it and it never comes back
+            kept_bytes = sum(self.nbytes[k[0]] for k in kept if not (k[0] == layer_idx and k[1] in rows))
             capacity = (self.tier.budget_bytes - kept_bytes) // self.nbytes[layer_idx]
             overflow = len(rows) - len(cpu) - capacity
             if overflow > 0:
