@@ -242,7 +242,7 @@ class ExpertCache:
             self.cpu_computed_experts += len(cpu_experts)
         future = self._cpu_pool.submit(
             moe_forward, hidden.cpu(), cpu_ids.cpu(), routing.expert_weights.cpu(),
-            lambda e: self.backing.read(layer_idx, e), num_experts, activation)
+            _BackingSource(self.backing, layer_idx), num_experts, activation)
         try:
             out = moe_forward(hidden, torch.where(cpu_mask, -1, ids), routing.expert_weights, source,
                               num_experts, activation)
@@ -587,13 +587,16 @@ class _LayerSource:
         self.cache = cache
         self.layer_idx = layer_idx
         self.cpu_experts = cpu_experts
+        self.counted: set[int] = set()
         self.held: list[Entry] = []
 
     def __call__(self, expert: int) -> ExpertTensors:
         if expert in self.cpu_experts:  # CPU compute device: run it from the backing, uncached
-            with self.cache.cond:
-                self.cache.tier.misses += 1
-                self.cache.cpu_computed_experts += 1
+            if expert not in self.counted:  # read once per projection; counted once per call
+                self.counted.add(expert)
+                with self.cache.cond:
+                    self.cache.tier.misses += 1
+                    self.cache.cpu_computed_experts += 1
             try:
                 return self.cache.backing.read(self.layer_idx, expert)
             except Exception as err:
@@ -603,7 +606,26 @@ class _LayerSource:
         self.held.append(entry)
         return entry.tensors
 
+    def is_resident(self, expert: int) -> bool:
+        """Cached experts stay pinned for the call; an expert run from the backing is read per use."""
+        return expert not in self.cpu_experts
+
     def release(self) -> None:
         for entry in self.held:
             self.cache._release(entry)
         self.held = []
+
+
+class _BackingSource:
+    """Experts read straight from the backing for one call (CPU compute of misses): not resident,
+    so `moe_forward` holds at most one of them at a time."""
+
+    def __init__(self, backing, layer_idx: int):
+        self.backing = backing
+        self.layer_idx = layer_idx
+
+    def __call__(self, expert: int) -> ExpertTensors:
+        return self.backing.read(self.layer_idx, expert)
+
+    def is_resident(self, expert: int) -> bool:
+        return False

@@ -146,6 +146,11 @@ def moe_forward(
     logits by ~1e-7..1e-5 with two threads); then the down matmuls, the routing weights (in the
     promoted dtype of expert output and weights: fp32 when a family keeps fp32 weights) and the
     sum over K in that dtype. `grouping` reuses a `group_by_expert` result.
+
+    Memory: an expert the source says is not resident (`expert.is_resident(e)` is False: read
+    from disk or a backing tier for this call only) is fetched once per projection and dropped
+    after each, so at most one such expert is materialised at a time; resident experts (cached
+    or in the model) are fetched once.
     """
     num_tokens, top_k = expert_ids.shape
     if hidden.ndim != 2 or hidden.shape[0] != num_tokens or expert_weights.shape != expert_ids.shape:
@@ -162,17 +167,29 @@ def moe_forward(
         slots = order[:num_rows]
         rows = hidden[slots // top_k]  # [S, H]
         hit = [(e, start, count) for e, start, count in _segments(counts) if count]
-        tensors = {e: expert(e) for e, _, _ in hit}
-        # per-expert matmuls concatenated (not written with out=, which autograd refuses)
-        gate_up = torch.cat([_linear(rows[start : start + count], tensors[e].w13, tensors[e].b13)
-                             for e, start, count in hit])  # [S, 2I]
-        if tensors[hit[0][0]].interleaved:
+        is_resident = getattr(expert, "is_resident", None)
+        kept: dict[int, ExpertTensors] = {}
+        parts, interleaved = [], False
+        for e, start, count in hit:
+            tensors = expert(e)
+            interleaved = tensors.interleaved
+            parts.append(_linear(rows[start : start + count], tensors.w13, tensors.b13))
+            if is_resident is None or is_resident(e):
+                kept[e] = tensors
+            del tensors  # a non-resident expert's buffer goes before the next one is read
+        gate_up = torch.cat(parts)  # [S, 2I]; per-expert matmuls concatenated (autograd refuses out=)
+        del parts
+        if interleaved:
             gate, up = gate_up[..., ::2], gate_up[..., 1::2]
         else:
             gate, up = gate_up.chunk(2, dim=-1)
         act = activation(gate, up)  # [S, I], once over all rows
-        down = torch.cat([_linear(act[start : start + count], tensors[e].w2, tensors[e].b2)
-                          for e, start, count in hit])  # [S, H]
+        parts = []
+        for e, start, count in hit:
+            tensors = kept.pop(e, None) or expert(e)
+            parts.append(_linear(act[start : start + count], tensors.w2, tensors.b2))
+            del tensors
+        down = torch.cat(parts)  # [S, H]
         weighted[slots] = down * expert_weights.reshape(-1)[slots, None]
     return weighted.view(num_tokens, top_k, hidden.shape[-1]).sum(dim=1).to(hidden.dtype)  # T may be 0
 

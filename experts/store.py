@@ -339,6 +339,10 @@ class StoreExperts:
         move = lambda t: None if t is None else t.to(self.device, self.dtype, non_blocking=on_cuda)  # noqa: E731
         return ExpertTensors(move(tensors.w13), move(tensors.w2), move(tensors.b13), move(tensors.b2))
 
+    def is_resident(self, expert_idx: int) -> bool:
+        """Never: every call reads the expert from disk (`moe_forward` then holds one at a time)."""
+        return False
+
     def expert_nbytes(self) -> int:
         """Bytes of one expert as this source returns it."""
         return self.store.expert_nbytes(self.layer_idx) * self.dtype.itemsize // self.store.compute_dtype.itemsize

@@ -63,8 +63,9 @@ def test_converted_checkpoint_under_a_cpu_budget(converted, monkeypatch, family,
     assert all(used <= budget for used, budget in seen)
     disk = stats["tiers"]["disk"]
     assert disk["bytes_read"] == disk["hits"] * nbytes  # one read of each expert's byte range
-    # every read either filled the CPU tier or served an expert computed straight from the store
-    assert disk["hits"] == stats["tiers"]["cpu"]["bytes_moved"] // nbytes + stats["cpu_computed_experts"]
+    # every read either filled the CPU tier or served an expert computed straight from the store;
+    # those are read once per projection, so that no more than one of them is held beside the budget
+    assert disk["hits"] == stats["tiers"]["cpu"]["bytes_moved"] // nbytes + 2 * stats["cpu_computed_experts"]
     if fields.get("cpu_compute") != "always":
         assert seen and stats["tiers"]["cpu"]["bytes_moved"] > 0
     assert not [t for t in threading.enumerate() if t.name.startswith("moe-infer")]

@@ -116,3 +116,38 @@ def test_shape_errors_name_the_shapes():
 def test_unknown_activation():
     with pytest.raises(ValueError, match="unknown activation 'swish2'"):
         Activation("swish2")
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_non_resident_experts_are_held_one_at_a_time(resident):
+    """A source whose experts are read per use (disk, backing tier) never has two of them alive at
+    once inside `moe_forward`; resident experts are fetched once each. Same result either way."""
+    import gc
+    import weakref
+
+    from moe_infer.experts import moe_forward
+
+    hidden, w13, w2, ids, weights, _, _ = make_case(24, 6, 2, 16, 8, torch.float32, seed=5)
+    alive, peak, calls = set(), [0], []
+
+    class Source:
+        def __call__(self, e):
+            gc.collect()
+            calls.append(e)
+            gate_up, down = w13[e].clone(), w2[e].clone()
+            alive.add(len(calls))
+            weakref.finalize(gate_up, alive.discard, len(calls))  # the copy is gone once nothing holds it
+            peak[0] = max(peak[0], len(alive))
+            return ExpertTensors(gate_up, down)
+
+        def is_resident(self, e):
+            return resident
+
+    out = moe_forward(hidden, ids, weights, Source(), 6, Activation("silu"))
+    expected = reference_moe(hidden, w13, w2, ids, weights)
+    assert torch.equal(out, expected)
+    hit = len(set(ids.flatten().tolist()))
+    if resident:
+        assert len(calls) == hit
+    else:
+        assert len(calls) == 2 * hit and peak[0] == 1
