@@ -146,8 +146,10 @@ class StoreBacking(Backing):
 
     def template(self, layer_idx: int) -> ExpertTensors:
         if layer_idx not in self._templates:
+            # shapes, strides and dtypes only (on `meta`): keeping a real expert per layer as the
+            # template held a layer count of experts outside every budget (1.3 GB for 4 Mixtral layers)
             t = self.store.read(layer_idx, 0)
-            self._templates[layer_idx] = ExpertTensors(*(None if x is None else x.to(self.dtype)
+            self._templates[layer_idx] = ExpertTensors(*(None if x is None else _meta_like(x.to(self.dtype))
                                                          for x in (t.w13, t.w2, t.b13, t.b2)))
         return self._templates[layer_idx]
 
@@ -181,3 +183,7 @@ class StoreBacking(Backing):
 
     def close(self) -> None:
         """The store belongs to the model (`moe_infer.loading`); it is closed with it, not here."""
+
+
+def _meta_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
