@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-batch-size", type=int, default=8)
     gen.add_argument("--pool-size", type=int, default=None, help="requests decoded at once (default 4 x batch size)")
     gen.add_argument("--scheduler", choices=["expert", "fcfs"], default=None,
-                     help="default: expert with --token-scheduling, fcfs otherwise")
+                     help="default: expert with --token-scheduling, fcfs otherwise; with --predictor P (a saved "
+                          "pregate predictor) the expert scheduler groups requests by P's prediction of their next token")
     gen.add_argument("--do-sample", action="store_true")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)

@@ -12,8 +12,10 @@ import torch
 import moe_infer
 import moe_infer.assets
 import tiny_models
-from moe_infer.batching import RecentRouting, expected_experts, generate_many, partition, simulate_schedule
+from moe_infer.batching import PredictedRouting, RecentRouting, expected_experts, generate_many, partition, simulate_schedule
 from moe_infer.cli import main
+from moe_infer.predictors import train
+from moe_infer.profiler import record_trace
 from moe_infer.trace import Trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -102,20 +104,27 @@ def test_waiting_is_bounded_and_admission_is_first_come_first_served(shipped):
     assert 0 < stats.max_wait_rounds <= 4 * ((10 - 4 + 3) // 4)
 
 
-def planted_requests(num_requests=32, length=40, num_layers=4, num_experts=16, top_k=2, clusters=4, seed=0):
+def planted_requests(num_requests=32, length=40, num_layers=4, num_experts=16, top_k=2, clusters=4, seed=0,
+                     with_tokens=False):
     """A trace whose sequences each belong to one routing cluster (4 experts per layer), arriving in
-    cluster order 0, 1, 2, 3, 0, 1, ...: first come first served mixes the clusters."""
+    cluster order 0, 1, 2, 3, 0, 1, ...: first come first served mixes the clusters. ``with_tokens``:
+    each cluster writes its own 8 token ids (otherwise token ids are unknown). The clusters' experts
+    are the same for every ``seed`` (a training trace and a test trace share them)."""
+    members_rng = np.random.default_rng(0)
+    members = [members_rng.permutation(num_experts).reshape(clusters, -1) for _ in range(num_layers)]
     rng = np.random.default_rng(seed)
-    members = [rng.permutation(num_experts).reshape(clusters, -1) for _ in range(num_layers)]
     ids = np.zeros((num_requests * length, num_layers, top_k), dtype=np.int64)
     for r in range(num_requests):
         for t in range(length):
             for l in range(num_layers):
                 ids[r * length + t, l] = rng.choice(members[l][r % clusters], top_k, replace=False)
     n = len(ids)
+    cluster_of_token = np.repeat(np.arange(num_requests) % clusters, length)
+    tokens = 8 * cluster_of_token + rng.integers(0, 8, n)
     return Trace.from_arrays(expert_ids=ids, expert_weights=np.full(ids.shape, 0.5),
                              seq_ids=np.repeat(np.arange(num_requests), length), positions=np.tile(np.arange(length), num_requests),
-                             token_ids=np.full(n, -1), num_experts=num_experts, moe_layers=list(range(num_layers)))
+                             token_ids=tokens if with_tokens else np.full(n, -1), num_experts=num_experts,
+                             moe_layers=list(range(num_layers)))
 
 
 def test_scheduler_activates_clearly_fewer_experts_than_fcfs_on_planted_clusters():
@@ -210,3 +219,53 @@ def test_predicted_next_token_scores_drive_the_replay():
         perfect["distinct_experts_per_micro_batch"]
     with pytest.raises(ValueError, match="next_token_scores must be"):
         simulate_schedule(trace, next_token_scores=true_scores[:, :2], **options)
+
+
+def test_a_pregate_predictor_recovers_the_planted_clusters_from_token_ids():
+    # trained on other requests of the same clusters; at replay it sees only each request's token ids
+    predictor = train("pregate", planted_requests(seed=1, with_tokens=True), epochs=4, window=4)
+    trace = planted_requests(seed=2, with_tokens=True)
+    options = dict(max_batch_size=4, pool_size=16, prompt_tokens=4)
+    predicted = simulate_schedule(trace, scheduler="expert", signatures=PredictedRouting(predictor), **options)
+    fcfs = simulate_schedule(trace, scheduler="fcfs", **options)
+    assert predicted["micro_batches"] == fcfs["micro_batches"]
+    assert predicted["distinct_experts_per_micro_batch"] <= 4.0 < 6.0 < fcfs["distinct_experts_per_micro_batch"]
+    # per request: one request's tokens never leak into another's signature
+    source = PredictedRouting(predictor)
+    source.extend(0, [0, 1, 2])  # cluster 0 tokens
+    source.extend(1, [8, 9])  # cluster 1 tokens
+    alone = PredictedRouting(predictor)
+    alone.extend(1, [8, 9])
+    np.testing.assert_allclose(source.signature(1), alone.signature(1))
+    assert not np.allclose(source.signature(0), source.signature(1))
+    source.forget(0)
+    assert not source.signature(0).any()
+    with pytest.raises(ValueError, match="routes from token ids"):
+        PredictedRouting(train("markov", trace))
+
+
+@pytest.fixture(scope="module")
+def shipped_pregate(shipped, tmp_path_factory):
+    model, tokenizer = shipped
+    path = tmp_path_factory.mktemp("pregate") / "trace.safetensors"
+    record_trace(model, path, prompts=TEXTS, tokenizer=tokenizer, model_name="tiny-mixtral")
+    predictor = train("pregate", Trace.load(path), epochs=2)
+    predictor.save(path.with_name("pregate.safetensors"))
+    return predictor, path.with_name("pregate.safetensors")
+
+
+def test_predictor_backed_scheduler_results_equal_one_by_one(shipped, shipped_pregate):
+    model, tokenizer = shipped
+    predictor, saved = shipped_pregate
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
+    with tiny_models.wrapped(model):
+        outputs, stats = generate_many(model, prompts, max_batch_size=3, pool_size=6, max_new_tokens=10,
+                                       scheduler="expert", predictor=predictor, regroup_threshold=0.0,
+                                       return_stats=True)
+        expected = one_by_one(model, prompts, 10, model.generation_config.eos_token_id)
+        from_file = generate_many(model, prompts[:3], max_batch_size=2, max_new_tokens=4, predictor=str(saved),
+                                  scheduler="expert")
+        with pytest.raises(ValueError, match="not both"):
+            generate_many(model, prompts, predictor=predictor, signatures=RecentRouting(6, 8))
+    assert outputs == expected and from_file == [e[:4] for e in expected[:3]]
+    assert stats.regroups > 0
