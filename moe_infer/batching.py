@@ -143,14 +143,20 @@ class PredictedRouting:
         pass  # token ids only: the backbone's routing is never read
 
     def signature(self, request_id: int) -> np.ndarray:
+        if request_id not in self._tokens:
+            return np.zeros((self.num_layers, self.num_experts))
         if request_id not in self._scores:
-            tokens = self._tokens.get(request_id)
-            if not tokens:
-                return np.zeros((self.num_layers, self.num_experts))
-            known = tokens[:len(tokens) - self.lookahead] if self.lookahead else tokens
-            window = [-1] * (self.width - len(known)) + known[-self.width:]  # -1: before the sequence start
-            scores = self.predictor.scores(torch.tensor([window], dtype=torch.long))  # [1, L, E]
-            self._scores[request_id] = scores[0].float().cpu().numpy().astype(np.float64)
+            # one predictor call for every request whose last token changed (the planner asks for
+            # the whole pool in a row)
+            stale = [i for i in self._tokens if i not in self._scores]
+            windows = []
+            for i in stale:
+                tokens = self._tokens[i]
+                known = tokens[:len(tokens) - self.lookahead] if self.lookahead else tokens
+                windows.append([-1] * (self.width - len(known)) + known[-self.width:])  # -1: before the start
+            scores = self.predictor.scores(torch.tensor(windows, dtype=torch.long))  # [len(stale), L, E]
+            for i, row in zip(stale, scores.float().cpu().numpy().astype(np.float64)):
+                self._scores[i] = row
         return self._scores[request_id]
 
     def forget(self, request_id: int) -> None:

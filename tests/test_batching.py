@@ -236,7 +236,7 @@ def test_a_pregate_predictor_recovers_the_planted_clusters_from_token_ids():
     source.extend(1, [8, 9])  # cluster 1 tokens
     alone = PredictedRouting(predictor)
     alone.extend(1, [8, 9])
-    np.testing.assert_allclose(source.signature(1), alone.signature(1))
+    np.testing.assert_allclose(source.signature(1), alone.signature(1), rtol=1e-5)  # batched vs alone
     assert not np.allclose(source.signature(0), source.signature(1))
     source.forget(0)
     assert not source.signature(0).any()
