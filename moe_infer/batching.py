@@ -112,25 +112,32 @@ class RecentRouting:
 
 
 class PredictedRouting:
-    """Signatures predicted from each request's own token ids (Read-ME's pre-gating lookahead).
+    """Signatures predicted for each request's next token before its forward pass runs.
 
-    ``predictor`` is a `moe_infer.predictors` predictor that routes from token ids alone (``kind``
-    "pregate": ``scores(windows [T, W]) -> [T, L, E]``). Per request id it keeps the request's last
-    ``window + lookahead`` token ids; the signature is the predictor's scores of the request's next
-    input token (its last known token), i.e. the routing of the request's next forward pass, known
-    before that pass runs. State is per request, never per row: consecutive forward passes are
-    different micro-batches. Scores are computed once per new token (cached until ``extend``).
+    ``predictor`` is a `moe_infer.predictors` predictor that can route a token before the first MoE
+    layer: "pregate" (Read-ME's pre-gating router: ``scores(windows [T, W]) -> [T, L, E]``, token
+    ids only) or "expertflow" (the routing-path predictor at its first source:
+    ``first_layer_scores(windows, previous [T, L, K])``, token ids and the previous token's routing,
+    observed through the MoE layers). Per request id it keeps the request's last ``window +
+    lookahead`` token ids (and, for expertflow, its last token's experts); the signature is the
+    predicted routing of the request's next input token (its last known token). State is per
+    request, never per row: consecutive forward passes are different micro-batches. Scores are
+    computed when a request's last token changes, in one predictor call for all such requests.
     """
 
     def __init__(self, predictor: Any):
-        if not callable(getattr(predictor, "scores", None)) or "window" not in getattr(predictor, "options", {}):
-            raise ValueError(f"PredictedRouting needs a predictor that routes from token ids (kind 'pregate'), "
-                             f"got {getattr(predictor, 'kind', type(predictor).__name__)!r}")
+        kind = getattr(predictor, "kind", type(predictor).__name__)
+        self.uses_routing = callable(getattr(predictor, "first_layer_scores", None))
+        if not (self.uses_routing or callable(getattr(predictor, "scores", None))) \
+                or "window" not in getattr(predictor, "options", {}):
+            raise ValueError(f"PredictedRouting needs a predictor that routes a token before the first MoE layer "
+                             f"(kind 'pregate' or 'expertflow'), got {kind!r}")
         self.predictor = predictor
         self.num_layers, self.num_experts = predictor.num_layers, predictor.num_experts
         self.width = int(predictor.options["window"])
         self.lookahead = int(predictor.options.get("lookahead", 0))
         self._tokens: dict[int, list[int]] = {}  # request id -> its last width + lookahead token ids
+        self._previous: dict[int, np.ndarray] = {}  # request id -> [L, K] experts of its last routed token
         self._scores: dict[int, np.ndarray] = {}  # request id -> [L, E] for its current last token
 
     def extend(self, request_id: int, token_ids: Sequence[int]) -> None:
@@ -140,7 +147,14 @@ class PredictedRouting:
         self._scores.pop(request_id, None)
 
     def observe(self, request_ids: Sequence[int], layer: int, hidden: Tensor, routing: Any) -> None:
-        pass  # token ids only: the backbone's routing is never read
+        if not self.uses_routing:
+            return  # pregate: token ids only, the backbone's routing is never read
+        expert_ids = routing.expert_ids.detach().cpu().numpy().astype(np.int64)  # [T, K]
+        last = {request: row for row, request in enumerate(request_ids)}  # each request's last token
+        for request, row in last.items():
+            previous = self._previous.setdefault(request, np.full((self.num_layers, expert_ids.shape[1]), -1))
+            previous[layer] = expert_ids[row]
+            self._scores.pop(request, None)
 
     def signature(self, request_id: int) -> np.ndarray:
         if request_id not in self._tokens:
@@ -154,13 +168,20 @@ class PredictedRouting:
                 tokens = self._tokens[i]
                 known = tokens[:len(tokens) - self.lookahead] if self.lookahead else tokens
                 windows.append([-1] * (self.width - len(known)) + known[-self.width:])  # -1: before the start
-            scores = self.predictor.scores(torch.tensor(windows, dtype=torch.long))  # [len(stale), L, E]
+            windows = torch.tensor(windows, dtype=torch.long)
+            if self.uses_routing:
+                top_k = self.predictor.top_k
+                previous = np.stack([self._previous.get(i, np.full((self.num_layers, top_k), -1)) for i in stale])
+                scores = self.predictor.first_layer_scores(windows, torch.from_numpy(previous))
+            else:
+                scores = self.predictor.scores(windows)  # [len(stale), L, E]
             for i, row in zip(stale, scores.float().cpu().numpy().astype(np.float64)):
                 self._scores[i] = row
         return self._scores[request_id]
 
     def forget(self, request_id: int) -> None:
         self._tokens.pop(request_id, None)
+        self._previous.pop(request_id, None)
         self._scores.pop(request_id, None)
 
 
@@ -427,6 +448,7 @@ class SchedulerStats:
     """What a run did. Expert counts are measured on the real routing of every forward pass."""
 
     scheduler: str = ""
+    signatures: str = ""  # where the expert scheduler's signatures came from
     requests: int = 0
     rounds: int = 0
     micro_batches: int = 0  # decode forward passes
@@ -442,6 +464,7 @@ class SchedulerStats:
         batches = max(self.micro_batches, 1)
         return {
             "scheduler": self.scheduler,
+            "signatures": self.signatures,
             "requests": self.requests,
             "micro_batches": self.micro_batches,
             "mean_batch_size": self.decode_tokens / batches,
@@ -490,8 +513,8 @@ class BatchGenerator:
         if predictor is not None and signatures is not None:
             raise ValueError("give signatures or predictor, not both")
         if predictor is None and self.executor.predictor_hook is not None and scheduler == "expert":
-            hooked = self.executor.predictor_hook.predictor  # MoEConfig.predictor, when it routes from token ids
-            predictor = hooked if callable(getattr(hooked, "scores", None)) else None
+            hooked = self.executor.predictor_hook.predictor  # MoEConfig.predictor, when it can route queued tokens
+            predictor = hooked if hooked.kind in ("pregate", "expertflow") else None
         if predictor is not None:
             from moe_infer.predictors.runtime import checked_predictor
 
@@ -525,7 +548,7 @@ class BatchGenerator:
     @torch.no_grad()
     def run(self, prompts: Sequence[Sequence[int]]) -> GenerationResult:
         requests = self._requests(prompts)
-        stats = SchedulerStats(scheduler=self.scheduler, requests=len(requests))
+        stats = SchedulerStats(scheduler=self.scheduler, signatures=self._signature_name(), requests=len(requests))
         for layer in self.executor.layers:
             layer.routing_observers.append(self._observer)
         started = time.perf_counter()
@@ -538,6 +561,13 @@ class BatchGenerator:
                 self.signatures.forget(request.index)
         stats.seconds = time.perf_counter() - started
         return GenerationResult([r.tokens for r in requests], stats)
+
+    def _signature_name(self) -> str:
+        if self.scheduler == "fcfs":
+            return "none"
+        if isinstance(self.signatures, PredictedRouting):
+            return f"{self.signatures.predictor.kind} predictor"
+        return "recent routing" if isinstance(self.signatures, RecentRouting) else type(self.signatures).__name__
 
     def _requests(self, prompts: Sequence[Sequence[int]]) -> list[_Request]:
         if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence):
@@ -685,7 +715,7 @@ def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | str], *, m
     ``temperature``, ``top_k``, ``top_p``, ``seed`` (request i samples with ``seed + i``, or a list
     of seeds), ``eos_token_id`` [the model's], ``pool_size`` [4 * max_batch_size],
     ``scheduler``, ``signatures`` (a `SignatureSource`; default: each request's recent routing),
-    ``predictor`` (a token-id predictor, kind "pregate", or the path of a saved one: signatures are
+    ``predictor`` (a "pregate" or "expertflow" predictor, or the path of a saved one: signatures are
     its prediction of each request's next token, `PredictedRouting`; default: the wrapped model's
     ``MoEConfig.predictor`` when it is such a predictor and the scheduler is "expert"),
     ``regroup_threshold``, ``regroup_interval``.

@@ -98,8 +98,9 @@ def _generate(args: argparse.Namespace) -> int:
     for index, (prompt, output) in enumerate(zip(prompts, outputs)):
         print(f"[{index}] {prompt!r} -> {output!r}")
     summary = stats.summary()
+    signatures = f", signatures: {summary['signatures']}" if summary["scheduler"] == "expert" else ""
     print(f"{summary['requests']} requests, {summary['micro_batches']} micro-batches ({summary['scheduler']} "
-          f"scheduler, mean size {summary['mean_batch_size']:.2f}), "
+          f"scheduler{signatures}, mean size {summary['mean_batch_size']:.2f}), "
           f"{summary['distinct_experts_per_micro_batch']:.2f} distinct experts per micro-batch and MoE layer, "
           f"{summary['regroups']} regroups, {summary['tokens_per_second']:.1f} tokens/s")
     return 0
