@@ -10,7 +10,10 @@ routing signatures come from a pluggable `SignatureSource`.
 Scheduling ("expert", ExpertFlow token scheduling / Read-ME lookahead batching): every request
 carries a routing signature, the probability that its next token uses each expert of each MoE
 layer ([L, E]). A micro-batch then expects to activate ``sum over (l, e) of 1 - prod_i (1 - s_i)``
-distinct experts, and the pool is partitioned (greedy fill, then pairwise swaps) to make the sum
+distinct experts. Signatures: each request's own recent routing (`RecentRouting`, the default), or a
+predictor's routing of the request's next token made before its forward pass (`PredictedRouting`:
+Read-ME's pre-gating router from the token window, or ExpertFlow's path predictor from the token
+window and the previous token's routing). The pool is partitioned (greedy fill, then pairwise swaps) to make the sum
 of that over micro-batches small. The partition is recomputed between decode steps and applied
 only when it saves at least ``regroup_threshold`` expected experts per micro-batch, because
 regrouping moves KV caches. "fcfs" fills micro-batches in admission order and never regroups.
@@ -770,6 +773,8 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
     _check_int("prompt_tokens", prompt_tokens, 1)
     planner = GroupPlanner(scheduler, max_batch_size, regroup_threshold, regroup_interval)
     source = signatures or RecentRouting(trace.num_layers, trace.num_experts)
+    if isinstance(source, PredictedRouting):
+        source.predictor.check_trace(trace)  # PredictorMismatch for another model's trace
     ids = trace.expert_ids  # [N, L, K]
     token_ids = trace.token_ids.numpy().astype(np.int64).tolist()  # [N]
     spans = [span for _, span in trace.sequences()]

@@ -248,6 +248,9 @@ def test_a_predictor_backed_source_recovers_the_planted_clusters(kind):
     assert not np.allclose(source.signature(0), source.signature(1))
     source.forget(0)
     assert not source.signature(0).any()
+    with pytest.raises(ValueError, match="this predictor was trained for num_experts=16"):
+        simulate_schedule(planted_requests(num_requests=4, num_experts=8), scheduler="expert",
+                          signatures=PredictedRouting(predictor), **options)
     with pytest.raises(ValueError, match="routes a token before the first MoE layer"):
         PredictedRouting(train("markov", trace))
 
