@@ -10,7 +10,10 @@ routing signatures come from a pluggable `SignatureSource`.
 Scheduling ("expert", ExpertFlow token scheduling / Read-ME lookahead batching): every request
 carries a routing signature, the probability that its next token uses each expert of each MoE
 layer ([L, E]). A micro-batch then expects to activate ``sum over (l, e) of 1 - prod_i (1 - s_i)``
-distinct experts, and the pool is partitioned (greedy fill, then pairwise swaps) to make the sum
+distinct experts. Signatures: each request's own recent routing (`RecentRouting`, the default), or a
+predictor's routing of the request's next token made before its forward pass (`PredictedRouting`:
+Read-ME's pre-gating router from the token window, or ExpertFlow's path predictor from the token
+window and the previous token's routing). The pool is partitioned (greedy fill, then pairwise swaps) to make the sum
 of that over micro-batches small. The partition is recomputed between decode steps and applied
 only when it saves at least ``regroup_threshold`` expected experts per micro-batch, because
 regrouping moves KV caches. "fcfs" fills micro-batches in admission order and never regroups.
@@ -58,8 +61,12 @@ class SignatureSource(Protocol):
     token: a prompt's tokens during prefill, one token per request during decode), ``layer`` is
     the MoE-layer position (0..L-1) and ``routing`` the layer's `Routing` (``expert_ids`` [T, K]).
     ``signature`` returns float [L, E] in [0, 1]: how likely the request's next token uses each
-    expert. A predictor plugs in here: it observes hidden states and returns predicted paths.
+    expert. ``extend`` is told every token of a request as soon as it is known, before the forward
+    pass that routes it: the prompt at admission, then each chosen token (the next input). A
+    predictor plugs in here: from token ids (`PredictedRouting`) or from observed hidden states.
     """
+
+    def extend(self, request_id: int, token_ids: Sequence[int]) -> None: ...
 
     def observe(self, request_ids: Sequence[int], layer: int, hidden: Tensor, routing: Any) -> None: ...
 
@@ -102,6 +109,83 @@ class RecentRouting:
 
     def forget(self, request_id: int) -> None:
         self._state.pop(request_id, None)
+
+    def extend(self, request_id: int, token_ids: Sequence[int]) -> None:
+        pass  # routing only
+
+
+class PredictedRouting:
+    """Signatures predicted for each request's next token before its forward pass runs.
+
+    ``predictor`` is a `moe_infer.predictors` predictor that can route a token before the first MoE
+    layer: "pregate" (Read-ME's pre-gating router: ``scores(windows [T, W]) -> [T, L, E]``, token
+    ids only) or "expertflow" (the routing-path predictor at its first source:
+    ``first_layer_scores(windows, previous [T, L, K])``, token ids and the previous token's routing,
+    observed through the MoE layers). Per request id it keeps the request's last ``window +
+    lookahead`` token ids (and, for expertflow, its last token's experts); the signature is the
+    predicted routing of the request's next input token (its last known token). State is per
+    request, never per row: consecutive forward passes are different micro-batches. Scores are
+    computed when a request's last token changes, in one predictor call for all such requests.
+    """
+
+    def __init__(self, predictor: Any):
+        kind = getattr(predictor, "kind", type(predictor).__name__)
+        self.uses_routing = callable(getattr(predictor, "first_layer_scores", None))
+        if not (self.uses_routing or callable(getattr(predictor, "scores", None))) \
+                or "window" not in getattr(predictor, "options", {}):
+            raise ValueError(f"PredictedRouting needs a predictor that routes a token before the first MoE layer "
+                             f"(kind 'pregate' or 'expertflow'), got {kind!r}")
+        self.predictor = predictor
+        self.num_layers, self.num_experts = predictor.num_layers, predictor.num_experts
+        self.width = int(predictor.options["window"])
+        self.lookahead = int(predictor.options.get("lookahead", 0))
+        self._tokens: dict[int, list[int]] = {}  # request id -> its last width + lookahead token ids
+        self._previous: dict[int, np.ndarray] = {}  # request id -> [L, K] experts of its last routed token
+        self._scores: dict[int, np.ndarray] = {}  # request id -> [L, E] for its current last token
+
+    def extend(self, request_id: int, token_ids: Sequence[int]) -> None:
+        tokens = self._tokens.setdefault(request_id, [])
+        tokens.extend(int(t) for t in token_ids)
+        del tokens[:-(self.width + self.lookahead)]
+        self._scores.pop(request_id, None)
+
+    def observe(self, request_ids: Sequence[int], layer: int, hidden: Tensor, routing: Any) -> None:
+        if not self.uses_routing:
+            return  # pregate: token ids only, the backbone's routing is never read
+        expert_ids = routing.expert_ids.detach().cpu().numpy().astype(np.int64)  # [T, K]
+        last = {request: row for row, request in enumerate(request_ids)}  # each request's last token
+        for request, row in last.items():
+            previous = self._previous.setdefault(request, np.full((self.num_layers, expert_ids.shape[1]), -1))
+            previous[layer] = expert_ids[row]
+            self._scores.pop(request, None)
+
+    def signature(self, request_id: int) -> np.ndarray:
+        if request_id not in self._tokens:
+            return np.zeros((self.num_layers, self.num_experts))
+        if request_id not in self._scores:
+            # one predictor call for every request whose last token changed (the planner asks for
+            # the whole pool in a row)
+            stale = [i for i in self._tokens if i not in self._scores]
+            windows = []
+            for i in stale:
+                tokens = self._tokens[i]
+                known = tokens[:len(tokens) - self.lookahead] if self.lookahead else tokens
+                windows.append([-1] * (self.width - len(known)) + known[-self.width:])  # -1: before the start
+            windows = torch.tensor(windows, dtype=torch.long)
+            if self.uses_routing:
+                top_k = self.predictor.top_k
+                previous = np.stack([self._previous.get(i, np.full((self.num_layers, top_k), -1)) for i in stale])
+                scores = self.predictor.first_layer_scores(windows, torch.from_numpy(previous))
+            else:
+                scores = self.predictor.scores(windows)  # [len(stale), L, E]
+            for i, row in zip(stale, scores.float().cpu().numpy().astype(np.float64)):
+                self._scores[i] = row
+        return self._scores[request_id]
+
+    def forget(self, request_id: int) -> None:
+        self._tokens.pop(request_id, None)
+        self._previous.pop(request_id, None)
+        self._scores.pop(request_id, None)
 
 
 def expected_experts(signatures: np.ndarray) -> float:
@@ -367,6 +451,7 @@ class SchedulerStats:
     """What a run did. Expert counts are measured on the real routing of every forward pass."""
 
     scheduler: str = ""
+    signatures: str = ""  # where the expert scheduler's signatures came from
     requests: int = 0
     rounds: int = 0
     micro_batches: int = 0  # decode forward passes
@@ -382,6 +467,7 @@ class SchedulerStats:
         batches = max(self.micro_batches, 1)
         return {
             "scheduler": self.scheduler,
+            "signatures": self.signatures,
             "requests": self.requests,
             "micro_batches": self.micro_batches,
             "mean_batch_size": self.decode_tokens / batches,
@@ -404,7 +490,7 @@ class BatchGenerator:
     """Runs `generate_many`; see the module docstring for the scheduling."""
 
     def __init__(self, model: nn.Module, *, max_batch_size: int = 8, pool_size: int | None = None,
-                 scheduler: str | None = None, signatures: SignatureSource | None = None,
+                 scheduler: str | None = None, signatures: SignatureSource | None = None, predictor: Any = None,
                  regroup_threshold: float = 1.0, regroup_interval: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
                  eos_token_id: int | Sequence[int] | None = None):
@@ -427,6 +513,16 @@ class BatchGenerator:
         self.planner = GroupPlanner(scheduler, max_batch_size, regroup_threshold, regroup_interval)
         self.scheduler = scheduler
         num_experts = self.executor.layers[0].num_experts
+        if predictor is not None and signatures is not None:
+            raise ValueError("give signatures or predictor, not both")
+        if predictor is None and self.executor.predictor_hook is not None and scheduler == "expert":
+            hooked = self.executor.predictor_hook.predictor  # MoEConfig.predictor, when it can route queued tokens
+            predictor = hooked if hooked.kind in ("pregate", "expertflow") else None
+        if predictor is not None:
+            from moe_infer.predictors.runtime import checked_predictor
+
+            signatures = PredictedRouting(checked_predictor(self.executor, getattr(model.config, "_name_or_path", ""),
+                                                            predictor))
         self.signatures = signatures or RecentRouting(len(self.executor.layers), num_experts)
         _check_int("max_new_tokens", max_new_tokens, 1)
         self.max_new_tokens = max_new_tokens
@@ -455,7 +551,7 @@ class BatchGenerator:
     @torch.no_grad()
     def run(self, prompts: Sequence[Sequence[int]]) -> GenerationResult:
         requests = self._requests(prompts)
-        stats = SchedulerStats(scheduler=self.scheduler, requests=len(requests))
+        stats = SchedulerStats(scheduler=self.scheduler, signatures=self._signature_name(), requests=len(requests))
         for layer in self.executor.layers:
             layer.routing_observers.append(self._observer)
         started = time.perf_counter()
@@ -468,6 +564,13 @@ class BatchGenerator:
                 self.signatures.forget(request.index)
         stats.seconds = time.perf_counter() - started
         return GenerationResult([r.tokens for r in requests], stats)
+
+    def _signature_name(self) -> str:
+        if self.scheduler == "fcfs":
+            return "none"
+        if isinstance(self.signatures, PredictedRouting):
+            return f"{self.signatures.predictor.kind} predictor"
+        return "recent routing" if isinstance(self.signatures, RecentRouting) else type(self.signatures).__name__
 
     def _requests(self, prompts: Sequence[Sequence[int]]) -> list[_Request]:
         if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence):
@@ -503,12 +606,14 @@ class BatchGenerator:
 
     def _accept(self, request: _Request, token: int) -> None:
         request.tokens.append(token)
+        self.signatures.extend(request.index, [token])
         if token in self.eos or len(request.tokens) >= self.max_new_tokens:
             request.done = True
 
     def _prefill(self, request: _Request, stats: SchedulerStats) -> None:
         device = self.model.get_input_embeddings().weight.device
         input_ids = torch.tensor([request.prompt], device=device)
+        self.signatures.extend(request.index, request.prompt)
         self._rows = [request.index] * len(request.prompt)
         try:
             out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
@@ -612,7 +717,11 @@ def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | str], *, m
     tokenizer read strings as UTF-8). Options: ``max_new_tokens`` [32], ``do_sample`` [False],
     ``temperature``, ``top_k``, ``top_p``, ``seed`` (request i samples with ``seed + i``, or a list
     of seeds), ``eos_token_id`` [the model's], ``pool_size`` [4 * max_batch_size],
-    ``scheduler``, ``signatures`` (a `SignatureSource`), ``regroup_threshold``, ``regroup_interval``.
+    ``scheduler``, ``signatures`` (a `SignatureSource`; default: each request's recent routing),
+    ``predictor`` (a "pregate" or "expertflow" predictor, or the path of a saved one: signatures are
+    its prediction of each request's next token, `PredictedRouting`; default: the wrapped model's
+    ``MoEConfig.predictor`` when it is such a predictor and the scheduler is "expert"),
+    ``regroup_threshold``, ``regroup_interval``.
     Returns the generated token ids per prompt (strings when the prompts were strings), and the
     `SchedulerStats` too with ``return_stats=True``.
     """
@@ -645,7 +754,9 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
     order) and are admitted first come first served into a pool of ``pool_size``; each round every
     pooled request decodes one token in the micro-batches the planner forms. Returns the mean
     distinct experts per micro-batch (per MoE layer), micro-batches, regroups and requests moved.
-    The signature source sees expert ids only (``hidden`` is None).
+    The signature source sees expert ids (``hidden`` is None) and the trace's token ids
+    (``extend``: the prompt and first decode token at admission, each next token after a step), so
+    a `PredictedRouting` source predicts each request's next token from its own token window.
 
     ``next_token_scores`` float [N, L, E] replaces the signature source by a prediction of each
     token's routing made before its forward pass, e.g. a predictor's
@@ -662,7 +773,10 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
     _check_int("prompt_tokens", prompt_tokens, 1)
     planner = GroupPlanner(scheduler, max_batch_size, regroup_threshold, regroup_interval)
     source = signatures or RecentRouting(trace.num_layers, trace.num_experts)
+    if isinstance(source, PredictedRouting):
+        source.predictor.check_trace(trace)  # PredictorMismatch for another model's trace
     ids = trace.expert_ids  # [N, L, K]
+    token_ids = trace.token_ids.numpy().astype(np.int64).tolist()  # [N]
     spans = [span for _, span in trace.sequences()]
     spans = [spans[i] for i in order] if order is not None else spans
     requests = {}  # request id -> (first decode token index, end index)
@@ -700,6 +814,7 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
         while queue and sum(map(len, groups)) + len(admitted) < pool_size:
             request_id = queue.popleft()
             first, start, _ = requests[request_id]
+            source.extend(request_id, token_ids[first:start + 1])  # the prompt and the first decode input
             observe([request_id] * (start - first), list(range(first, start)))
             cursor[request_id] = start
             admitted.append(request_id)
@@ -717,6 +832,8 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
             observe(group, tokens)
             for i in group:
                 cursor[i] += 1
+                if cursor[i] < requests[i][2]:
+                    source.extend(i, token_ids[cursor[i]:cursor[i] + 1])
         groups = [[i for i in g if cursor[i] < requests[i][2]] for g in groups]
         groups = [g for g in groups if g]
     for request_id in requests:

@@ -98,8 +98,9 @@ def _generate(args: argparse.Namespace) -> int:
     for index, (prompt, output) in enumerate(zip(prompts, outputs)):
         print(f"[{index}] {prompt!r} -> {output!r}")
     summary = stats.summary()
+    signatures = f", signatures: {summary['signatures']}" if summary["scheduler"] == "expert" else ""
     print(f"{summary['requests']} requests, {summary['micro_batches']} micro-batches ({summary['scheduler']} "
-          f"scheduler, mean size {summary['mean_batch_size']:.2f}), "
+          f"scheduler{signatures}, mean size {summary['mean_batch_size']:.2f}), "
           f"{summary['distinct_experts_per_micro_batch']:.2f} distinct experts per micro-batch and MoE layer, "
           f"{summary['regroups']} regroups, {summary['tokens_per_second']:.1f} tokens/s")
     return 0
@@ -296,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-batch-size", type=int, default=8)
     gen.add_argument("--pool-size", type=int, default=None, help="requests decoded at once (default 4 x batch size)")
     gen.add_argument("--scheduler", choices=["expert", "fcfs"], default=None,
-                     help="default: expert with --token-scheduling, fcfs otherwise")
+                     help="default: expert with --token-scheduling, fcfs otherwise; with --predictor P (a saved "
+                          "pregate predictor) the expert scheduler groups requests by P's prediction of their next token")
     gen.add_argument("--do-sample", action="store_true")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)

@@ -118,6 +118,15 @@ class ExpertFlowPredictor(NetPredictor):
         return out
 
     @torch.inference_mode()
+    def first_layer_scores(self, windows: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """[T, L, E] scores of every MoE layer from what is known before the first one: token windows
+        [T, W] (ids ending at the token, oldest first, -1 before the sequence start) and the previous
+        token's experts [T, L, K] (-1 unknown). What a batching scheduler routes queued tokens with."""
+        param = next(self.net.parameters())
+        previous_hot = torch.from_numpy(multi_hot(previous.cpu().numpy(), self.num_experts)).flatten(1)
+        return scores_from_logits(self.net(-1, windows.to(param.device), previous_hot.to(param.device)), self.top_k)
+
+    @torch.inference_mode()
     def runtime_scores(self, position: int, state, max_depth: int) -> dict[int, torch.Tensor]:
         targets = state.targets(position, max_depth)
         if not targets:

@@ -4,6 +4,7 @@ requests; bounded waiting; bad input; the `generate` CLI."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ import torch
 import moe_infer
 import moe_infer.assets
 import tiny_models
-from moe_infer.batching import RecentRouting, expected_experts, generate_many, partition, simulate_schedule
+from moe_infer.batching import PredictedRouting, RecentRouting, expected_experts, generate_many, partition, simulate_schedule
 from moe_infer.cli import main
+from moe_infer.predictors import train
+from moe_infer.profiler import record_trace
 from moe_infer.trace import Trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -102,20 +105,30 @@ def test_waiting_is_bounded_and_admission_is_first_come_first_served(shipped):
     assert 0 < stats.max_wait_rounds <= 4 * ((10 - 4 + 3) // 4)
 
 
-def planted_requests(num_requests=32, length=40, num_layers=4, num_experts=16, top_k=2, clusters=4, seed=0):
+def planted_requests(num_requests=32, length=40, num_layers=4, num_experts=16, top_k=2, clusters=4, seed=0,
+                     with_tokens=False):
     """A trace whose sequences each belong to one routing cluster (4 experts per layer), arriving in
-    cluster order 0, 1, 2, 3, 0, 1, ...: first come first served mixes the clusters."""
+    cluster order 0, 1, 2, 3, 0, 1, ...: first come first served mixes the clusters. ``with_tokens``:
+    each cluster writes its own 8 token ids (otherwise token ids are unknown), and noise stands for the
+    MoE-layer inputs (the ``moe_input`` features the expertflow predictor trains on). The clusters' experts
+    are the same for every ``seed`` (a training trace and a test trace share them)."""
+    members_rng = np.random.default_rng(0)
+    members = [members_rng.permutation(num_experts).reshape(clusters, -1) for _ in range(num_layers)]
     rng = np.random.default_rng(seed)
-    members = [rng.permutation(num_experts).reshape(clusters, -1) for _ in range(num_layers)]
     ids = np.zeros((num_requests * length, num_layers, top_k), dtype=np.int64)
     for r in range(num_requests):
         for t in range(length):
             for l in range(num_layers):
                 ids[r * length + t, l] = rng.choice(members[l][r % clusters], top_k, replace=False)
     n = len(ids)
+    cluster_of_token = np.repeat(np.arange(num_requests) % clusters, length)
+    tokens = 8 * cluster_of_token + rng.integers(0, 8, n)
+    features = dict(features=rng.standard_normal((n, 4 * num_layers)).astype(np.float32),
+                    feature_names={f"moe_input:{l}": [4 * l, 4 * l + 4] for l in range(num_layers)})
     return Trace.from_arrays(expert_ids=ids, expert_weights=np.full(ids.shape, 0.5),
                              seq_ids=np.repeat(np.arange(num_requests), length), positions=np.tile(np.arange(length), num_requests),
-                             token_ids=np.full(n, -1), num_experts=num_experts, moe_layers=list(range(num_layers)))
+                             token_ids=tokens if with_tokens else np.full(n, -1), num_experts=num_experts,
+                             moe_layers=list(range(num_layers)), **(features if with_tokens else {}))
 
 
 def test_scheduler_activates_clearly_fewer_experts_than_fcfs_on_planted_clusters():
@@ -210,3 +223,72 @@ def test_predicted_next_token_scores_drive_the_replay():
         perfect["distinct_experts_per_micro_batch"]
     with pytest.raises(ValueError, match="next_token_scores must be"):
         simulate_schedule(trace, next_token_scores=true_scores[:, :2], **options)
+
+
+@pytest.mark.parametrize("kind", ["pregate", "expertflow"])
+def test_a_predictor_backed_source_recovers_the_planted_clusters(kind):
+    # trained on other requests of the same clusters; at replay it sees each request's token ids
+    # (and, expertflow, its previous token's routing), per request
+    predictor = train(kind, planted_requests(seed=1, with_tokens=True), epochs=4, window=4)
+    trace = planted_requests(seed=2, with_tokens=True)
+    options = dict(max_batch_size=4, pool_size=16, prompt_tokens=4)
+    predicted = simulate_schedule(trace, scheduler="expert", signatures=PredictedRouting(predictor), **options)
+    fcfs = simulate_schedule(trace, scheduler="fcfs", **options)
+    assert predicted["micro_batches"] == fcfs["micro_batches"]
+    assert predicted["distinct_experts_per_micro_batch"] <= 4.0 < 6.0 < fcfs["distinct_experts_per_micro_batch"]
+    # per request: one request's tokens and routing never leak into another's signature
+    source, alone = PredictedRouting(predictor), PredictedRouting(predictor)
+    source.extend(0, [0, 1, 2])  # cluster 0 tokens
+    source.extend(1, [8, 9])  # cluster 1 tokens
+    alone.extend(1, [8, 9])
+    for layer in range(trace.num_layers):  # one forward pass of a micro-batch of requests 0 and 1
+        source.observe([0, 0, 1], layer, None, SimpleNamespace(expert_ids=torch.tensor([[0, 1], [2, 3], [4, 5]])))
+        alone.observe([1], layer, None, SimpleNamespace(expert_ids=torch.tensor([[4, 5]])))
+    np.testing.assert_allclose(source.signature(1), alone.signature(1), rtol=1e-5)  # batched vs alone
+    assert not np.allclose(source.signature(0), source.signature(1))
+    source.forget(0)
+    assert not source.signature(0).any()
+    with pytest.raises(ValueError, match="this predictor was trained for num_experts=16"):
+        simulate_schedule(planted_requests(num_requests=4, num_experts=8), scheduler="expert",
+                          signatures=PredictedRouting(predictor), **options)
+    with pytest.raises(ValueError, match="routes a token before the first MoE layer"):
+        PredictedRouting(train("markov", trace))
+
+
+@pytest.fixture(scope="module")
+def shipped_pregate(shipped, tmp_path_factory):
+    model, tokenizer = shipped
+    path = tmp_path_factory.mktemp("pregate") / "trace.safetensors"
+    record_trace(model, path, prompts=TEXTS, tokenizer=tokenizer, model_name="tiny-mixtral")
+    predictor = train("pregate", Trace.load(path), epochs=2)
+    predictor.save(path.with_name("pregate.safetensors"))
+    expertflow = train("expertflow", Trace.load(path), epochs=1, model=model)
+    return predictor, path.with_name("pregate.safetensors"), expertflow
+
+
+def test_predictor_backed_scheduler_results_equal_one_by_one(shipped, shipped_pregate):
+    model, tokenizer = shipped
+    predictor, saved, expertflow = shipped_pregate
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
+    with tiny_models.wrapped(model):
+        outputs, stats = generate_many(model, prompts, max_batch_size=3, pool_size=6, max_new_tokens=10,
+                                       scheduler="expert", predictor=predictor, regroup_threshold=0.0,
+                                       return_stats=True)
+        expected = one_by_one(model, prompts, 10, model.generation_config.eos_token_id)
+        from_file = generate_many(model, prompts[:3], max_batch_size=2, max_new_tokens=4, predictor=str(saved),
+                                  scheduler="expert")
+        path_predictor = generate_many(model, prompts, max_batch_size=3, pool_size=6, max_new_tokens=10,
+                                       scheduler="expert", predictor=expertflow, regroup_threshold=0.0)
+        with pytest.raises(ValueError, match="not both"):
+            generate_many(model, prompts, predictor=predictor, signatures=RecentRouting(6, 8))
+    assert stats.signatures == "pregate predictor"
+    assert outputs == expected and path_predictor == expected and from_file == [e[:4] for e in expected[:3]]
+    assert stats.regroups > 0
+
+
+def test_cli_generate_schedules_with_the_configured_predictor(shipped_pregate, capsys):
+    _, saved, _ = shipped_pregate
+    assert main(["generate", "--model", "tiny-mixtral", "--prompt", "import os", "--prompt", "def f(",
+                 "--max-new-tokens", "3", "--max-batch-size", "1", "--token-scheduling", "--predictor", str(saved),
+                 "--device", "cpu"]) == 0
+    assert "expert scheduler, signatures: pregate predictor" in capsys.readouterr().out
