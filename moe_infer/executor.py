@@ -126,9 +126,7 @@ class ModelExecutor:
 
     def _configure_parallel(self, config: MoEConfig) -> None:
         if config.parallel is None:
-            for layer in self.layers:
-                layer.parallel = None
-            self.parallel = None
+            self.stop_parallel()
         elif self.parallel is None:
             from moe_infer.parallel import build_runtime
 
@@ -136,6 +134,16 @@ class ModelExecutor:
         else:
             self.parallel.set(config.parallel, capacity_factor=self.parallel.capacity_factor,
                               placement=self.parallel.placement)
+
+    def stop_parallel(self) -> None:
+        """Leave the multi-rank path: the full expert weights are gathered back into every rank's
+        experts modules (a collective: every rank must call it, as `unwrap` and
+        `configure(parallel=None)` do)."""
+        if self.parallel is not None:
+            from moe_infer.parallel import release
+
+            release(self.layers)
+            self.parallel = None
 
     def layer(self, layer_idx: int) -> MoELayer:
         for layer in self.layers:

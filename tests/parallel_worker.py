@@ -55,11 +55,22 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
 
+def expert_storage_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the storages behind every experts module's gate_up_proj and down_proj (a view of a
+    larger tensor counts the whole storage it keeps alive)."""
+    return sum(param.untyped_storage().nbytes() for module in model.modules() if hasattr(module, "gate_up_proj")
+               for param in (module.gate_up_proj, module.down_proj))
+
+
 def model_checks(name: str, rank: int, world: int, results: list) -> None:
     import tiny_models
     reference = moe_infer.wrap(tiny_models.build(name, seed=0))
     model = moe_infer.wrap(tiny_models.build(name, seed=0), parallel="tp")
     ex = moe_infer.executor(model)
+    # each rank holds 1/W of the expert weights; the reference holds them all
+    full_bytes = expert_storage_bytes(reference)
+    results.append({"check": f"{name} expert bytes", "r": "tp",
+                    "err": float(abs(expert_storage_bytes(model) * world - full_bytes)), "bytes": full_bytes})
     ids = tiny_models.token_ids(100 + rank, 2, 3 + 2 * rank)  # a different token count on every rank
     with torch.no_grad():
         expected = reference(ids).logits
@@ -78,12 +89,23 @@ def model_checks(name: str, rank: int, world: int, results: list) -> None:
     results.append({"check": f"{name} stats", "stats": {k: stats[k] for k in (
         "world_size", "setting", "last_r", "calls_by_r", "bytes_sent", "token_bytes_sent", "weight_bytes_sent")},
         "r": "auto", "err": 0.0 if stats["per_call"] and all("r" in c for c in stats["per_call"]) else 1.0})
+    # unwrap gathers the full weights back: bit-exact against a fresh build, outputs of the original model
+    moe_infer.unwrap(model)
+    fresh = tiny_models.build(name, seed=0).state_dict()
+    restored = model.state_dict()
+    same = restored.keys() == fresh.keys() and all(torch.equal(restored[k], fresh[k]) for k in fresh)
+    results.append({"check": f"{name} unwrap", "r": None, "err": 0.0 if same else 1.0,
+                    "bytes": expert_storage_bytes(model)})
+    with torch.no_grad():
+        results.append({"check": f"{name} unwrapped logits", "r": None, "err": max_err(model(ids).logits, expected)})
 
 
 def tiny_layer(setting) -> SimpleNamespace:
     """One MoE layer's experts without transformers (importing it costs seconds per process):
-    `layer.parallel` is attached by `build_runtime`, as `wrap` does for a model's layers."""
-    layer = SimpleNamespace(layer_idx=0, expert_source=ModuleExperts(TinyExperts(), silu_gate), top_k=2)
+    `layer.parallel` is attached by `build_runtime`, as `wrap` does for a model's layers (which cuts
+    the layer's experts module to this rank's slice); `full` is an uncut copy, the reference."""
+    layer = SimpleNamespace(layer_idx=0, expert_source=ModuleExperts(TinyExperts(), silu_gate), top_k=2,
+                            full=ModuleExperts(TinyExperts(), silu_gate))
     build_runtime([layer], setting)
     return layer
 
@@ -97,14 +119,16 @@ def model_layer(name: str) -> SimpleNamespace:
 
     ex = moe_infer.executor(moe_infer.wrap(tiny_models.build(name, seed=0), parallel="ep"))
     layer = ex.layers[0]
+    full = moe_infer.executor(moe_infer.wrap(tiny_models.build(name, seed=0))).layer(layer.layer_idx).expert_source
     return SimpleNamespace(layer_idx=layer.layer_idx, expert_source=layer.expert_source, top_k=layer.adapter.top_k,
-                           parallel=layer.parallel)
+                           parallel=layer.parallel, full=full)
 
 
 def layer_checks(layer: SimpleNamespace, rank: int, world: int, results: list) -> None:
     """Uneven routing, empty ranks, a placement plan and the capacity factor, at the layer level."""
     runtime = layer.parallel.runtime
-    source = layer.expert_source
+    source = layer.full  # the full experts (layer.expert_source holds this rank's slice only)
+    assert layer.expert_source.intermediate_size * world == source.intermediate_size
     num_experts = source.num_experts
     rs = [0] + [r for r in range(1, world + 1) if world % r == 0]
     generator = torch.Generator().manual_seed(7 + rank)

@@ -122,7 +122,7 @@ DEEPSPEED_SKIP = _deepspeed_ready()
 
 
 JOBS = {  # job name -> how to start it
-    "two": lambda out: torchrun(out, 2, "--models", "deepseek_v3"),
+    "two": lambda out: torchrun(out, 2, "--models", "deepseek_v3,gpt_oss"),  # gpt_oss: transposed, interleaved, biases
     "four": lambda out: torchrun(out, 4, "--models", "mixtral"),
     "hang": lambda out: torchrun(out, 2, "--fail", "hang", "--timeout", "3"),
     "crash": lambda out: torchrun(out, 2, "--fail", "crash", "--timeout", "3"),
@@ -171,6 +171,13 @@ def _check_matches_single_process(launch: Launch, world: int, models: list[str],
         # every r ran (calls_by_r counts layer calls per r) and communication was counted
         assert {int(r) for r in stats[0]["calls_by_r"]} == set(rs)
         assert all(s["weight_bytes_sent"] > 0 and s["token_bytes_sent"] > 0 for s in stats)
+    for model in models:
+        # each rank stores 1/W of the expert weights; unwrap gathers them back bit-exact
+        sizes = [row for row in rows if row["check"] == f"{model} expert bytes"]
+        assert len(sizes) == world and all(row["bytes"] > 0 for row in sizes)
+        unwrapped = [row for row in rows if row["check"] == f"{model} unwrap"]
+        assert len(unwrapped) == world and all(row["bytes"] == sizes[0]["bytes"] for row in unwrapped)
+        assert len([row for row in rows if row["check"] == f"{model} unwrapped logits"]) == world
     for check in ("all tokens to expert 0, plan=False", "all tokens to expert 0, plan=True", "capacity factor 1.0",
                   "random, plan=True"):
         assert {row["r"] for row in rows if row["check"] == check} == set(rs), check
@@ -180,7 +187,7 @@ def _check_matches_single_process(launch: Launch, world: int, models: list[str],
 
 @uses_job("two")
 def test_two_ranks_every_r_and_switching_match_the_single_process_model(jobs):
-    _check_matches_single_process(jobs["two"], 2, ["deepseek_v3"])
+    _check_matches_single_process(jobs["two"], 2, ["deepseek_v3", "gpt_oss"])
 
 
 @uses_job("four")
