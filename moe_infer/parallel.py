@@ -321,6 +321,10 @@ class ParallelRuntime:
             raise ValueError(f"capacity_factor={capacity_factor!r}: expected None (dropless) or a number > 0")
         if placement is not None and not callable(getattr(placement, "device_of", None)):
             raise ValueError(f"placement={placement!r}: expected an object with device_of(layer_idx, expert) -> int")
+        planned = getattr(placement, "num_devices", self.world_size)
+        if planned != self.world_size:
+            raise ValueError(f"placement: the plan is for {planned} devices, this job has {self.world_size} ranks; "
+                             f"plan for {self.world_size} devices (moe-infer placement --devices {self.world_size})")
         self.setting = setting
         self.capacity_factor = capacity_factor
         self.placement = placement

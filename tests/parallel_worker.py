@@ -62,7 +62,17 @@ def expert_storage_bytes(model: torch.nn.Module) -> int:
                for param in (module.gate_up_proj, module.down_proj))
 
 
-def model_checks(name: str, rank: int, world: int, results: list) -> None:
+def reversed_plan(moe_layers: list[int], num_experts: int, world: int):
+    """ReversedPlan as a `moe_infer.placement.PlacementPlan` (what MoEConfig.placement loads)."""
+    from moe_infer.placement import PlacementPlan
+
+    plan = ReversedPlan(num_experts, world)
+    devices = torch.tensor([[plan.device_of(0, e) for e in range(num_experts)] for _ in moe_layers]).numpy()
+    holds = torch.nn.functional.one_hot(torch.from_numpy(devices), world).bool().numpy()
+    return PlacementPlan(devices, holds, tuple(moe_layers), world, capacity=num_experts, method="reversed")
+
+
+def model_checks(name: str, rank: int, world: int, results: list, out_dir: str) -> None:
     import tiny_models
     reference = moe_infer.wrap(tiny_models.build(name, seed=0))
     model = moe_infer.wrap(tiny_models.build(name, seed=0), parallel="tp")
@@ -98,6 +108,16 @@ def model_checks(name: str, rank: int, world: int, results: list) -> None:
                     "bytes": expert_storage_bytes(model)})
     with torch.no_grad():
         results.append({"check": f"{name} unwrapped logits", "r": None, "err": max_err(model(ids).logits, expected)})
+
+    # wrapped again, with a saved plan as MoEConfig.placement: each expert runs on its planned rank
+    plan_path = os.path.join(out_dir, f"plan.{name}.{rank}.safetensors")
+    reversed_plan(ex.moe_layer_indices, ex.layers[0].num_experts, world).save(plan_path)
+    moe_infer.wrap(model, parallel=1, placement=plan_path)
+    ex = moe_infer.executor(model)
+    assert ex.parallel.placement is ex.placement and ex.placement.num_devices == world
+    with torch.no_grad():
+        results.append({"check": f"{name} logits, MoEConfig.placement", "r": 1,
+                        "err": max_err(model(ids).logits, expected)})
 
 
 def tiny_layer(setting) -> SimpleNamespace:
@@ -203,7 +223,7 @@ def main() -> int:
         else:
             names = [name for name in args.models.split(",") if name != "none"]
             for name in names:
-                model_checks(name, rank, world, results)
+                model_checks(name, rank, world, results, args.out)
             layer_checks(model_layer(names[0]) if names else tiny_layer("ep"), rank, world, results)
     except ParallelError as err:
         with open(os.path.join(args.out, f"error.{rank}"), "w") as f:

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import moe_infer
 import tiny_models
@@ -178,6 +179,7 @@ def _check_matches_single_process(launch: Launch, world: int, models: list[str],
         unwrapped = [row for row in rows if row["check"] == f"{model} unwrap"]
         assert len(unwrapped) == world and all(row["bytes"] == sizes[0]["bytes"] for row in unwrapped)
         assert len([row for row in rows if row["check"] == f"{model} unwrapped logits"]) == world
+        assert len([row for row in rows if row["check"] == f"{model} logits, MoEConfig.placement"]) == world
     for check in ("all tokens to expert 0, plan=False", "all tokens to expert 0, plan=True", "capacity factor 1.0",
                   "random, plan=True"):
         assert {row["r"] for row in rows if row["check"] == check} == set(rs), check
@@ -243,6 +245,49 @@ def test_set_parallelism_needs_a_parallel_model(tiny_model):
     with tiny_models.wrapped(tiny_model("mixtral")) as model:
         with pytest.raises(RuntimeError, match="MoEConfig\\(parallel="):
             moe_infer.executor(model).set_parallelism(1)
+
+
+def _plan_file(tmp_path, moe_layers, num_experts, num_devices=2):
+    from moe_infer.placement import PlacementPlan
+
+    devices = np.array([[e % num_devices for e in range(num_experts)] for _ in moe_layers])
+    holds = np.eye(num_devices, dtype=bool)[devices]
+    path = tmp_path / "plan.safetensors"
+    PlacementPlan(devices, holds, tuple(moe_layers), num_devices, capacity=num_experts).save(path)
+    return path
+
+
+def test_placement_file_in_one_process_is_loaded_checked_and_recorded(tiny_model, tmp_path):
+    model = tiny_model("mixtral")
+    ids = tiny_models.token_ids(0, 1, 5)
+    with torch.no_grad():
+        expected = model(ids).logits
+    layers = [0, 1]  # the tiny Mixtral's MoE layers
+    path = _plan_file(tmp_path, layers, 8)
+    with tiny_models.wrapped(model, placement=str(path)) as wrapped:
+        ex = moe_infer.executor(wrapped)
+        assert ex.placement.moe_layers == tuple(layers) and ex.placement.device_of(1, 3) == 1 and ex.placement.num_experts == 8
+        with torch.no_grad():
+            assert torch.equal(wrapped(ids).logits, expected)  # one process: the plan changes nothing
+        moe_infer.wrap(wrapped, placement=None)
+        assert ex.placement is None
+
+
+@pytest.mark.parametrize("what, match", [
+    ("other model", "this model has 8 experts on MoE layers \\[0, 1\\]"),
+    ("not a plan", "not a safetensors file|truncated"),
+])
+def test_a_wrong_placement_file_is_refused_and_leaves_the_model_untouched(tiny_model, tmp_path, what, match):
+    model = tiny_model("mixtral")
+    if what == "other model":
+        path = _plan_file(tmp_path, [0, 1], 4)
+    else:
+        path = tmp_path / "plan.safetensors"
+        path.write_bytes(b"not a plan")
+    blocks = list(model.modules())
+    with pytest.raises(ValueError, match=match):
+        moe_infer.wrap(model, placement=str(path))
+    assert list(model.modules()) == blocks and not moe_infer.is_wrapped(model)
 
 
 SHAPE = parallel_cost.LayerShape(num_experts=8, hidden_size=4096, intermediate_size=14336, top_k=2, elem_bytes=2)
