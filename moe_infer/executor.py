@@ -123,8 +123,9 @@ class ModelExecutor:
     def configure(self, config: MoEConfig) -> None:
         check_supported(config)
         placement = self._load_placement(config)
-        if config.parallel is None:
+        if config.parallel is None and self.parallel is not None:
             self.stop_parallel()  # the full expert weights back first: the cache set up next reads them
+            self.config = dataclasses.replace(self.config, parallel=None)
         self._apply(config)
         self.placement = placement
         self._configure_parallel(config)

@@ -172,15 +172,25 @@ class ExpertShard:
             down.append(t.w2[:, lo:lo + s])
             b13.append(t.b13)
             b2.append(t.b2)
+        return cls.of_slices(torch.stack(gate_up), torch.stack(down), intermediate_size=i_size, world_size=world_size,
+                             activation=source.activation, b13=None if b13[0] is None else torch.stack(b13),
+                             b2=None if b2[0] is None else torch.stack(b2), source=source)
+
+    @classmethod
+    def of_slices(cls, gate_up: Tensor, down: Tensor, *, intermediate_size: int, world_size: int,
+                  activation: Activation, b13: Tensor | None = None, b2: Tensor | None = None,
+                  source: Any = None) -> "ExpertShard":
+        """A shard over given slices in the plain layout: `gate_up` [E, 2S, H] (gate rows then up
+        rows), `down` [E, H, S], whole biases `b13` [E, 2I] and `b2` [E, H]."""
         holder = nn.Module()
-        holder.gate_up_proj = nn.Parameter(torch.stack(gate_up), requires_grad=False)  # [E, 2S, H]
-        holder.down_proj = nn.Parameter(torch.stack(down), requires_grad=False)  # [E, H, S]
-        has_bias = b13[0] is not None
-        if has_bias:
-            holder.gate_up_proj_bias = nn.Parameter(torch.stack(b13), requires_grad=False)
-            holder.down_proj_bias = nn.Parameter(torch.stack(b2), requires_grad=False)
-        return cls(holder, transposed=False, interleaved=False, has_bias=has_bias, intermediate_size=i_size,
-                   world_size=world_size, activation=source.activation, in_place=False, source=source)
+        holder.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        holder.down_proj = nn.Parameter(down, requires_grad=False)
+        if b13 is not None:
+            holder.gate_up_proj_bias = nn.Parameter(b13, requires_grad=False)
+            holder.down_proj_bias = nn.Parameter(b2, requires_grad=False)
+        return cls(holder, transposed=False, interleaved=False, has_bias=b13 is not None,
+                   intermediate_size=intermediate_size, world_size=world_size, activation=activation,
+                   in_place=False, source=source)
 
     def _dims(self) -> tuple[int, int]:
         """The dimension of gate_up_proj that holds 2I, and that of down_proj that holds I."""

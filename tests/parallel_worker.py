@@ -120,13 +120,27 @@ def model_checks(name: str, rank: int, world: int, results: list, out_dir: str) 
                         "err": max_err(model(ids).logits, expected)})
 
 
+class CopiedExperts:
+    """An expert source that is not an in-memory experts module (as a converted checkpoint's store
+    is not): returns copies, so `build_runtime` cuts the slices into a holder of its own."""
+
+    def __init__(self, source: ModuleExperts):
+        self.source = source
+        for name in ("num_experts", "hidden_size", "intermediate_size", "activation", "device"):
+            setattr(self, name, getattr(source, name))
+
+    def __call__(self, e: int):
+        return self.source(e).canonical()
+
+
 def tiny_layer(setting) -> SimpleNamespace:
     """One MoE layer's experts without transformers (importing it costs seconds per process):
-    `layer.parallel` is attached by `build_runtime`, as `wrap` does for a model's layers (which cuts
-    the layer's experts module to this rank's slice); `full` is an uncut copy, the reference."""
-    layer = SimpleNamespace(layer_idx=0, expert_source=ModuleExperts(TinyExperts(), silu_gate), top_k=2,
-                            full=ModuleExperts(TinyExperts(), silu_gate))
+    `layer.parallel` is attached by `build_runtime`, as `wrap` does for a model's layers; `full`
+    is the reference (the model checks cover experts modules cut in place)."""
+    full = ModuleExperts(TinyExperts(), silu_gate)
+    layer = SimpleNamespace(layer_idx=0, expert_source=CopiedExperts(full), top_k=2, full=full)
     build_runtime([layer], setting)
+    assert layer.expert_source.source is full and tuple(full.module.down_proj.shape) == (4, 16, 8)  # uncut
     return layer
 
 
@@ -140,6 +154,8 @@ def model_layer(name: str) -> SimpleNamespace:
     ex = moe_infer.executor(moe_infer.wrap(tiny_models.build(name, seed=0), parallel="ep"))
     layer = ex.layers[0]
     full = moe_infer.executor(moe_infer.wrap(tiny_models.build(name, seed=0))).layer(layer.layer_idx).expert_source
+    # the layer's experts module was cut in place: its source reads this rank's slice
+    assert layer.expert_source.intermediate_size * torch.distributed.get_world_size() == full.intermediate_size
     return SimpleNamespace(layer_idx=layer.layer_idx, expert_source=layer.expert_source, top_k=layer.adapter.top_k,
                            parallel=layer.parallel, full=full)
 
@@ -147,8 +163,7 @@ def model_layer(name: str) -> SimpleNamespace:
 def layer_checks(layer: SimpleNamespace, rank: int, world: int, results: list) -> None:
     """Uneven routing, empty ranks, a placement plan and the capacity factor, at the layer level."""
     runtime = layer.parallel.runtime
-    source = layer.full  # the full experts (layer.expert_source holds this rank's slice only)
-    assert layer.expert_source.intermediate_size * world == source.intermediate_size
+    source = layer.full  # the full experts (layer.expert_source may hold this rank's slice only)
     num_experts = source.num_experts
     rs = [0] + [r for r in range(1, world + 1) if world % r == 0]
     generator = torch.Generator().manual_seed(7 + rank)
