@@ -155,9 +155,9 @@ class ModelExecutor:
             from moe_infer.parallel import build_runtime
 
             self.parallel = build_runtime(self.layers, config.parallel, placement=self.placement)
-        else:
-            self.parallel.set(config.parallel, capacity_factor=self.parallel.capacity_factor,
-                              placement=self.placement if config.placement is not None else self.parallel.placement)
+        else:  # a new MoEConfig.placement replaces the plan; otherwise set_parallelism's stays
+            plan = self.placement if config.placement != self.config.placement else self.parallel.placement
+            self.parallel.set(config.parallel, capacity_factor=self.parallel.capacity_factor, placement=plan)
 
     def stop_parallel(self) -> None:
         """Leave the multi-rank path: the full expert weights are gathered back into every rank's

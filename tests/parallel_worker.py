@@ -118,6 +118,10 @@ def model_checks(name: str, rank: int, world: int, results: list, out_dir: str) 
     with torch.no_grad():
         results.append({"check": f"{name} logits, MoEConfig.placement", "r": 1,
                         "err": max_err(model(ids).logits, expected)})
+    moe_infer.wrap(model, parallel=None)  # leaves the parallel path: the full weights gathered back
+    with torch.no_grad():
+        results.append({"check": f"{name} parallel=None", "r": None, "err": max_err(model(ids).logits, expected),
+                        "bytes": expert_storage_bytes(model)})
 
 
 class CopiedExperts:

@@ -176,8 +176,9 @@ def _check_matches_single_process(launch: Launch, world: int, models: list[str],
         # each rank stores 1/W of the expert weights; unwrap gathers them back bit-exact
         sizes = [row for row in rows if row["check"] == f"{model} expert bytes"]
         assert len(sizes) == world and all(row["bytes"] > 0 for row in sizes)
-        unwrapped = [row for row in rows if row["check"] == f"{model} unwrap"]
-        assert len(unwrapped) == world and all(row["bytes"] == sizes[0]["bytes"] for row in unwrapped)
+        for check in ("unwrap", "parallel=None"):
+            gathered = [row for row in rows if row["check"] == f"{model} {check}"]
+            assert len(gathered) == world and all(row["bytes"] == sizes[0]["bytes"] for row in gathered), check
         assert len([row for row in rows if row["check"] == f"{model} unwrapped logits"]) == world
         assert len([row for row in rows if row["check"] == f"{model} logits, MoEConfig.placement"]) == world
     for check in ("all tokens to expert 0, plan=False", "all tokens to expert 0, plan=True", "capacity factor 1.0",
