@@ -223,7 +223,8 @@ def main() -> int:
                         help="tiny_models names (the first also gives the layer checks' experts), or 'none': "
                              "layer checks on a small experts module, without transformers")
     parser.add_argument("--fail", choices=("none", "crash", "hang"), default="none")
-    parser.add_argument("--timeout", type=float, default=30.0, help="process-group timeout (s)")
+    parser.add_argument("--timeout", type=float, default=90.0,
+                        help="process-group timeout (s); generous: ranks may lag each other on a loaded machine")
     parser.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
     args = parser.parse_args()
     torch.set_num_threads(1)
