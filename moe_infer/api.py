@@ -79,7 +79,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Put the original MoE blocks back; the model then computes exactly what it did before `wrap`.
 
     Refused for a model loaded from a converted checkpoint: its experts live only in the store
-    (their parameters are on the `meta` device), so the original blocks could not run."""
+    (their parameters are on the `meta` device), so the original blocks could not run.
+
+    A model wrapped with `parallel` holds only its rank's slice of every expert; unwrap gathers the
+    full weights back (bit-exact) with an all-gather, so every rank of the job must call it."""
     ex = executor(model)
     from moe_infer.loading import expert_store_of
 
@@ -89,6 +92,7 @@ def unwrap(model: nn.Module) -> nn.Module:
                          f"memory, so there are no original MoE blocks to restore (load the transformers "
                          f"directory with moe_infer.load(path, in_memory=True) to get an unwrappable model)")
     ex.close()
+    ex.stop_parallel()  # a parallel model's experts hold one slice per rank: gathered back first
     for layer in ex.layers:
         parent_name, _, attr = layer.block_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

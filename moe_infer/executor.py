@@ -23,7 +23,6 @@ from moe_infer.layer import MoELayer
 # Fields that need machinery this version does not have yet, and what that machinery is.
 _NOT_YET = {
     "offload_dir": "writing an in-memory model's experts to a disk tier (load a converted checkpoint instead)",
-    "placement": "expert placement across devices",
 }
 
 
@@ -61,6 +60,9 @@ class ModelExecutor:
         self._embedding = model.get_input_embeddings()
         self._model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         self._expert_devices = {layer.layer_idx: layer.expert_source.device for layer in layers}
+        # MoEConfig.placement, loaded and checked against the model: the parallel path runs each expert
+        # on its planned rank; one process only records it
+        self.placement = self._load_placement(config)
         self._apply(config)
         self.parallel = None  # moe_infer.parallel.ParallelRuntime when config.parallel is set
         self._configure_parallel(config)
@@ -120,22 +122,52 @@ class ModelExecutor:
 
     def configure(self, config: MoEConfig) -> None:
         check_supported(config)
+        placement = self._load_placement(config)
+        if config.parallel is None and self.parallel is not None:
+            self.stop_parallel()  # the full expert weights back first: the cache set up next reads them
+            self.config = dataclasses.replace(self.config, parallel=None)
         self._apply(config)
+        self.placement = placement
         self._configure_parallel(config)
         self.config = config
 
+    def _load_placement(self, config: MoEConfig):
+        """The plan at `config.placement` (None when unset), refused unless it is a plan for this
+        model's MoE layers and experts."""
+        if config.placement is None:
+            return None
+        from moe_infer.placement import PlacementPlan
+
+        plan = PlacementPlan.load(config.placement)
+        experts = self.layers[0].num_experts
+        if list(plan.moe_layers) != self.moe_layer_indices or plan.num_experts != experts:
+            raise ValueError(
+                f"MoEConfig.placement={str(config.placement)!r}: the plan places {plan.num_experts} experts on MoE "
+                f"layers {list(plan.moe_layers)}, this model has {experts} experts on MoE layers "
+                f"{self.moe_layer_indices}; plan it from a trace of this model (moe-infer placement)"
+            )
+        return plan
+
     def _configure_parallel(self, config: MoEConfig) -> None:
         if config.parallel is None:
-            for layer in self.layers:
-                layer.parallel = None
-            self.parallel = None
+            self.stop_parallel()
         elif self.parallel is None:
             from moe_infer.parallel import build_runtime
 
-            self.parallel = build_runtime(self.layers, config.parallel)
-        else:
-            self.parallel.set(config.parallel, capacity_factor=self.parallel.capacity_factor,
-                              placement=self.parallel.placement)
+            self.parallel = build_runtime(self.layers, config.parallel, placement=self.placement)
+        else:  # a new MoEConfig.placement replaces the plan; otherwise set_parallelism's stays
+            plan = self.placement if config.placement != self.config.placement else self.parallel.placement
+            self.parallel.set(config.parallel, capacity_factor=self.parallel.capacity_factor, placement=plan)
+
+    def stop_parallel(self) -> None:
+        """Leave the multi-rank path: the full expert weights are gathered back into every rank's
+        experts modules (a collective: every rank must call it, as `unwrap` and
+        `configure(parallel=None)` do)."""
+        if self.parallel is not None:
+            from moe_infer.parallel import release
+
+            release(self.layers)
+            self.parallel = None
 
     def layer(self, layer_idx: int) -> MoELayer:
         for layer in self.layers:
@@ -209,14 +241,16 @@ class ModelExecutor:
         pairs per rank and expert (T = largest token count of a rank), giving fixed message shapes.
         `placement`: an object with `device_of(layer_idx, expert) -> int` (e.g. a
         `moe_infer.placement.PlacementPlan`); each expert then runs on its planned rank (r = 1)
-        or on the r ranks that include it. Every rank must make the same call.
+        or on the r ranks that include it; None keeps MoEConfig.placement's plan (if set).
+        Every rank must make the same call.
         """
         if self.parallel is None:
             raise RuntimeError(
                 "set_parallelism switches the sharding factor of a multi-rank run; wrap the model with "
                 "MoEConfig(parallel='auto' | 'ep' | 'tp' | r) under torchrun or deepspeed first"
             )
-        self.parallel.set(r, capacity_factor=capacity_factor, placement=placement)
+        self.parallel.set(r, capacity_factor=capacity_factor, placement=placement if placement is not None
+                          else self.placement)
         self.config = dataclasses.replace(self.config, parallel=r)
 
     def __repr__(self) -> str:

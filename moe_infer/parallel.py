@@ -12,7 +12,10 @@ Layout, the same for every r: with W ranks, rank p keeps slice p of every expert
 dimension (gate rows, up rows and down columns [p*I/W, (p+1)*I/W)); biases are small and
 replicated. An expert's output is the sum over its intermediate slices, so any assignment of
 slices to ranks computes the same function: switching r changes what each call exchanges, never
-what a rank stores.
+what a rank stores. A model's in-memory experts are cut in place: the experts module's
+`gate_up_proj` / `down_proj` are replaced by the rank's slice and the full tensors freed, so each
+rank holds 1/W of the expert weights; `release` (used by `unwrap` and `parallel=None`) gathers
+them back exactly with an all-gather.
 
 Every rank of the job must run the same sequence of forward calls with the same r (as with any
 collective); the number of tokens may differ per rank, including zero.
@@ -33,9 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from moe_infer import parallel_cost
+from moe_infer.experts.layout import ModuleExperts
 from moe_infer.experts.math import Activation, ExpertTensors, moe_forward
 
 MODES = ("auto", "ep", "tp")
@@ -110,19 +114,33 @@ def _all_to_all(rows: Tensor, send_counts: list[int], recv_counts: list[int], wh
 
 # -- layout --------------------------------------------------------------------------------------
 
-@dataclass
 class ExpertShard:
-    """One rank's slice of every expert of one layer (the layout shared by every r)."""
+    """One rank's slice of every expert of one layer (the layout shared by every r).
 
-    weights: Tensor  # [E, 3, S, H]: gate rows, up rows, down columns (transposed) of slice `rank`
-    b13: Tensor | None  # [E, 2I] gate then up biases, replicated
-    b2: Tensor | None  # [E, H], replicated
-    intermediate_size: int
-    activation: Activation
+    The slice lives in `module`, an experts module whose `gate_up_proj` and `down_proj` hold
+    intermediate slice `rank` in the module's own layout (transposed or not, gate and up
+    concatenated or interleaved): for a model's in-memory experts it is the model's own experts
+    module, whose full parameters are replaced by the slice (and freed) when the shard is cut; for
+    other expert sources (a converted checkpoint's store) a holder module in the plain layout.
+    Biases are small and stay whole (replicated). Views of the slice are taken on every use, so
+    `.to()` / `.half()` of the model after wrapping are followed.
+    """
+
+    def __init__(self, module: nn.Module, *, transposed: bool, interleaved: bool, has_bias: bool,
+                 intermediate_size: int, world_size: int, activation: Activation, in_place: bool,
+                 source: Any):
+        self.module = module
+        self.transposed, self.interleaved, self.has_bias = transposed, interleaved, has_bias
+        self.intermediate_size = intermediate_size  # I, the full width
+        self.slice_width = intermediate_size // world_size  # S
+        self.activation = activation
+        self.in_place = in_place  # the model's experts module holds the slice (gather it back to unwrap)
+        self.source = source  # the expert source over the full weights, from before the cut
 
     @classmethod
     def from_source(cls, source: Any, rank: int, world_size: int) -> "ExpertShard":
-        """Cut slice `rank` of every expert out of an expert source (`source(e) -> ExpertTensors`)."""
+        """Cut slice `rank` out of an expert source (`source(e) -> ExpertTensors`); a `ModuleExperts`
+        over real tensors is cut in place: its module keeps only the slice afterwards."""
         i_size = source.intermediate_size
         if i_size % world_size:
             raise ValueError(
@@ -130,45 +148,142 @@ class ExpertShard:
                 f"{world_size}; use a number of ranks that divides {i_size}"
             )
         s = i_size // world_size
-        lo, hi = rank * s, (rank + 1) * s
-        pieces, b13, b2 = [], [], []
+        lo = rank * s
+        if isinstance(source, ModuleExperts) and not source.module.gate_up_proj.is_meta:
+            m = source.module
+            shard = cls(m, transposed=source.transposed, interleaved=source.interleaved, has_bias=source.has_bias,
+                        intermediate_size=i_size, world_size=world_size, activation=source.activation,
+                        in_place=True, source=source)
+            gu_dim, down_dim = shard._dims()
+            gate_up = m.gate_up_proj.data
+            if shard.interleaved:  # gate and up of intermediate row i are rows 2i, 2i + 1
+                cut = gate_up.narrow(gu_dim, 2 * lo, 2 * s)
+            else:
+                cut = torch.cat((gate_up.narrow(gu_dim, lo, s), gate_up.narrow(gu_dim, i_size + lo, s)), gu_dim)
+            down = m.down_proj.data.narrow(down_dim, lo, s)
+            # fresh storage of the slice's size: the full tensors are freed once nothing else holds them
+            m.gate_up_proj = nn.Parameter(cut.contiguous().clone(), requires_grad=m.gate_up_proj.requires_grad)
+            m.down_proj = nn.Parameter(down.contiguous().clone(), requires_grad=m.down_proj.requires_grad)
+            return shard
+        gate_up, down, b13, b2 = [], [], [], []
         for e in range(source.num_experts):
             t: ExpertTensors = source(e).canonical()
-            pieces.append(torch.stack((t.w13[lo:hi], t.w13[i_size + lo:i_size + hi], t.w2[:, lo:hi].t())))
+            gate_up.append(torch.cat((t.w13[lo:lo + s], t.w13[i_size + lo:i_size + lo + s])))
+            down.append(t.w2[:, lo:lo + s])
             b13.append(t.b13)
             b2.append(t.b2)
-        return cls(
-            weights=torch.stack(pieces).contiguous(),
-            b13=None if b13[0] is None else torch.stack(b13),
-            b2=None if b2[0] is None else torch.stack(b2),
-            intermediate_size=i_size,
-            activation=source.activation,
-        )
+        return cls.of_slices(torch.stack(gate_up), torch.stack(down), intermediate_size=i_size, world_size=world_size,
+                             activation=source.activation, b13=None if b13[0] is None else torch.stack(b13),
+                             b2=None if b2[0] is None else torch.stack(b2), source=source)
 
-    def piece_forward(self, x: Tensor, expert: int, piece: Tensor, lo: int) -> Tensor:
+    @classmethod
+    def of_slices(cls, gate_up: Tensor, down: Tensor, *, intermediate_size: int, world_size: int,
+                  activation: Activation, b13: Tensor | None = None, b2: Tensor | None = None,
+                  source: Any = None) -> "ExpertShard":
+        """A shard over given slices in the plain layout: `gate_up` [E, 2S, H] (gate rows then up
+        rows), `down` [E, H, S], whole biases `b13` [E, 2I] and `b2` [E, H]."""
+        holder = nn.Module()
+        holder.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        holder.down_proj = nn.Parameter(down, requires_grad=False)
+        if b13 is not None:
+            holder.gate_up_proj_bias = nn.Parameter(b13, requires_grad=False)
+            holder.down_proj_bias = nn.Parameter(b2, requires_grad=False)
+        return cls(holder, transposed=False, interleaved=False, has_bias=b13 is not None,
+                   intermediate_size=intermediate_size, world_size=world_size, activation=activation,
+                   in_place=False, source=source)
+
+    def _dims(self) -> tuple[int, int]:
+        """The dimension of gate_up_proj that holds 2I, and that of down_proj that holds I."""
+        return (2, 1) if self.transposed else (1, 2)
+
+    def gather_full(self, layer_idx: int) -> None:
+        """Collective: put the full weights back into the module (all-gather of every rank's slice;
+        exact: the slices are copied, not recomputed)."""
+        m, world, s = self.module, dist.get_world_size(), self.slice_width
+        gu_dim, down_dim = self._dims()
+        full = []
+        for param in (m.gate_up_proj, m.down_proj):
+            local = param.data.contiguous()
+            parts = [torch.empty_like(local) for _ in range(world)]
+            _collective("gathering the full expert weights", layer_idx, dist.all_gather, parts, local)
+            full.append(parts)
+        gate_up_parts, down_parts = full
+        if self.interleaved:
+            gate_up = torch.cat(gate_up_parts, gu_dim)
+        else:
+            gate_up = torch.cat([p.narrow(gu_dim, 0, s) for p in gate_up_parts]
+                                + [p.narrow(gu_dim, s, s) for p in gate_up_parts], gu_dim)
+        m.gate_up_proj = nn.Parameter(gate_up, requires_grad=m.gate_up_proj.requires_grad)
+        m.down_proj = nn.Parameter(torch.cat(down_parts, down_dim), requires_grad=m.down_proj.requires_grad)
+
+    @property
+    def num_experts(self) -> int:
+        return self.module.gate_up_proj.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.module.down_proj.shape[2 if self.transposed else 1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.gate_up_proj.dtype
+
+    def views(self) -> tuple[Tensor, Tensor, Tensor]:
+        """gate [E, S, H], up [E, S, H] and down transposed [E, S, H] of the slice (views)."""
+        gate_up = self.module.gate_up_proj
+        gate_up = gate_up.transpose(1, 2) if self.transposed else gate_up  # [E, 2S, H]
+        if self.interleaved:
+            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+        else:
+            gate, up = gate_up[:, :self.slice_width], gate_up[:, self.slice_width:]
+        down = self.module.down_proj
+        return gate, up, (down if self.transposed else down.transpose(1, 2))
+
+    def stacked(self, experts: Tensor | None = None) -> Tensor:
+        """A new tensor [n, 3, S, H] of the slices of `experts` (all when None): what is sent."""
+        parts = self.views()
+        if experts is not None:
+            parts = [p[experts] for p in parts]
+        return torch.stack(parts, dim=1)
+
+    @property
+    def b13(self) -> Tensor | None:
+        """[E, 2I] gate then up biases (whole)."""
+        if not self.has_bias:
+            return None
+        b = self.module.gate_up_proj_bias
+        return torch.cat((b[:, 0::2], b[:, 1::2]), 1) if self.interleaved else b
+
+    @property
+    def b2(self) -> Tensor | None:
+        return self.module.down_proj_bias if self.has_bias else None
+
+    def piece_forward(self, x: Tensor, expert: int, piece: tuple[Tensor, Tensor, Tensor], lo: int,
+                      b13: Tensor | None, b2: Tensor | None) -> Tensor:
         """x [N, H] through intermediate range [lo, lo + P) of `expert`, whose weights are `piece`
-        [3, P, H]: the partial output [N, H]; the down-projection bias is added by the piece at 0."""
-        i_size, width = self.intermediate_size, piece.shape[1]
+        (gate, up, down transposed, each [P, H]): the partial output [N, H]; the down-projection
+        bias is added by the piece at 0. `b13`, `b2`: `self.b13`, `self.b2`, read once per call."""
+        i_size, width = self.intermediate_size, piece[0].shape[0]
         gate, up = F.linear(x, piece[0]), F.linear(x, piece[1])
-        if self.b13 is not None:
-            gate = gate + self.b13[expert, lo:lo + width]
-            up = up + self.b13[expert, i_size + lo:i_size + lo + width]
+        if b13 is not None:
+            gate = gate + b13[expert, lo:lo + width]
+            up = up + b13[expert, i_size + lo:i_size + lo + width]
         out = F.linear(self.activation(gate, up), piece[2].t())
-        if self.b2 is not None and lo == 0:
-            out = out + self.b2[expert]
+        if b2 is not None and lo == 0:
+            out = out + b2[expert]
         return out
 
 
 class GatheredExperts:
     """Expert source over fully gathered weights [E, 3, I, H] (data parallel, r = 0)."""
 
-    def __init__(self, shard: ExpertShard, full: Tensor):
-        self.shard, self.full = shard, full
+    def __init__(self, full: Tensor, b13: Tensor | None, b2: Tensor | None):
+        self.full, self.b13, self.b2 = full, b13, b2
 
     def __call__(self, e: int) -> ExpertTensors:
         w = self.full[e]
-        b13 = None if self.shard.b13 is None else self.shard.b13[e]
-        b2 = None if self.shard.b2 is None else self.shard.b2[e]
+        b13 = None if self.b13 is None else self.b13[e]
+        b2 = None if self.b2 is None else self.b2[e]
         return ExpertTensors(torch.cat((w[0], w[1])), w[2].t(), b13, b2)
 
 
@@ -216,6 +331,10 @@ class ParallelRuntime:
             raise ValueError(f"capacity_factor={capacity_factor!r}: expected None (dropless) or a number > 0")
         if placement is not None and not callable(getattr(placement, "device_of", None)):
             raise ValueError(f"placement={placement!r}: expected an object with device_of(layer_idx, expert) -> int")
+        planned = getattr(placement, "num_devices", self.world_size)
+        if planned != self.world_size:
+            raise ValueError(f"placement: the plan is for {planned} devices, this job has {self.world_size} ranks; "
+                             f"plan for {self.world_size} devices (moe-infer placement --devices {self.world_size})")
         self.setting = setting
         self.capacity_factor = capacity_factor
         self.placement = placement
@@ -304,7 +423,7 @@ class ParallelExperts:
     def __init__(self, runtime: ParallelRuntime, layer_idx: int, shard: ExpertShard):
         self.runtime = runtime
         self.layer_idx = layer_idx
-        self.num_experts = shard.weights.shape[0]
+        self.num_experts = shard.num_experts
         self.shard = shard
 
     def _devices(self) -> np.ndarray | None:
@@ -325,9 +444,9 @@ class ParallelExperts:
         return parallel_cost.columns_from_devices(devices, num_columns)
 
     def layer_shape(self, top_k: int) -> parallel_cost.LayerShape:
-        w = self.shard.weights
-        return parallel_cost.LayerShape(self.num_experts, w.shape[-1], self.shard.intermediate_size, top_k,
-                                        w.element_size())
+        shard = self.shard
+        return parallel_cost.LayerShape(self.num_experts, shard.hidden_size, shard.intermediate_size, top_k,
+                                        shard.dtype.itemsize)
 
     def __call__(self, hidden: Tensor, expert_ids: Tensor, expert_weights: Tensor) -> Tensor:
         rt, layer = self.runtime, self.layer_idx
@@ -378,14 +497,15 @@ class ParallelExperts:
 
     # r = 0: gather every expert, compute locally (exactly moe_forward's arithmetic)
     def _data_parallel(self, hidden, flat_ids, keep, expert_weights):
-        rt, w = self.runtime, self.shard.weights
+        rt, shard = self.runtime, self.shard
+        w = shard.stacked()  # [E, 3, S, H]
         world = rt.world_size
         num_experts = self.num_experts
         send = w.unsqueeze(0).expand(world, *w.shape).reshape(world * num_experts, *w.shape[1:])
         recv = _all_to_all(send, [num_experts] * world, [num_experts] * world, "gathering expert weights", self.layer_idx)
         full = recv.view(world, *w.shape).permute(1, 2, 0, 3, 4).reshape(num_experts, 3, -1, w.shape[-1])
         ids = torch.where(keep, flat_ids, torch.full_like(flat_ids, -1)).view(expert_weights.shape)
-        out = moe_forward(hidden, ids, expert_weights, GatheredExperts(self.shard, full), num_experts,
+        out = moe_forward(hidden, ids, expert_weights, GatheredExperts(full, shard.b13, shard.b2), num_experts,
                           self.shard.activation)
         return out, (world - 1) * w.numel() * w.element_size(), 0
 
@@ -397,8 +517,8 @@ class ParallelExperts:
         col = self.columns(num_columns)  # [E]
         my_col, my_piece = rank % num_columns, rank // num_columns
         my_experts = np.flatnonzero(col == my_col)  # ascending
-        w = shard.weights
-        slice_width = w.shape[2]
+        slice_width = shard.slice_width
+        hidden_size = shard.hidden_size
         lo = my_piece * num_columns * slice_width  # start of this rank's piece in the intermediate dim
 
         # weights: rank q sends its slice of expert e to rank (q // D) * D + col(e); pieces arrive by source
@@ -408,13 +528,15 @@ class ParallelExperts:
             order = np.argsort(dest, kind="stable")
             send_counts = np.bincount(dest, minlength=world).tolist()
             recv_counts = [len(my_experts) if q // num_columns == my_piece else 0 for q in range(world)]
-            recv = _all_to_all(w[torch.from_numpy(order).to(w.device)], send_counts, recv_counts,
-                               "exchanging expert weight slices", layer)
-            pieces = (recv.view(num_columns, len(my_experts), *w.shape[1:]).permute(1, 2, 0, 3, 4)
-                      .reshape(len(my_experts), 3, num_columns * slice_width, w.shape[-1]))
-            weight_bytes = (num_experts - send_counts[rank]) * w[0].numel() * w.element_size()
-        else:
-            pieces = w  # r = W: every rank computes its own slice of every expert
+            send = shard.stacked(torch.from_numpy(order).to(hidden.device))
+            recv = _all_to_all(send, send_counts, recv_counts, "exchanging expert weight slices", layer)
+            pieces = (recv.view(num_columns, len(my_experts), *send.shape[1:]).permute(1, 2, 0, 3, 4)
+                      .reshape(len(my_experts), 3, num_columns * slice_width, hidden_size))
+            weight_bytes = (num_experts - send_counts[rank]) * send[0].numel() * send.element_size()
+            piece_of = lambda j: tuple(pieces[j])  # noqa: E731
+        else:  # r = W: every rank computes its own slice of every expert, from the stored views
+            views = shard.views()
+            piece_of = lambda j: tuple(v[j] for v in views)  # noqa: E731
 
         # dispatch: pair (slot i, piece s) goes to rank s * D + col(e_i), at a row fixed by `layout`
         col_t = torch.from_numpy(col).to(flat_ids.device)
@@ -445,10 +567,11 @@ class ParallelExperts:
         row_expert = np.repeat(np.tile(my_experts, world), recv_layout.reshape(-1))
         partial = torch.zeros_like(received)
         row_expert_t = torch.from_numpy(row_expert).to(received.device)
+        b13, b2 = shard.b13, shard.b2
         for j, e in enumerate(my_experts.tolist()):
             idx = torch.nonzero(row_expert_t == e).squeeze(1)
             if idx.numel():
-                partial[idx] = shard.piece_forward(received[idx], e, pieces[j], lo)
+                partial[idx] = shard.piece_forward(received[idx], e, piece_of(j), lo, b13, b2)
         returned = _all_to_all(partial, recv_counts, send_counts, "combining expert outputs", layer)
 
         out_dtype = torch.promote_types(hidden.dtype, expert_weights.dtype)
@@ -484,9 +607,24 @@ def build_runtime(layers: list, setting: str | int, *, placement: Placement | No
                 f"MoEConfig.parallel: MoE layer {layer.layer_idx} has intermediate size "
                 f"{layer.expert_source.intermediate_size}, not divisible by the world size {runtime.world_size}"
             )
-    experts = [ParallelExperts(runtime, layer.layer_idx,
-                               ExpertShard.from_source(layer.expert_source, runtime.rank, runtime.world_size))
-               for layer in layers]
-    for layer, parallel in zip(layers, experts):
-        layer.parallel = parallel
+    # every layer was checked above: cutting the slices cannot fail half-way on a shape
+    shards = [ExpertShard.from_source(layer.expert_source, runtime.rank, runtime.world_size) for layer in layers]
+    for layer, shard in zip(layers, shards):
+        layer.parallel = ParallelExperts(runtime, layer.layer_idx, shard)
+        if shard.in_place:  # the layer's expert source now reads this rank's slice
+            layer.expert_source = ModuleExperts(shard.module, shard.activation)
     return runtime
+
+
+def release(layers: list) -> None:
+    """Collective (every rank calls it): detach the parallel path from `layers` and put the full
+    expert weights back into the experts modules that were cut in place (an all-gather per layer:
+    exact, and the memory of the full weights again on every rank)."""
+    for layer in layers:
+        if getattr(layer, "parallel", None) is None:
+            continue
+        shard = layer.parallel.shard
+        if shard.in_place:
+            shard.gather_full(layer.layer_idx)
+        layer.expert_source = shard.source
+        layer.parallel = None

@@ -92,8 +92,12 @@ def main(argv=None) -> int:
         print(f"bench_parallel: intermediate size {i_size} is not divisible by {world} ranks", file=sys.stderr)
         return 2
     generator = torch.Generator().manual_seed(rank)
-    weights = (torch.randn(e, 3, i_size // world, h, generator=generator) * h ** -0.5).to(device, torch.bfloat16)
-    shard = ExpertShard(weights, None, None, i_size, Activation("silu"))
+    def random_slice(*shape):
+        return (torch.randn(*shape, generator=generator) * h ** -0.5).to(device, torch.bfloat16)
+
+    s = i_size // world
+    shard = ExpertShard.of_slices(random_slice(e, 2 * s, h), random_slice(e, h, s), intermediate_size=i_size,
+                                  world_size=world, activation=Activation("silu"))
     runtime = ParallelRuntime(0)
     experts = ParallelExperts(runtime, 0, shard)
     runtime.measure(device, torch.bfloat16)

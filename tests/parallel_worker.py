@@ -55,11 +55,32 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
 
-def model_checks(name: str, rank: int, world: int, results: list) -> None:
+def expert_storage_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the storages behind every experts module's gate_up_proj and down_proj (a view of a
+    larger tensor counts the whole storage it keeps alive)."""
+    return sum(param.untyped_storage().nbytes() for module in model.modules() if hasattr(module, "gate_up_proj")
+               for param in (module.gate_up_proj, module.down_proj))
+
+
+def reversed_plan(moe_layers: list[int], num_experts: int, world: int):
+    """ReversedPlan as a `moe_infer.placement.PlacementPlan` (what MoEConfig.placement loads)."""
+    from moe_infer.placement import PlacementPlan
+
+    plan = ReversedPlan(num_experts, world)
+    devices = torch.tensor([[plan.device_of(0, e) for e in range(num_experts)] for _ in moe_layers]).numpy()
+    holds = torch.nn.functional.one_hot(torch.from_numpy(devices), world).bool().numpy()
+    return PlacementPlan(devices, holds, tuple(moe_layers), world, capacity=num_experts, method="reversed")
+
+
+def model_checks(name: str, rank: int, world: int, results: list, out_dir: str) -> None:
     import tiny_models
     reference = moe_infer.wrap(tiny_models.build(name, seed=0))
     model = moe_infer.wrap(tiny_models.build(name, seed=0), parallel="tp")
     ex = moe_infer.executor(model)
+    # each rank holds 1/W of the expert weights; the reference holds them all
+    full_bytes = expert_storage_bytes(reference)
+    results.append({"check": f"{name} expert bytes", "r": "tp",
+                    "err": float(abs(expert_storage_bytes(model) * world - full_bytes)), "bytes": full_bytes})
     ids = tiny_models.token_ids(100 + rank, 2, 3 + 2 * rank)  # a different token count on every rank
     with torch.no_grad():
         expected = reference(ids).logits
@@ -78,13 +99,52 @@ def model_checks(name: str, rank: int, world: int, results: list) -> None:
     results.append({"check": f"{name} stats", "stats": {k: stats[k] for k in (
         "world_size", "setting", "last_r", "calls_by_r", "bytes_sent", "token_bytes_sent", "weight_bytes_sent")},
         "r": "auto", "err": 0.0 if stats["per_call"] and all("r" in c for c in stats["per_call"]) else 1.0})
+    # unwrap gathers the full weights back: bit-exact against a fresh build, outputs of the original model
+    moe_infer.unwrap(model)
+    fresh = tiny_models.build(name, seed=0).state_dict()
+    restored = model.state_dict()
+    same = restored.keys() == fresh.keys() and all(torch.equal(restored[k], fresh[k]) for k in fresh)
+    results.append({"check": f"{name} unwrap", "r": None, "err": 0.0 if same else 1.0,
+                    "bytes": expert_storage_bytes(model)})
+    with torch.no_grad():
+        results.append({"check": f"{name} unwrapped logits", "r": None, "err": max_err(model(ids).logits, expected)})
+
+    # wrapped again, with a saved plan as MoEConfig.placement: each expert runs on its planned rank
+    plan_path = os.path.join(out_dir, f"plan.{name}.{rank}.safetensors")
+    reversed_plan(ex.moe_layer_indices, ex.layers[0].num_experts, world).save(plan_path)
+    moe_infer.wrap(model, parallel=1, placement=plan_path)
+    ex = moe_infer.executor(model)
+    assert ex.parallel.placement is ex.placement and ex.placement.num_devices == world
+    with torch.no_grad():
+        results.append({"check": f"{name} logits, MoEConfig.placement", "r": 1,
+                        "err": max_err(model(ids).logits, expected)})
+    moe_infer.wrap(model, parallel=None)  # leaves the parallel path: the full weights gathered back
+    with torch.no_grad():
+        results.append({"check": f"{name} parallel=None", "r": None, "err": max_err(model(ids).logits, expected),
+                        "bytes": expert_storage_bytes(model)})
+
+
+class CopiedExperts:
+    """An expert source that is not an in-memory experts module (as a converted checkpoint's store
+    is not): returns copies, so `build_runtime` cuts the slices into a holder of its own."""
+
+    def __init__(self, source: ModuleExperts):
+        self.source = source
+        for name in ("num_experts", "hidden_size", "intermediate_size", "activation", "device"):
+            setattr(self, name, getattr(source, name))
+
+    def __call__(self, e: int):
+        return self.source(e).canonical()
 
 
 def tiny_layer(setting) -> SimpleNamespace:
     """One MoE layer's experts without transformers (importing it costs seconds per process):
-    `layer.parallel` is attached by `build_runtime`, as `wrap` does for a model's layers."""
-    layer = SimpleNamespace(layer_idx=0, expert_source=ModuleExperts(TinyExperts(), silu_gate), top_k=2)
+    `layer.parallel` is attached by `build_runtime`, as `wrap` does for a model's layers; `full`
+    is the reference (the model checks cover experts modules cut in place)."""
+    full = ModuleExperts(TinyExperts(), silu_gate)
+    layer = SimpleNamespace(layer_idx=0, expert_source=CopiedExperts(full), top_k=2, full=full)
     build_runtime([layer], setting)
+    assert layer.expert_source.source is full and tuple(full.module.down_proj.shape) == (4, 16, 8)  # uncut
     return layer
 
 
@@ -97,14 +157,17 @@ def model_layer(name: str) -> SimpleNamespace:
 
     ex = moe_infer.executor(moe_infer.wrap(tiny_models.build(name, seed=0), parallel="ep"))
     layer = ex.layers[0]
+    full = moe_infer.executor(moe_infer.wrap(tiny_models.build(name, seed=0))).layer(layer.layer_idx).expert_source
+    # the layer's experts module was cut in place: its source reads this rank's slice
+    assert layer.expert_source.intermediate_size * torch.distributed.get_world_size() == full.intermediate_size
     return SimpleNamespace(layer_idx=layer.layer_idx, expert_source=layer.expert_source, top_k=layer.adapter.top_k,
-                           parallel=layer.parallel)
+                           parallel=layer.parallel, full=full)
 
 
 def layer_checks(layer: SimpleNamespace, rank: int, world: int, results: list) -> None:
     """Uneven routing, empty ranks, a placement plan and the capacity factor, at the layer level."""
     runtime = layer.parallel.runtime
-    source = layer.expert_source
+    source = layer.full  # the full experts (layer.expert_source may hold this rank's slice only)
     num_experts = source.num_experts
     rs = [0] + [r for r in range(1, world + 1) if world % r == 0]
     generator = torch.Generator().manual_seed(7 + rank)
@@ -160,7 +223,8 @@ def main() -> int:
                         help="tiny_models names (the first also gives the layer checks' experts), or 'none': "
                              "layer checks on a small experts module, without transformers")
     parser.add_argument("--fail", choices=("none", "crash", "hang"), default="none")
-    parser.add_argument("--timeout", type=float, default=30.0, help="process-group timeout (s)")
+    parser.add_argument("--timeout", type=float, default=90.0,
+                        help="process-group timeout (s); generous: ranks may lag each other on a loaded machine")
     parser.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -179,7 +243,7 @@ def main() -> int:
         else:
             names = [name for name in args.models.split(",") if name != "none"]
             for name in names:
-                model_checks(name, rank, world, results)
+                model_checks(name, rank, world, results, args.out)
             layer_checks(model_layer(names[0]) if names else tiny_layer("ep"), rank, world, results)
     except ParallelError as err:
         with open(os.path.join(args.out, f"error.{rank}"), "w") as f:

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import moe_infer
 import tiny_models
@@ -122,7 +123,7 @@ DEEPSPEED_SKIP = _deepspeed_ready()
 
 
 JOBS = {  # job name -> how to start it
-    "two": lambda out: torchrun(out, 2, "--models", "deepseek_v3"),
+    "two": lambda out: torchrun(out, 2, "--models", "deepseek_v3,gpt_oss"),  # gpt_oss: transposed, interleaved, biases
     "four": lambda out: torchrun(out, 4, "--models", "mixtral"),
     "hang": lambda out: torchrun(out, 2, "--fail", "hang", "--timeout", "3"),
     "crash": lambda out: torchrun(out, 2, "--fail", "crash", "--timeout", "3"),
@@ -171,6 +172,15 @@ def _check_matches_single_process(launch: Launch, world: int, models: list[str],
         # every r ran (calls_by_r counts layer calls per r) and communication was counted
         assert {int(r) for r in stats[0]["calls_by_r"]} == set(rs)
         assert all(s["weight_bytes_sent"] > 0 and s["token_bytes_sent"] > 0 for s in stats)
+    for model in models:
+        # each rank stores 1/W of the expert weights; unwrap gathers them back bit-exact
+        sizes = [row for row in rows if row["check"] == f"{model} expert bytes"]
+        assert len(sizes) == world and all(row["bytes"] > 0 for row in sizes)
+        for check in ("unwrap", "parallel=None"):
+            gathered = [row for row in rows if row["check"] == f"{model} {check}"]
+            assert len(gathered) == world and all(row["bytes"] == sizes[0]["bytes"] for row in gathered), check
+        assert len([row for row in rows if row["check"] == f"{model} unwrapped logits"]) == world
+        assert len([row for row in rows if row["check"] == f"{model} logits, MoEConfig.placement"]) == world
     for check in ("all tokens to expert 0, plan=False", "all tokens to expert 0, plan=True", "capacity factor 1.0",
                   "random, plan=True"):
         assert {row["r"] for row in rows if row["check"] == check} == set(rs), check
@@ -180,7 +190,7 @@ def _check_matches_single_process(launch: Launch, world: int, models: list[str],
 
 @uses_job("two")
 def test_two_ranks_every_r_and_switching_match_the_single_process_model(jobs):
-    _check_matches_single_process(jobs["two"], 2, ["deepseek_v3"])
+    _check_matches_single_process(jobs["two"], 2, ["deepseek_v3", "gpt_oss"])
 
 
 @uses_job("four")
@@ -236,6 +246,49 @@ def test_set_parallelism_needs_a_parallel_model(tiny_model):
     with tiny_models.wrapped(tiny_model("mixtral")) as model:
         with pytest.raises(RuntimeError, match="MoEConfig\\(parallel="):
             moe_infer.executor(model).set_parallelism(1)
+
+
+def _plan_file(tmp_path, moe_layers, num_experts, num_devices=2):
+    from moe_infer.placement import PlacementPlan
+
+    devices = np.array([[e % num_devices for e in range(num_experts)] for _ in moe_layers])
+    holds = np.eye(num_devices, dtype=bool)[devices]
+    path = tmp_path / "plan.safetensors"
+    PlacementPlan(devices, holds, tuple(moe_layers), num_devices, capacity=num_experts).save(path)
+    return path
+
+
+def test_placement_file_in_one_process_is_loaded_checked_and_recorded(tiny_model, tmp_path):
+    model = tiny_model("mixtral")
+    ids = tiny_models.token_ids(0, 1, 5)
+    with torch.no_grad():
+        expected = model(ids).logits
+    layers = [0, 1]  # the tiny Mixtral's MoE layers
+    path = _plan_file(tmp_path, layers, 8)
+    with tiny_models.wrapped(model, placement=str(path)) as wrapped:
+        ex = moe_infer.executor(wrapped)
+        assert ex.placement.moe_layers == tuple(layers) and ex.placement.device_of(1, 3) == 1 and ex.placement.num_experts == 8
+        with torch.no_grad():
+            assert torch.equal(wrapped(ids).logits, expected)  # one process: the plan changes nothing
+        moe_infer.wrap(wrapped, placement=None)
+        assert ex.placement is None
+
+
+@pytest.mark.parametrize("what, match", [
+    ("other model", "this model has 8 experts on MoE layers \\[0, 1\\]"),
+    ("not a plan", "not a safetensors file|truncated"),
+])
+def test_a_wrong_placement_file_is_refused_and_leaves_the_model_untouched(tiny_model, tmp_path, what, match):
+    model = tiny_model("mixtral")
+    if what == "other model":
+        path = _plan_file(tmp_path, [0, 1], 4)
+    else:
+        path = tmp_path / "plan.safetensors"
+        path.write_bytes(b"not a plan")
+    blocks = list(model.modules())
+    with pytest.raises(ValueError, match=match):
+        moe_infer.wrap(model, placement=str(path))
+    assert list(model.modules()) == blocks and not moe_infer.is_wrapped(model)
 
 
 SHAPE = parallel_cost.LayerShape(num_experts=8, hidden_size=4096, intermediate_size=14336, top_k=2, elem_bytes=2)
