@@ -25,8 +25,9 @@ from moe_infer.predictors.features import (model_moe_inputs, multi_hot, previous
 from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, distillation_loss, mlp, train_loop)
 from moe_infer.trace import Trace
 
-DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 64, "skip": False, "group_limit": True, "epochs": 6, "batch_size": 256,
-            "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
+# hidden 80: under 20% of either shipped model's MACs per token (bench/results/predictors.md)
+DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 80, "skip": False, "group_limit": True, "epochs": 6,
+            "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
 _EVAL_BATCH = 8192
 
 

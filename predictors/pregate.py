@@ -23,8 +23,8 @@ from moe_infer.predictors.features import routing_targets, token_windows
 from moe_infer.predictors.nets import NetPredictor, TokenWindowEmbedding, distillation_loss, mlp, train_loop
 from moe_infer.trace import Trace
 
-DEFAULTS = {"window": 8, "lookahead": 0, "embed_dim": 16, "hidden": 96, "group_limit": True, "epochs": 6, "batch_size": 256,
-            "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
+DEFAULTS = {"window": 8, "lookahead": 0, "embed_dim": 16, "hidden": 96, "group_limit": True, "epochs": 6,
+            "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
 _EVAL_BATCH = 8192
 
 
