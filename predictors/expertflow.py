@@ -22,12 +22,12 @@ from torch import nn
 from moe_infer.predictors.base import ModelSignature, source_position
 from moe_infer.predictors.features import (model_moe_inputs, multi_hot, previous_routing, recorded_moe_inputs,
                                            routing_targets, token_windows)
-from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, distillation_loss, mlp, scores_from_logits,
-                                       train_loop)
+from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, distillation_loss, mlp, train_loop)
 from moe_infer.trace import Trace
 
-DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 64, "skip": False, "epochs": 6, "batch_size": 256,
-            "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
+# hidden 80: under 20% of either shipped model's MACs per token (bench/results/predictors.md)
+DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 80, "skip": False, "group_limit": True, "epochs": 6,
+            "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
 _EVAL_BATCH = 8192
 
 
@@ -70,10 +70,9 @@ class ExpertFlowPredictor(NetPredictor):
     # ----------------------------------------------------------------- training
     @classmethod
     def fit(cls, trace: Trace, *, model: nn.Module | str | None = None, **options: Any) -> ExpertFlowPredictor:
-        options = cls.checked_options(options)
+        options = cls.fit_options(options, trace)
         inputs = _Inputs.of(trace, model, options["window"])
-        vocab_size = max(int(trace.token_ids.max()) + 1, 1)
-        options.update(vocab_size=vocab_size, hidden_size=inputs.hidden.shape[-1],
+        options.update(hidden_size=inputs.hidden.shape[-1],
                        model=model if isinstance(model, str) else trace.model)
         net = cls.initial_net(trace.num_layers, trace.num_experts, options)
         targets = torch.from_numpy(routing_targets(trace))  # [N, L, E]
@@ -100,7 +99,7 @@ class ExpertFlowPredictor(NetPredictor):
         for first in range(0, len(inputs.windows), _EVAL_BATCH):
             rows = np.arange(first, min(first + _EVAL_BATCH, len(inputs.windows)))
             logits = self.net(source, *inputs.batch(rows).source_inputs(source))
-            out.append(scores_from_logits(logits, self.top_k))
+            out.append(self.logit_scores(logits))
         return torch.cat(out).numpy()
 
     def _predict(self, trace: Trace, distance: int) -> np.ndarray:
@@ -135,7 +134,7 @@ class ExpertFlowPredictor(NetPredictor):
         param = next(self.net.parameters())
         logits = self.net(position, state.windows.to(param.device), state.previous_hot().to(param.device),
                           state.hidden[position].to(param.device, param.dtype), routed.to(param.device))
-        scores = scores_from_logits(logits, self.top_k)  # [T, L-1-position, E]
+        scores = self.logit_scores(logits)  # [T, L-1-position, E]
         return {target: scores[:, target - position - 1] for target in targets}
 
     @classmethod

@@ -69,6 +69,33 @@ def routing_targets(trace: Trace) -> np.ndarray:
     return out
 
 
+MIN_GROUP_EVIDENCE = 1000  # (token, layer) pairs a group limit must hold on before it is trusted
+
+
+def group_limit(trace: Trace) -> list[int] | None:
+    """[groups, keep] if every token's experts at every layer lie in at most ``keep`` of ``groups``
+    equal blocks of consecutive expert ids with ``keep < min(groups, K)`` -- a group-limited router
+    (DeepSeek-V3's ``n_group`` / ``topk_group``) read off the routing itself -- else None.
+
+    Of the limits that hold, the one that leaves the fewest experts (``keep * E / groups``) wins;
+    traces with fewer than ``MIN_GROUP_EVIDENCE`` (token, layer) pairs give None.
+    """
+    expert_ids = trace.expert_ids.numpy().astype(np.int64).reshape(-1, trace.top_k)  # [N*L, K]
+    if len(expert_ids) < MIN_GROUP_EVIDENCE or trace.top_k < 2:
+        return None
+    best = None
+    for groups in range(2, trace.num_experts):
+        if trace.num_experts % groups:
+            continue
+        used = multi_hot(expert_ids // (trace.num_experts // groups), groups)  # [N*L, groups]
+        keep = int(used.sum(-1).max())
+        if keep < min(groups, trace.top_k):
+            left = keep * trace.num_experts // groups
+            if best is None or left < best[2]:
+                best = (groups, keep, left)
+    return None if best is None else [best[0], best[1]]
+
+
 def recorded_moe_inputs(trace: Trace) -> np.ndarray | None:
     """[N, L, H] float16 (as recorded) from the trace's ``moe_input:<layer>`` features, or None if
     any MoE layer was not recorded."""

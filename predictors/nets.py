@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, Predictor
+from moe_infer.predictors.features import group_limit
+from moe_infer.trace import Trace
 
 MAX_WINDOW = 32  # tokens a running model's prediction hook keeps per row (window + lookahead)
 
@@ -60,9 +62,25 @@ def mlp_macs(net: nn.Module) -> int:
     return sum(layer.in_features * layer.out_features for layer in net.modules() if isinstance(layer, nn.Linear))
 
 
-def scores_from_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[..., E] logits -> inclusion-probability estimates: softmax * K, clipped to 1."""
-    return (torch.softmax(logits.float(), -1) * top_k).clamp_(max=1.0)
+def scores_from_logits(logits: torch.Tensor, top_k: int, groups: list[int] | None = None) -> torch.Tensor:
+    """[..., E] logits -> inclusion-probability estimates: softmax * K, clipped to 1.
+
+    ``groups`` = [G, keep] (``features.group_limit``): the router picks experts from ``keep`` of G
+    equal blocks of expert ids only, so the softmax is restricted to the ``keep`` blocks with the
+    largest sum of their two most probable experts (DeepSeek-V3's group score); the other experts
+    score 0. Their top-K then never spans more blocks than the router's can.
+    """
+    logits = logits.float()
+    if groups is not None:
+        num_groups, keep = groups
+        probability = torch.softmax(logits, -1)
+        blocks = probability.unflatten(-1, (num_groups, -1))  # [..., G, E/G]
+        group_score = blocks.topk(min(2, blocks.shape[-1]), -1).values.sum(-1)  # [..., G]
+        kept = torch.zeros_like(group_score, dtype=torch.bool)
+        kept.scatter_(-1, group_score.topk(keep, -1).indices, True)
+        kept = kept.repeat_interleave(blocks.shape[-1], -1)  # [..., E]
+        logits = logits.masked_fill(~kept, float("-inf"))
+    return (torch.softmax(logits, -1) * top_k).clamp_(max=1.0)
 
 
 def distillation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -163,7 +181,22 @@ class NetPredictor(Predictor):
         if options["window"] + lookahead > MAX_WINDOW:
             raise ValueError(f"window={options['window']} + lookahead={lookahead}: at most {MAX_WINDOW} tokens "
                              "(what the runtime hook keeps per row)")
+        if not isinstance(options.get("group_limit", False), bool):
+            raise ValueError(f"group_limit={options['group_limit']!r}: expected True or False")
         return options
+
+    @classmethod
+    def fit_options(cls, options: dict[str, Any], trace: Trace) -> dict[str, Any]:
+        """``checked_options`` plus what training reads off the trace: the vocabulary size and
+        (``group_limit``) the router's group limit (``features.group_limit``)."""
+        options = cls.checked_options(options)
+        options["vocab_size"] = max(int(trace.token_ids.max()) + 1, 1)
+        options["expert_groups"] = group_limit(trace) if options.get("group_limit") else None
+        return options
+
+    def logit_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``scores_from_logits`` with the group limit learned from the training trace, if any."""
+        return scores_from_logits(logits, self.top_k, self.options.get("expert_groups"))
 
     def macs_per_token(self) -> int:
         return mlp_macs(self.net)

@@ -20,11 +20,11 @@ from torch import nn
 
 from moe_infer.predictors.base import ModelSignature
 from moe_infer.predictors.features import routing_targets, token_windows
-from moe_infer.predictors.nets import NetPredictor, TokenWindowEmbedding, distillation_loss, mlp, scores_from_logits, train_loop
+from moe_infer.predictors.nets import NetPredictor, TokenWindowEmbedding, distillation_loss, mlp, train_loop
 from moe_infer.trace import Trace
 
-DEFAULTS = {"window": 8, "lookahead": 0, "embed_dim": 16, "hidden": 96, "epochs": 6, "batch_size": 256,
-            "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
+DEFAULTS = {"window": 8, "lookahead": 0, "embed_dim": 16, "hidden": 96, "group_limit": True, "epochs": 6,
+            "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
 _EVAL_BATCH = 8192
 
 
@@ -47,8 +47,7 @@ class PreGatePredictor(NetPredictor):
 
     @classmethod
     def fit(cls, trace: Trace, **options: Any) -> PreGatePredictor:
-        options = cls.checked_options(options)
-        options["vocab_size"] = max(int(trace.token_ids.max()) + 1, 1)
+        options = cls.fit_options(options, trace)
         net = cls.initial_net(trace.num_layers, trace.num_experts, options)
         windows = torch.from_numpy(token_windows(trace, options["window"], options["lookahead"]))
         targets = torch.from_numpy(routing_targets(trace))  # [N, L, E]
@@ -63,8 +62,7 @@ class PreGatePredictor(NetPredictor):
     def scores(self, windows: torch.Tensor) -> torch.Tensor:
         """[T, L, E] scores of every MoE layer from token windows [T, W] (ids, oldest first)."""
         param = next(self.net.parameters())
-        return torch.cat([scores_from_logits(self.net(windows[first:first + _EVAL_BATCH].to(param.device)),
-                                             self.top_k)
+        return torch.cat([self.logit_scores(self.net(windows[first:first + _EVAL_BATCH].to(param.device)))
                           for first in range(0, len(windows), _EVAL_BATCH)])
 
     def _predict(self, trace: Trace, distance: int) -> np.ndarray:

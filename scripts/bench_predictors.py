@@ -215,7 +215,9 @@ def markdown(results: dict) -> str:
              "known before the first MoE layer); averaged over every MoE layer. Traces: prefill over "
              "512-token windows. Training: every 6th training-split stdlib file; held-out: the held-out "
              "stdlib files (`int(sha256(relpath)[:8],16) % 100 < 5`, the split the models were trained "
-             "with); other text: license texts (" + ", ".join(LICENSES) + ").", ""]
+             "with); other text: license texts (" + ", ".join(LICENSES) + "). Learned predictors keep "
+             "their top-K within the router's group limit when the training trace shows one "
+             "(tiny-deepseek: 2 of 4 blocks of 8 experts; `features.group_limit`).", ""]
     for model in results["models"]:
         cost = model["model_cost"]
         lines += [f"## {model['model']}", "",

@@ -279,3 +279,40 @@ def test_training_is_deterministic_and_leaves_the_callers_random_stream(planted)
     second = train("pregate", trace, epochs=1)
     for name, tensor in first.tensors().items():
         assert torch.equal(tensor, second.tensors()[name]), name
+
+
+def random_routing_trace(*, group_limited: bool, num_tokens: int = 600, seed: int = 0) -> Trace:
+    """Random routing of 3 of 8 experts per token and layer; ``group_limited``: drawn from 2 of 4
+    blocks of 2 experts (a DeepSeek-V3-style group-limited router), else from all 8."""
+    rng = np.random.default_rng(seed)
+    expert_ids = np.empty((num_tokens, len(LAYERS), 3), dtype=np.int64)
+    for row in expert_ids.reshape(-1, 3):
+        allowed = (np.repeat(rng.choice(4, 2, replace=False) * 2, 2) + [0, 1, 0, 1]) if group_limited \
+            else np.arange(NUM_EXPERTS)
+        row[:] = rng.choice(allowed, 3, replace=False)
+    return Trace.from_arrays(
+        expert_ids=expert_ids, expert_weights=np.full(expert_ids.shape, 1 / 3, dtype=np.float32),
+        seq_ids=np.arange(num_tokens) // 100, positions=np.arange(num_tokens) % 100,
+        token_ids=rng.integers(0, 16, num_tokens), num_experts=NUM_EXPERTS, moe_layers=LAYERS, model="random",
+        family="deepseek_v3", source="random")
+
+
+def test_group_limit_is_read_off_the_routing_and_bounds_the_predicted_top_k():
+    from moe_infer.predictors.features import group_limit
+    from moe_infer.predictors.nets import scores_from_logits
+
+    assert group_limit(random_routing_trace(group_limited=True)) == [4, 2]
+    assert group_limit(random_routing_trace(group_limited=False)) is None
+    assert group_limit(planted_trace()) is None  # top-2 over 8 experts: nothing to limit
+    logits = torch.randn(500, 8)
+    scores = scores_from_logits(logits, 3, [4, 2])
+    blocks_used = (scores > 0).unflatten(-1, (4, 2)).any(-1).sum(-1)
+    assert int(blocks_used.max()) == 2  # only the two kept blocks score at all
+    top = scores.topk(3, -1).indices // 2
+    assert all(len(set(row)) <= 2 for row in top.tolist())
+    assert torch.allclose(scores, scores_from_logits(logits.masked_fill(scores == 0, -1e9), 3))
+    limited = random_routing_trace(group_limited=True)
+    assert train("pregate", limited, epochs=1).options["expert_groups"] == [4, 2]
+    assert train("pregate", limited, epochs=1, group_limit=False).options["expert_groups"] is None
+    with pytest.raises(ValueError, match="group_limit"):
+        train("expertflow", limited, group_limit="yes")
