@@ -123,7 +123,7 @@ class ExpertFlowPredictor(NetPredictor):
         token's experts [T, L, K] (-1 unknown). What a batching scheduler routes queued tokens with."""
         param = next(self.net.parameters())
         previous_hot = torch.from_numpy(multi_hot(previous.cpu().numpy(), self.num_experts)).flatten(1)
-        return scores_from_logits(self.net(-1, windows.to(param.device), previous_hot.to(param.device)), self.top_k)
+        return self.logit_scores(self.net(-1, windows.to(param.device), previous_hot.to(param.device)))
 
     @torch.inference_mode()
     def runtime_scores(self, position: int, state, max_depth: int) -> dict[int, torch.Tensor]:
