@@ -215,8 +215,6 @@ def _simulate(args: argparse.Namespace) -> int:
     elif args.predictor is not None:
         from moe_infer import predictors
 
-        if not hasattr(predictors, "load"):
-            raise NotImplementedError("loading a saved predictor needs moe_infer.predictors.load (not in this build)")
         predictor = predictors.load(args.predictor)
     results = []
     for capacity in capacities:

@@ -11,6 +11,8 @@ Shape legend: B batch rows, L MoE layers, E experts, K top-k, W window width, V 
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import math
 import time
 from collections.abc import Callable
@@ -156,8 +158,9 @@ class NetPredictor(Predictor):
         self.net = net.eval()
 
     @classmethod
+    @abstractmethod
     def build_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> nn.Module:
-        raise NotImplementedError
+        """The untrained network of this kind for a model of `num_layers` MoE layers and `num_experts`."""
 
     @classmethod
     def initial_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> nn.Module:
