@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from moe_infer.files import save_safetensors
 from moe_infer.trace import Trace
 
 FORMAT = "moe_infer.placement/1"
@@ -209,13 +209,7 @@ class PlacementPlan:
             "devices": torch.from_numpy(self.devices.astype(np.int32)),
             "holds": torch.from_numpy(self.holds.astype(np.uint8)),
         }
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, temporary, metadata=metadata)
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        save_safetensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PlacementPlan:

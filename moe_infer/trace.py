@@ -58,14 +58,14 @@ import itertools
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from moe_infer.files import save_safetensors
 
 # Shapes: N tokens, L MoE layers, K top-k (experts per token), E experts, F feature columns,
 # S sequences.
@@ -391,15 +391,7 @@ class Trace:
             for name in _TENSOR_DTYPES
             if getattr(self, name) is not None
         }
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            save_file(tensors, temporary, metadata=self.metadata())
-            with open(temporary, "rb+") as written:
-                os.fsync(written.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        save_safetensors(tensors, path, self.metadata())
 
     # ----------------------------------------------------------------- shape and sequences
 

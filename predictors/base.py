@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import time
-import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,8 +32,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from moe_infer.files import save_safetensors
 from moe_infer.trace import Trace
 
 FORMAT = "moe_infer.predictor/1"
@@ -201,13 +200,7 @@ class Predictor(ABC):
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.tensors().items()}
         if not tensors:  # safetensors needs at least a header; keep one marker tensor
             tensors = {"_empty": torch.zeros(0)}
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            save_file(tensors, temporary, metadata=self.metadata())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        save_safetensors(tensors, path, self.metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Predictor:
