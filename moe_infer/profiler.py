@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from moe_infer.experts.tensorfile import DTYPES as SAFETENSORS_DTYPES, build_header
 from moe_infer.models import DTYPES, decode_tokens, encode_text, load_model  # noqa: F401 (re-exported)
 from moe_infer.trace import Trace
 
@@ -488,26 +488,24 @@ def merge_trace_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike
     if unknown:
         raise ValueError(f"{parts[0]}: unknown tensors {unknown}")
 
-    header: dict[str, Any] = {}
-    offset = 0
+    specs = []
     for name in names:
         part_shapes = shapes[name]
         if any(shape[1:] != part_shapes[0][1:] for shape in part_shapes):
             raise ValueError(f"tensor {name}: part shapes {part_shapes} differ past the first axis")
-        shape = [sum(shape[0] for shape in part_shapes), *part_shapes[0][1:]]
-        nbytes = math.prod(shape) * _dtype_size(dtypes[name])
-        header[name] = {"dtype": dtypes[name], "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        if dtypes[name] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"unexpected tensor dtype {dtypes[name]} in a trace part")
+        rows = sum(shape[0] for shape in part_shapes)
+        specs.append((name, SAFETENSORS_DTYPES[dtypes[name]], (rows, *part_shapes[0][1:])))
     # sorted: safetensors returns metadata in hash order, and equal traces should be equal bytes
-    header["__metadata__"] = dict(sorted((metadata or {}).items()))
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
+    header, offsets = build_header(specs, dict(sorted((metadata or {}).items())))
+    name, dtype, shape = specs[-1]
+    expected = offsets[name] + math.prod(shape) * dtype.itemsize
 
     temporary = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temporary, "wb") as file:
-            file.write(struct.pack("<Q", len(header_bytes)))
-            file.write(header_bytes)
+            file.write(header)
             for name in names:
                 for part in parts:
                     with safe_open(part, framework="pt") as part_file:
@@ -516,20 +514,12 @@ def merge_trace_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike
             written = file.tell()
             file.flush()
             os.fsync(file.fileno())
-        expected = 8 + len(header_bytes) + offset
         assert written == expected, (written, expected)
         os.replace(temporary, out)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    return header["expert_ids"]["shape"][0]
-
-
-def _dtype_size(safetensors_dtype: str) -> int:
-    sizes = {"I32": 4, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "F64": 8, "U8": 1, "I8": 1}
-    if safetensors_dtype not in sizes:
-        raise ValueError(f"unexpected tensor dtype {safetensors_dtype} in a trace part")
-    return sizes[safetensors_dtype]
+    return specs[names.index("expert_ids")][2][0]
 
 
 def _check_written(path: Path, tokens: int) -> None:
