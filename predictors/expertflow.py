@@ -21,13 +21,14 @@ from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, source_position
 from moe_infer.predictors.features import (model_moe_inputs, multi_hot, previous_routing, recorded_moe_inputs,
-                                           routing_targets, token_windows)
-from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, distillation_loss, mlp, train_loop)
+                                           token_windows)
+from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, loss_targets, mlp, routing_loss,
+                                       train_loop)
 from moe_infer.trace import Trace
 
 # hidden 80: under 20% of either shipped model's MACs per token (bench/results/predictors.md)
-DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 80, "skip": False, "group_limit": True, "epochs": 6,
-            "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
+DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 80, "skip": False, "group_limit": True, "loss": "membership",
+            "epochs": 6, "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
 _EVAL_BATCH = 8192
 
 
@@ -75,14 +76,14 @@ class ExpertFlowPredictor(NetPredictor):
         options.update(hidden_size=inputs.hidden.shape[-1],
                        model=model if isinstance(model, str) else trace.model)
         net = cls.initial_net(trace.num_layers, trace.num_experts, options)
-        targets = torch.from_numpy(routing_targets(trace))  # [N, L, E]
+        targets = loss_targets(trace, options["loss"])  # [N, L, E]
 
         def batch_loss(rows: np.ndarray) -> torch.Tensor:
             batch = inputs.batch(rows)
             loss = 0.0
             for source in range(-1, trace.num_layers - 1):
                 logits = net(source, *batch.source_inputs(source))
-                loss = loss + distillation_loss(logits, targets[rows, source + 1:])
+                loss = loss + routing_loss(logits, targets[rows, source + 1:], options["loss"])
             return loss / trace.num_layers
 
         summary = train_loop(net, trace.num_tokens, batch_loss, epochs=options["epochs"],

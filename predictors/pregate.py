@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from moe_infer.predictors.base import ModelSignature
-from moe_infer.predictors.features import routing_targets, token_windows
-from moe_infer.predictors.nets import NetPredictor, TokenWindowEmbedding, distillation_loss, mlp, train_loop
+from moe_infer.predictors.features import token_windows
+from moe_infer.predictors.nets import NetPredictor, TokenWindowEmbedding, loss_targets, mlp, routing_loss, train_loop
 from moe_infer.trace import Trace
 
-DEFAULTS = {"window": 8, "lookahead": 0, "embed_dim": 16, "hidden": 96, "group_limit": True, "epochs": 6,
-            "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
+DEFAULTS = {"window": 8, "lookahead": 0, "embed_dim": 16, "hidden": 96, "group_limit": True, "loss": "membership",
+            "epochs": 6, "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
 _EVAL_BATCH = 8192
 
 
@@ -50,9 +50,9 @@ class PreGatePredictor(NetPredictor):
         options = cls.fit_options(options, trace)
         net = cls.initial_net(trace.num_layers, trace.num_experts, options)
         windows = torch.from_numpy(token_windows(trace, options["window"], options["lookahead"]))
-        targets = torch.from_numpy(routing_targets(trace))  # [N, L, E]
+        targets = loss_targets(trace, options["loss"])  # [N, L, E]
         summary = train_loop(net, trace.num_tokens,
-                             lambda rows: distillation_loss(net(windows[rows]), targets[rows]),
+                             lambda rows: routing_loss(net(windows[rows]), targets[rows], options["loss"]),
                              epochs=options["epochs"], batch_size=options["batch_size"],
                              learning_rate=options["learning_rate"], max_seconds=options["max_seconds"],
                              seed=options["seed"])

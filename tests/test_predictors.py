@@ -67,6 +67,22 @@ def test_learned_predictors_recover_a_planted_routing_path(planted, planted_pred
     assert result["recall"] == {1: 1.0, 2: 1.0, 3: 1.0}
 
 
+@pytest.mark.parametrize("kind", ["expertflow", "pregate"])
+def test_distillation_loss_recovers_the_path_too_and_files_without_a_loss_read_as_distillation(tmp_path, planted,
+                                                                                               kind):
+    trace, held_out = planted
+    predictor = train(kind, trace, loss="distillation", **FAST[kind])
+    assert predictor.evaluate(held_out, max_distance=2)["recall"] == {1: 1.0, 2: 1.0}
+    expected = predictor.predict_trace(held_out, 1)
+    del predictor.options["loss"]  # as saved before the option existed
+    predictor.save(tmp_path / "old.safetensors")
+    old = load(tmp_path / "old.safetensors")
+    assert "loss" not in old.options
+    np.testing.assert_array_equal(old.predict_trace(held_out, 1), expected)
+    old.options["loss"] = "membership"  # the other reading of the same logits differs
+    assert not np.allclose(old.predict_trace(held_out, 1), expected)
+
+
 def test_markov_recovers_the_path_from_the_layer_it_sees(planted, planted_predictors):
     _, held_out = planted
     result = planted_predictors["markov"].evaluate(held_out, max_distance=2)
@@ -124,6 +140,8 @@ def test_bad_requests_get_one_clear_error(tmp_path, planted):
         train("oracle", trace)
     with pytest.raises(ValueError, match=r"unknown expertflow option\(s\) \['layers'\]"):
         train("expertflow", trace, layers=3)
+    with pytest.raises(ValueError, match=r"loss='mse': expected one of \['membership', 'distillation'\]"):
+        train("expertflow", trace, loss="mse")
     with pytest.raises(ValueError, match="hidden=0"):
         train("pregate", trace, hidden=0)
     with pytest.raises(ValueError, match="window=30 \\+ lookahead=3: at most 32 tokens"):
@@ -311,6 +329,10 @@ def test_group_limit_is_read_off_the_routing_and_bounds_the_predicted_top_k():
     top = scores.topk(3, -1).indices // 2
     assert all(len(set(row)) <= 2 for row in top.tolist())
     assert torch.allclose(scores, scores_from_logits(logits.masked_fill(scores == 0, -1e9), 3))
+    membership = scores_from_logits(logits, 3, [4, 2], "membership")
+    kept = membership > 0
+    assert int(kept.unflatten(-1, (4, 2)).any(-1).sum(-1).max()) == 2
+    assert torch.equal(membership[kept], torch.sigmoid(logits)[kept])
     limited = random_routing_trace(group_limited=True)
     assert train("pregate", limited, epochs=1).options["expert_groups"] == [4, 2]
     assert train("pregate", limited, epochs=1, group_limit=False).options["expert_groups"] is None
