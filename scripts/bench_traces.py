@@ -13,20 +13,15 @@ each window of ``seq_len`` tokens is one sequence (one request, for the batching
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import sysconfig
 import time
 from pathlib import Path
 
+from moe_infer.corpus import EXCLUDED_DIRS, is_heldout  # the held-out split of the shipped models
+
 KINDS = ("py", "rst", "license", "metadata")
-_SKIP_DIRS = {"__pycache__", "dist-packages", "idlelib", "lib2to3", "site-packages", "test", "tests"}
-
-
-def _held_out(relative: str) -> bool:
-    # the split of scripts/train_tiny_moe.py (model cards): 5% of the stdlib files by path hash
-    return int(hashlib.sha256(relative.encode()).hexdigest()[:8], 16) % 100 < 5
 
 
 def text_files(per_kind: int, min_bytes: int = 3000) -> dict[str, list[Path]]:
@@ -36,7 +31,7 @@ def text_files(per_kind: int, min_bytes: int = 3000) -> dict[str, list[Path]]:
     candidates: dict[str, list[Path]] = {kind: [] for kind in KINDS}
     for path in sorted(stdlib.rglob("*.py")):
         relative = path.relative_to(stdlib)
-        if not _SKIP_DIRS & set(relative.parts[:-1]) and _held_out(relative.as_posix()):
+        if not EXCLUDED_DIRS & set(relative.parts[:-1]) and is_heldout(relative.as_posix()):
             candidates["py"].append(path)
     candidates["rst"] = sorted(stdlib.rglob("*.rst")) + sorted(purelib.rglob("*.rst"))
     licenses = Path("/usr/share/common-licenses")

@@ -40,24 +40,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import platform
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from moe_infer.corpus import EXCLUDED_DIRS, HELDOUT_RULE, is_heldout, stdlib_files
+
 MODELS = ("tiny-mixtral", "tiny-deepseek")
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 256
 VOCAB_SIZE = 257  # 256 byte values + <|endoftext|>
-EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
-HELDOUT_PERCENT = 5
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("def ", "import ", "class ", "    for ")
 SAMPLE_PROMPTS = ("def ", "import os\n")
@@ -193,23 +191,6 @@ def check_tokenizer(tok) -> None:
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-def stdlib_files() -> tuple[Path, list[tuple[str, Path]]]:
-    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    seen, files = set(), []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).as_posix()
-        if rel in seen or any(part in EXCLUDED_DIRS for part in rel.split("/")[:-1]) or not p.is_file():
-            continue
-        seen.add(rel)
-        files.append((rel, p))
-    files.sort()
-    return root, files
-
-
-def is_heldout(rel: str) -> bool:
-    return int(hashlib.sha256(rel.encode("utf-8")).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
-
-
 def build_stream(paths: list[Path]) -> torch.Tensor:
     """All files' bytes, each followed by <|endoftext|>, as one int16 tensor."""
     parts = []
@@ -231,7 +212,7 @@ def load_data():
         "stdlib_root": str(root),
         "python": platform.python_version(),
         "excluded_dirs": sorted(EXCLUDED_DIRS),
-        "heldout_rule": f"int(sha256(relative_path)[:8], 16) % 100 < {HELDOUT_PERCENT}",
+        "heldout_rule": HELDOUT_RULE,
         "train_files": len(train),
         "heldout_files": len(held),
         "train_bytes": int((train_stream != EOS_ID).sum()),
@@ -476,9 +457,9 @@ def write_model_card(out_dir: Path, summary: dict) -> None:
     lines = [
         f"# {name}",
         "",
-        f"A tiny byte-level Mixture-of-Experts causal LM shipped with `moe_infer` (DESIGN section 6), trained by "
-        f"`scripts/train_tiny_moe.py`. It is a test and demo model whose routing was learned from real text, "
-        f"not a useful code model.",
+        "A tiny byte-level Mixture-of-Experts causal LM shipped with `moe_infer` (DESIGN section 6), trained by "
+        "`scripts/train_tiny_moe.py`. It is a test and demo model whose routing was learned from real text, "
+        "not a useful code model.",
         "",
         "```python",
         "import moe_infer.assets",

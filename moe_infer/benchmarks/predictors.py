@@ -29,12 +29,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_tiny_moe import is_heldout, stdlib_files  # noqa: E402  (the split rule of the shipped models)
-
 import moe_infer  # noqa: E402
 import moe_infer.assets  # noqa: E402
+from moe_infer.corpus import is_heldout, stdlib_files  # noqa: E402  (the split rule of the shipped models)
 from moe_infer.predictors import train  # noqa: E402
 from moe_infer.profiler import record_trace  # noqa: E402
 from moe_infer.trace import Trace  # noqa: E402
