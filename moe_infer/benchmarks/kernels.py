@@ -2,10 +2,11 @@
 experts implementations (`eager`, `grouped_mm`) and the roofline floor
 max(bytes / measured HBM bandwidth, FLOPs / measured bf16 matmul rate).
 
-    python scripts/bench_kernels.py                       # all shapes, T = 1 .. 16384, bf16
-    python scripts/bench_kernels.py --models mixtral-8x7b --tokens 1 64 1024
+    moe-infer bench kernels                       # all shapes, T = 1 .. 16384, bf16
+    moe-infer bench kernels --models mixtral-8x7b --tokens 1 64 1024
 
-Prints a table and appends one JSON line per (model, T) to bench/results/kernels.jsonl. Times are
+(``python scripts/bench_kernels.py ...`` is the same.) Prints a table and appends one JSON line per
+(model, T) to bench/results/kernels.jsonl under the current directory (``--out``). Times are
 `triton.testing.do_bench` medians; "ours (graph)" replays the layer from a CUDA graph (no launch
 overhead). Every row is also checked against `grouped_mm`'s output (bf16 tolerance). Needs CUDA.
 """
@@ -22,26 +23,26 @@ from pathlib import Path
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "kernels.jsonl"
+RESULTS = Path("bench") / "results" / "kernels.jsonl"  # under the current directory
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from moe_infer.kernels.benchmarking import MODEL_SHAPES, TOKEN_COUNTS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKEN_COUNTS))
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--baselines", nargs="*", default=["eager", "grouped_mm"],
                         help="transformers experts implementations to time beside ours")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON lines file the results are appended to")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_kernels: needs a CUDA GPU (torch.cuda.is_available() is False); the kernels' correctness "
+        print(f"{parser.prog}: needs a CUDA GPU (torch.cuda.is_available() is False); the kernels' correctness "
               "tests run on the CPU with `python -m pytest tests/test_kernels.py`", file=sys.stderr)
         return 2
     if any(t < 1 for t in args.tokens):
-        print(f"bench_kernels: --tokens must be positive, got {args.tokens}", file=sys.stderr)
+        print(f"{parser.prog}: --tokens must be positive, got {args.tokens}", file=sys.stderr)
         return 2
     run(args)
     return 0

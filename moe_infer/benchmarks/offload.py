@@ -12,11 +12,19 @@ Mixtral-8x7B statistics (`../shared/data/routing-stats/`: per-layer popularity, 
 counts; token-to-token reuse tuned so that LRU with 4 of 8 experts per layer hits 61.5%, the hit
 rate of real Mixtral traces in `reference/anchors.md`). Prints the floor: bytes that must cross
 PCIe per token at the measured hit rate over the measured host-to-device bandwidth, plus CPU time
-of experts run there. Appends one JSON line per run to bench/results/offload.jsonl.
+of experts run there. Appends one JSON line per run to bench/results/offload.jsonl under the current
+directory (``--out``).
 
-CPU smoke test (reduced size, CPU tier instead of GPU tier, no accelerate):
-    python scripts/bench_offload.py --layers 2 --hidden 256 --intermediate 512 --vocab 512 \
-        --prompt-tokens 64 --decode-tokens 16 --expert-fraction 0.25
+    moe-infer bench offload                 # the GPU run (``python scripts/bench_offload.py`` is the same)
+
+Without CUDA it refuses the full size. CPU smoke test (reduced size, CPU tier instead of GPU tier,
+no accelerate; checks that the benchmark runs, measures nothing about offloading):
+    moe-infer bench offload --smoke
+which is short for
+    moe-infer bench offload --layers 2 --hidden 256 --intermediate 512 --vocab 512 --heads 4 --kv-heads 2 \
+        --prompt-tokens 64 --decode-tokens 16 --expert-fraction 0.25 --dtype float32 \
+        --out bench/results/offload-cpu-smoke.jsonl
+(options given beside ``--smoke`` win).
 """
 
 from __future__ import annotations
@@ -41,11 +49,17 @@ from moe_infer.config import parse_bytes
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.trace import Trace
 
-REPO = Path(__file__).resolve().parents[1]
+SOURCE_TREE = Path(__file__).resolve().parents[2]  # the checkout, when moe_infer is installed from one
 # the shared data folder sits beside the checkout (../shared) or beside the worktrees (../../shared)
-ROUTING_STATS_CANDIDATES = [base / "shared" / "data" / "routing-stats" / "olmoe_repo_routing_stats.json"
-                            for base in (REPO, REPO.parent, REPO.parent.parent)]
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "offload.jsonl"
+ROUTING_STATS_CANDIDATES = list(dict.fromkeys(
+    base / "shared" / "data" / "routing-stats" / "olmoe_repo_routing_stats.json"
+    for root in (Path.cwd(), SOURCE_TREE) for base in (root, root.parent, root.parent.parent)))
+RESULTS = Path("bench") / "results" / "offload.jsonl"  # under the current directory
+# --smoke: a CPU-sized run (the command of bench/results/offload-cpu-smoke.md)
+SMOKE = dict(layers=2, hidden=256, intermediate=512, vocab=512, heads=4, kv_heads=2, prompt_tokens=64,
+             decode_tokens=16, expert_fraction=0.25, dtype="float32",
+             out=str(Path("bench") / "results" / "offload-cpu-smoke.jsonl"))
+CPU_EXPERT_BYTES_LIMIT = 4 * 2**30  # without CUDA, larger runs are refused: they are GPU runs
 
 CONFIGS = {  # name -> MoEConfig fields (the budget is added per run)
     "plain LRU (mixtral-offloading design)": dict(cache_policy="lru", cpu_compute="never"),
@@ -269,8 +283,8 @@ def run_accelerate(model, budget: int, args, device) -> dict | None:
             "hit_rate": on_gpu / args.layers, "bytes_moved_per_token": None}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
@@ -290,14 +304,27 @@ def main(argv=None) -> int:
     ap.add_argument("--routing-stats", default=None, help="olmoe_repo_routing_stats.json (default: ../shared/data/...)")
     ap.add_argument("--configs", default="all", help="comma-separated config names' prefixes, or all")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=str(RESULTS), help="JSON lines file the results are appended to")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke-test sizes (see the module docstring)")
     args = ap.parse_args(argv)
+    if args.smoke:  # the smoke sizes, except where an option was given explicitly
+        for name, value in SMOKE.items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     one_expert = expert_bytes(args, dtype)
     all_experts = one_expert * args.experts * args.layers
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{ap.prog}: --device {args.device} but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and all_experts > CPU_EXPERT_BYTES_LIMIT:
+        print(f"{ap.prog}: this size ({all_experts / 2**30:.1f} GiB of experts) is a GPU run and no CUDA device is "
+              f"used; on the CPU run --smoke, or a shape under {CPU_EXPERT_BYTES_LIMIT / 2**30:.0f} GiB of experts",
+              file=sys.stderr)
+        return 2
     budget = int(all_experts * args.expert_fraction) if args.expert_fraction else parse_bytes(args.expert_memory)
     print(f"device {device}; {args.layers} layers x {args.experts} experts of {one_expert / 2**20:.1f} MiB "
           f"({all_experts / 2**30:.2f} GiB of experts); budget {budget / 2**30:.2f} GiB "
