@@ -36,12 +36,3 @@ def is_heldout(rel: str) -> bool:
     """Whether the file at ``rel`` (posix path relative to the stdlib root) is held-out text."""
     return int(hashlib.sha256(rel.encode("utf-8")).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
 
-
-def heldout_files() -> list[Path]:
-    """The held-out files, sorted by relative path (never seen by the shipped models in training)."""
-    return [path for rel, path in stdlib_files()[1] if is_heldout(rel)]
-
-
-def training_files() -> list[Path]:
-    """The training-split files, sorted by relative path."""
-    return [path for rel, path in stdlib_files()[1] if not is_heldout(rel)]
