@@ -47,7 +47,6 @@ def calibration(scores: np.ndarray, expert_ids: np.ndarray, bins: int = 10) -> d
     if len(probability) == 0:
         return {"brier": 0.0, "ece": 0.0}
     bin_ids = np.minimum((probability * bins).astype(np.int64), bins - 1)
-    counts = np.bincount(bin_ids, minlength=bins)
     sum_probability = np.bincount(bin_ids, weights=probability, minlength=bins)
     sum_used = np.bincount(bin_ids, weights=used, minlength=bins)
     ece = float(np.abs(sum_probability - sum_used).sum() / len(probability))
