@@ -172,3 +172,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(report)
     print(f"wrote {args.out / 'cache.json'} and {args.out / 'cache.md'}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
