@@ -18,9 +18,14 @@ HELDOUT_PERCENT = 5
 HELDOUT_RULE = f"int(sha256(relative_path)[:8], 16) % 100 < {HELDOUT_PERCENT}"
 
 
+def stdlib_root() -> Path:
+    """The standard library folder the corpus is read from (resolved)."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
 def stdlib_files() -> tuple[Path, list[tuple[str, Path]]]:
     """The stdlib root and its corpus files as ``(relative posix path, path)``, sorted by relative path."""
-    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    root = stdlib_root()
     seen, files = set(), []
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root).as_posix()

@@ -75,6 +75,7 @@ def run_model(model_name: str, args: argparse.Namespace) -> dict:
     import moe_infer.assets
     from moe_infer.benchmarks.predictors import LEARNED, corpora, record
     from moe_infer.cache.simulate import TraceOracle, simulate
+    from moe_infer.corpus import stdlib_root
     from moe_infer.predictors import train
 
     model, _ = moe_infer.assets.load_model(model_name)
@@ -88,7 +89,7 @@ def run_model(model_name: str, args: argparse.Namespace) -> dict:
     result = {"model": model_name, "num_experts": heldout.num_experts, "top_k": heldout.top_k,
               "moe_layers": list(heldout.moe_layers),
               "traces": {"heldout": {"tokens": heldout.num_tokens, "sequences": heldout.num_sequences,
-                                     "files": [path.name for path in held_files]},
+                                     "files": [path.relative_to(stdlib_root()).as_posix() for path in held_files]},
                          "train": {"tokens": training.num_tokens, "sequences": training.num_sequences}},
               "predictors": {}, "runs": []}
     predictors = {}
@@ -121,9 +122,12 @@ def run_model(model_name: str, args: argparse.Namespace) -> dict:
 
 
 def markdown(results: dict) -> str:
+    from moe_infer.corpus import HELDOUT_RULE
+
     lines = ["# Cache policies on held-out text (trace-driven simulator)", "",
              f"{results['date']}, {results['device']}, torch {results['torch']}. Command: `{results['command']}`.", "",
-             "One cache for the whole trace, token by token, layer by layer; capacity in expert slots per MoE "
+             "Held-out text: standard-library files the shipped models never saw in training (split by "
+             f"`{HELDOUT_RULE}`); training trace: every 6th training-split file. One cache for the whole trace, token by token, layer by layer; capacity in expert slots per MoE "
              "layer. Cells: hit rate (share of (token, layer, expert) accesses found resident) and, in brackets, "
              "loads (experts brought in: misses + prefetches = bytes moved / expert size). `static` pins the "
              "experts the training trace used most. `belady` is the offline optimum of demand loading; "
