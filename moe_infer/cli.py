@@ -234,6 +234,12 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from moe_infer.benchmarks import run
+
+    return run(args.name, args.args, prog=f"moe-infer bench {args.name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-infer", description="Mixture-of-Experts inference for transformers models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -359,6 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check a converted checkpoint: manifest, shapes, dtypes, every checksum")
     ver.add_argument("dir", metavar="DIR")
     ver.set_defaults(run=_verify)
+
+    from moe_infer.benchmarks import BENCHMARKS
+
+    bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHMARKS)}",
+                           description="Run a benchmark; results go to bench/results/ under the current directory "
+                                       "unless its --out says otherwise. `moe-infer bench NAME --help` shows its options.",
+                           epilog="benchmarks:\n" + "\n".join(f"  {name:<11} {text}" for name, text in BENCHMARKS.items()),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("name", metavar="NAME", help=", ".join(BENCHMARKS))
+    bench.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the benchmark's own options")
+    bench.set_defaults(run=_bench)
     return parser
 
 

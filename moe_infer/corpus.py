@@ -18,9 +18,14 @@ HELDOUT_PERCENT = 5
 HELDOUT_RULE = f"int(sha256(relative_path)[:8], 16) % 100 < {HELDOUT_PERCENT}"
 
 
+def stdlib_root() -> Path:
+    """The standard library folder the corpus is read from (resolved)."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
 def stdlib_files() -> tuple[Path, list[tuple[str, Path]]]:
     """The stdlib root and its corpus files as ``(relative posix path, path)``, sorted by relative path."""
-    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    root = stdlib_root()
     seen, files = set(), []
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root).as_posix()
@@ -36,12 +41,3 @@ def is_heldout(rel: str) -> bool:
     """Whether the file at ``rel`` (posix path relative to the stdlib root) is held-out text."""
     return int(hashlib.sha256(rel.encode("utf-8")).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
 
-
-def heldout_files() -> list[Path]:
-    """The held-out files, sorted by relative path (never seen by the shipped models in training)."""
-    return [path for rel, path in stdlib_files()[1] if is_heldout(rel)]
-
-
-def training_files() -> list[Path]:
-    """The training-split files, sorted by relative path."""
-    return [path for rel, path in stdlib_files()[1] if not is_heldout(rel)]

@@ -12,7 +12,6 @@ router call (used to verify an adapter against the real router). Does not own th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -3,7 +3,7 @@
 
 For each model: record three traces with ``moe_infer.profiler.record_trace`` (every MoE input and
 the token embedding as features) -- training text (every 6th training-split stdlib file), held-out
-text (the held-out stdlib files, split by ``scripts/train_tiny_moe.py``'s rule) and text of another
+text (the held-out stdlib files, split by ``moe_infer.corpus``'s rule) and text of another
 kind (license texts from /usr/share/common-licenses) -- train every predictor on the first, and
 report recall of the true experts among the predicted top-K at layer distances 1..4 on the other
 two, with calibration and cost per token (multiply-accumulates and measured time) beside the
@@ -12,8 +12,10 @@ simulator (LRU, belady, and prefetch driven by each predictor), and in the execu
 (greedy decoding of held-out prompts: bytes moved, time stalled, prefetches, outputs compared with
 the unbudgeted model). Writes ``bench/results/predictors.json`` and ``predictors.md``.
 
-    python scripts/bench_predictors.py                      # both models, about 10 min on 1 core
-    python scripts/bench_predictors.py --models tiny-mixtral --epochs 2
+    moe-infer bench predictors                      # both models, about 10 min on 1 core
+    moe-infer bench predictors --models tiny-mixtral --epochs 2
+
+(``python scripts/bench_predictors.py ...`` is the same.)
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-import moe_infer  # noqa: E402
-import moe_infer.assets  # noqa: E402
-from moe_infer.corpus import is_heldout, stdlib_files  # noqa: E402  (the split rule of the shipped models)
-from moe_infer.predictors import train  # noqa: E402
-from moe_infer.profiler import record_trace  # noqa: E402
-from moe_infer.trace import Trace  # noqa: E402
+import moe_infer
+import moe_infer.assets
+from moe_infer.corpus import is_heldout, stdlib_files  # the split rule of the shipped models
+from moe_infer.predictors import train
+from moe_infer.profiler import record_trace
+from moe_infer.trace import Trace
 
+RESULTS = Path("bench") / "results"  # under the current directory
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1"]
 LICENSE_DIR = Path("/usr/share/common-licenses")
 # (row name, kind, options); learned predictors also get --epochs
@@ -285,8 +287,8 @@ def executor_markdown(model: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-deepseek"])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/moe_infer_bench_predictors"),
                         help="where the traces are recorded (reused when present)")
@@ -298,7 +300,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts decoded in the executor run")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of predictors.json and predictors.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +308,7 @@ def main(argv=None) -> int:
     results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "device": f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
                "python": platform.python_version(),
-               "command": " ".join(["python", "scripts/bench_predictors.py", *(sys.argv[1:] if argv is None else argv)]),
+               "command": " ".join([parser.prog, *(sys.argv[1:] if argv is None else argv)]),
                "args": {"epochs": args.epochs, "train_tokens": args.train_tokens, "eval_tokens": args.eval_tokens,
                         "max_seconds": args.max_seconds},
                "models": [run_model(name, args) for name in args.models]}

@@ -1,0 +1,105 @@
+"""`moe-infer bench {kernels,offload,predictors,cache}` (DESIGN section 7): the benchmarks run from
+the installed package, at tiny sizes here, with their own options and results where --out says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_infer.benchmarks import BENCHMARKS
+from moe_infer.cli import main
+
+
+def test_bench_help_lists_the_four_benchmarks(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert list(BENCHMARKS) == ["kernels", "offload", "predictors", "cache"]
+    for name in BENCHMARKS:
+        assert f"\n  {name} " in out
+
+
+def test_bench_forwards_help_to_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "offload", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: moe-infer bench offload") and "--smoke" in out and "--expert-memory" in out
+
+
+def test_unknown_benchmark_is_one_line_exit_2(capsys):
+    assert main(["bench", "frobnicate", "--fast"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["moe-infer bench: error: unknown benchmark 'frobnicate'; "
+                     "benchmarks are kernels, offload, predictors, cache"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("argv", [["kernels"], ["offload"], ["offload", "--device", "cuda"]])
+def test_gpu_benchmarks_refuse_without_cuda(argv, capsys, tmp_path):
+    assert main(["bench", *argv, "--out", str(tmp_path / "results.jsonl")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moe-infer bench {argv[0]}: ")
+    assert "CUDA" in lines[0] or "cuda" in lines[0]
+    assert not any(tmp_path.iterdir()), "a refused benchmark wrote results"
+
+
+def test_bench_cache_on_a_shipped_model(tmp_path):
+    """Through `python -m moe_infer` (the console path): the simulator comparison at two capacities."""
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "moe_infer", "bench", "cache", "--models", "tiny-mixtral", "--files", "1",
+               "--eval-tokens", "384", "--train-tokens", "384", "--capacities", "0.25", "0.5",
+               "--predictors", "markov", "oracle", "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "cache.json").read_text())
+    assert report["command"].startswith("moe-infer bench cache --models tiny-mixtral")
+    (model,) = report["models"]
+    assert model["model"] == "tiny-mixtral" and model["capacities"] == [2, 4]
+    assert model["traces"]["heldout"]["tokens"] == 384 and model["traces"]["heldout"]["files"] == ["ast.py"]
+    runs = {(run["row"], run["capacity"]): run for run in model["runs"]}
+    rows = ["lru", "lfu", "static", "belady", "lru + markov", "expertflow + markov", "lru + oracle",
+            "expertflow + oracle"]
+    assert set(runs) == {(row, capacity) for row in rows for capacity in (2, 4)}
+    for capacity in (2, 4):
+        belady = runs["belady", capacity]
+        for row in rows:
+            run = runs[row, capacity]
+            assert run["accesses"] == 384 * 6 * 2 and run["hits"] + run["misses"] == run["accesses"]
+            assert 0.0 < run["hit_rate"] < 1.0
+            assert belady["loads"] <= run["loads"]  # the offline optimum loads the fewest experts
+        for row in ("lru", "lfu", "static"):  # ... and hits the most of every demand policy
+            assert belady["hit_rate"] >= runs[row, capacity]["hit_rate"]
+        assert runs["lru + oracle", capacity]["prefetches_issued"] > 0
+    assert runs["lru", 4]["hit_rate"] > runs["lru", 2]["hit_rate"]
+    markdown = (out / "cache.md").read_text()
+    assert "| policy | 2 of 8 | 4 of 8 |" in markdown and "| expertflow + oracle |" in markdown
+    assert not (tmp_path / "bench").exists(), "results went to the current directory despite --out"
+
+
+def test_bench_predictors_at_a_tiny_size(tmp_path, capsys):
+    out = tmp_path / "results"
+    threads = torch.get_num_threads()  # the benchmark pins one thread
+    try:
+        status = main(["bench", "predictors", "--models", "tiny-mixtral", "--train-tokens", "384",
+                       "--eval-tokens", "256", "--epochs", "1", "--sim-sequences", "1", "--prompts", "1",
+                       "--prompt-tokens", "8", "--new-tokens", "2", "--work-dir", str(tmp_path / "work"),
+                       "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((out / "predictors.json").read_text())
+    assert report["command"].startswith("moe-infer bench predictors --models tiny-mixtral")
+    (model,) = report["models"]
+    assert set(model["predictors"]) == {"frequency", "markov", "gate-lookahead", "expertflow", "pregate",
+                                        "pregate (next token)"}
+    for entry in model["predictors"].values():
+        for recall in entry["eval"]["heldout"]["recall"].values():
+            assert 0.0 <= recall <= 1.0
+    assert all(row["outputs_equal"] for row in model["executor"]["rows"].values())
+    assert (out / "predictors.md").read_text().startswith("# Routing predictors")
