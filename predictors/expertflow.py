@@ -1,11 +1,14 @@
 """``expertflow``: a lightweight routing-path predictor with runtime correction (after ExpertFlow).
 
 Before the first MoE layer it predicts the experts of every MoE layer of a token from what is known
-then: the ids of the token and of the ``window - 1`` tokens before it, and the full routing of the
-previous token. At each MoE layer s the prediction of the later layers is corrected with what the
-model has just revealed: the MoE input (hidden state) of layer s and the token's actual experts at
-layers 0..s. One small MLP per source position (-1 = before the first MoE layer, then 0..L-2),
-sharing one token-window embedding; the MLP of source s predicts layers s+1..L-1.
+then: the ids of the token and of the ``window - 1`` tokens before it, and the previous token's full
+routing and MoE inputs (each layer's projected to ``previous_dim`` numbers by a learned per-layer
+matrix; unknown in a prefill call, where they count as zeros). At each MoE layer s the prediction
+of the later layers is corrected with what the model has just revealed: the MoE input (hidden
+state) of layer s and the token's actual experts at layers 0..s. One small MLP per source position
+(-1 = before the first MoE layer, then 0..L-2), sharing the token-window embedding and the
+projections; the MLP of source s predicts layers s+1..L-1 and reads the previous token's projected
+MoE inputs of those layers.
 
 Shape legend: N tokens, T tokens of a call, L MoE layers, K top-k, E experts, H hidden size,
 W window width.
@@ -21,38 +24,52 @@ from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, source_position
 from moe_infer.predictors.features import (model_moe_inputs, multi_hot, previous_routing, recorded_moe_inputs,
-                                           token_windows)
+                                           same_sequence_offsets, token_windows)
 from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, loss_targets, mlp, routing_loss,
                                        train_loop)
 from moe_infer.trace import Trace
 
 # hidden 80: under 20% of either shipped model's MACs per token (bench/results/predictors.md)
-DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 80, "skip": False, "group_limit": True, "loss": "membership",
-            "epochs": 6, "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
+DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 80, "previous_dim": 8, "skip": False, "group_limit": True,
+            "loss": "membership", "epochs": 6, "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}
 _EVAL_BATCH = 8192
 
 
 class ExpertFlowNet(nn.Module):
     def __init__(self, vocab_size: int, num_layers: int, num_experts: int, hidden_size: int, *, window: int,
-                 embed_dim: int, hidden: int, skip: bool = False):
+                 embed_dim: int, hidden: int, previous_dim: int = 0, skip: bool = False):
         super().__init__()
-        self.num_layers, self.num_experts = num_layers, num_experts
+        self.num_layers, self.num_experts, self.previous_dim = num_layers, num_experts, previous_dim
         self.embed = TokenWindowEmbedding(vocab_size, window, embed_dim)
+        # [L, H, previous_dim]: the previous token's MoE input of each layer -> previous_dim numbers
+        self.previous_projection = None
+        if previous_dim:
+            scale = hidden_size ** -0.5
+            self.previous_projection = nn.Parameter(torch.randn(num_layers, hidden_size, previous_dim) * scale)
         common = window * embed_dim + num_layers * num_experts
         # index s + 1 holds the MLP of source position s (s = -1 .. L-2)
         self.sources = nn.ModuleList(
-            mlp(common + (0 if s < 0 else hidden_size + (s + 1) * num_experts), hidden,
-                (num_layers - 1 - s) * num_experts, skip)
+            mlp(common + (num_layers - 1 - s) * previous_dim + (0 if s < 0 else hidden_size + (s + 1) * num_experts),
+                hidden, (num_layers - 1 - s) * num_experts, skip)
             for s in range(-1, num_layers - 1))
 
     def forward(self, source: int, windows: torch.Tensor, previous_hot: torch.Tensor,
-                hidden: torch.Tensor | None = None, routed_hot: torch.Tensor | None = None) -> torch.Tensor:
+                previous_hidden: torch.Tensor | None, hidden: torch.Tensor | None = None,
+                routed_hot: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, L-1-source, E] of layers source+1 .. L-1.
 
-        windows [B, W] token ids; previous_hot [B, L*E] the previous token's experts; for source >= 0
-        hidden [B, H] the MoE input of layer ``source`` and routed_hot [B, (source+1)*E] the
-        token's experts at layers 0..source."""
+        windows [B, W] token ids; previous_hot [B, L*E] the previous token's experts;
+        previous_hidden [B, L, H] its MoE inputs (zeros where there is none), or None where unknown;
+        for source >= 0 hidden [B, H] the MoE input of layer ``source`` and routed_hot
+        [B, (source+1)*E] the token's experts at layers 0..source."""
         parts = [self.embed(windows), previous_hot]
+        if self.previous_projection is not None:
+            targets = self.num_layers - 1 - source
+            if previous_hidden is None:
+                parts.append(previous_hot.new_zeros(len(windows), targets * self.previous_dim))
+            else:
+                parts.append(torch.einsum("blh,lhr->blr", previous_hidden[:, source + 1:],
+                                          self.previous_projection[source + 1:]).flatten(1))
         if source >= 0:
             parts += [hidden, routed_hot]
         logits = self.sources[source + 1](torch.cat(parts, 1))
@@ -124,7 +141,7 @@ class ExpertFlowPredictor(NetPredictor):
         token's experts [T, L, K] (-1 unknown). What a batching scheduler routes queued tokens with."""
         param = next(self.net.parameters())
         previous_hot = torch.from_numpy(multi_hot(previous.cpu().numpy(), self.num_experts)).flatten(1)
-        return self.logit_scores(self.net(-1, windows.to(param.device), previous_hot.to(param.device)))
+        return self.logit_scores(self.net(-1, windows.to(param.device), previous_hot.to(param.device), None))
 
     @torch.inference_mode()
     def runtime_scores(self, position: int, state, max_depth: int) -> dict[int, torch.Tensor]:
@@ -133,8 +150,12 @@ class ExpertFlowPredictor(NetPredictor):
             return {}
         routed = torch.cat([state.routing_hot(s) for s in range(position + 1)], 1)
         param = next(self.net.parameters())
+        previous_hidden = state.previous_hidden
+        if previous_hidden is not None:
+            previous_hidden = previous_hidden.to(param.device, param.dtype)
         logits = self.net(position, state.windows.to(param.device), state.previous_hot().to(param.device),
-                          state.hidden[position].to(param.device, param.dtype), routed.to(param.device))
+                          previous_hidden, state.hidden[position].to(param.device, param.dtype),
+                          routed.to(param.device))
         scores = self.logit_scores(logits)  # [T, L-1-position, E]
         return {target: scores[:, target - position - 1] for target in targets}
 
@@ -142,17 +163,22 @@ class ExpertFlowPredictor(NetPredictor):
     def build_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> ExpertFlowNet:
         return ExpertFlowNet(options["vocab_size"], num_layers, num_experts, options["hidden_size"],
                              window=options["window"], embed_dim=options["embed_dim"], hidden=options["hidden"],
-                             skip=options.get("skip", False))
+                             previous_dim=options.get("previous_dim", 0), skip=options.get("skip", False))
+
+    def macs_per_token(self) -> int:
+        projection = self.net.previous_projection
+        return super().macs_per_token() + (projection.numel() if projection is not None else 0)
 
 
 class _Inputs:
     """Every predictor input of a trace, as arrays indexed by token."""
 
-    def __init__(self, windows, previous_hot, hidden, routed_hot):
+    def __init__(self, windows, previous_hot, hidden, routed_hot, has_previous):
         self.windows = windows  # [N, W] int64
         self.previous_hot = previous_hot  # [N, L*E] float32
         self.hidden = hidden  # [N, L, H] (float16 or float32)
         self.routed_hot = routed_hot  # [N, L*E] float32, layer-major
+        self.has_previous = has_previous  # [N] bool: token n - 1 is of the same sequence
 
     @classmethod
     def of(cls, trace: Trace, model: nn.Module | str | None, window: int) -> _Inputs:
@@ -166,22 +192,26 @@ class _Inputs:
         num_experts = trace.num_experts
         previous = multi_hot(previous_routing(trace), num_experts).reshape(trace.num_tokens, -1)
         routed = multi_hot(trace.expert_ids.numpy(), num_experts).reshape(trace.num_tokens, -1)
-        return cls(token_windows(trace, window), previous, hidden, routed)
+        return cls(token_windows(trace, window), previous, hidden, routed, same_sequence_offsets(trace, 1))
 
     def batch(self, rows: np.ndarray) -> _Batch:
+        has_previous = self.has_previous[rows]
+        previous_hidden = np.asarray(self.hidden[np.where(has_previous, rows - 1, rows)], dtype=np.float32)
+        previous_hidden[~has_previous] = 0.0
+        hidden = np.asarray(self.hidden[rows], dtype=np.float32)
         return _Batch(torch.from_numpy(self.windows[rows]), torch.from_numpy(self.previous_hot[rows]),
-                      torch.from_numpy(np.asarray(self.hidden[rows], dtype=np.float32)),
+                      torch.from_numpy(previous_hidden), torch.from_numpy(hidden),
                       torch.from_numpy(self.routed_hot[rows]), self.routed_hot.shape[1] // self.hidden.shape[1])
 
 
 class _Batch:
-    def __init__(self, windows, previous_hot, hidden, routed_hot, num_experts):
-        self.windows, self.previous_hot, self.hidden, self.routed_hot = windows, previous_hot, hidden, routed_hot
-        self.num_experts = num_experts
+    def __init__(self, windows, previous_hot, previous_hidden, hidden, routed_hot, num_experts):
+        self.windows, self.previous_hot, self.previous_hidden = windows, previous_hot, previous_hidden
+        self.hidden, self.routed_hot, self.num_experts = hidden, routed_hot, num_experts
 
     def source_inputs(self, source: int) -> tuple:
         if source < 0:
-            return self.windows, self.previous_hot
-        return (self.windows, self.previous_hot, self.hidden[:, source],
+            return self.windows, self.previous_hot, self.previous_hidden
+        return (self.windows, self.previous_hot, self.previous_hidden, self.hidden[:, source],
                 self.routed_hot[:, :(source + 1) * self.num_experts])
 

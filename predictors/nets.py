@@ -205,6 +205,9 @@ class NetPredictor(Predictor):
         if options["window"] + lookahead > MAX_WINDOW:
             raise ValueError(f"window={options['window']} + lookahead={lookahead}: at most {MAX_WINDOW} tokens "
                              "(what the runtime hook keeps per row)")
+        previous_dim = options.get("previous_dim", 0)
+        if isinstance(previous_dim, bool) or not isinstance(previous_dim, int) or previous_dim < 0:
+            raise ValueError(f"previous_dim={previous_dim!r}: expected an int >= 0 (0: no previous-token MoE inputs)")
         if options.get("loss", "distillation") not in LOSSES:
             raise ValueError(f"loss={options['loss']!r}: expected one of {list(LOSSES)}")
         if not isinstance(options.get("group_limit", False), bool):

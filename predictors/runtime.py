@@ -11,7 +11,7 @@ of the call is predicted to use (each token's top-K), most likely first — the 
 What is known differs from a trace in one respect: in a call of several tokens (prefill) the
 earlier tokens' routing at later layers is not known yet, so the previous-token features are
 "unknown" there; in decode steps (one token per row, same rows as the last call) the previous
-token's routing and the token window carry over from the last call.
+token's routing, its MoE inputs and the token window carry over from the last call.
 
 Shape legend: B rows, S tokens per row, T = B * S tokens of a call, L MoE layers, K top-k,
 E experts, W window width.
@@ -35,13 +35,15 @@ class CallState:
     """What the running model has revealed so far in one forward call (read by
     ``Predictor.runtime_scores``)."""
 
-    def __init__(self, executor, num_tokens: int, windows: torch.Tensor, previous: torch.Tensor):
+    def __init__(self, executor, num_tokens: int, windows: torch.Tensor, previous: torch.Tensor,
+                 previous_hidden: torch.Tensor | None = None):
         self.executor = executor
         self.num_tokens = num_tokens
         self.num_layers = len(executor.layers)
         self.num_experts = executor.layers[0].num_experts
         self.windows_full = windows  # [T, _MAX_WINDOW] token ids, oldest first, -1 unknown
         self.previous = previous  # [T, L, K] the previous token's experts, -1 unknown
+        self.previous_hidden = previous_hidden  # [T, L, H] the previous token's MoE inputs; None unknown
         self.hidden: dict[int, torch.Tensor] = {}  # position -> [T, H]
         self.routing: dict[int, torch.Tensor] = {}  # position -> [T, K]
         self._cache: dict[str, Any] = {}
@@ -91,6 +93,7 @@ class PredictionHook:
         self._input_ids: torch.Tensor | None = None
         self._history: torch.Tensor | None = None  # [B, _MAX_WINDOW] last tokens of each row
         self._last_routing: torch.Tensor | None = None  # [B, L, K] routing of each row's last token
+        self._last_hidden: torch.Tensor | None = None  # [B, L, H] MoE inputs of each row's last token
         self._shape: tuple[int, int] | None = None  # (B, S) of the current call, None when unknown
         self._pending: dict[int, list[tuple[int, torch.Tensor]]] = {}  # target -> [(distance, top [T, K])]
         self.reset_stats()
@@ -117,7 +120,7 @@ class PredictionHook:
         self._input_ids = None
         num_layers = len(self.layers)
         if ids is None or ids.numel() != num_tokens:  # inputs_embeds, or a call we cannot follow
-            self._history = self._last_routing = self._shape = None
+            self._history = self._last_routing = self._last_hidden = self._shape = None
             return CallState(self.executor, num_tokens, torch.full((num_tokens, _MAX_WINDOW), -1),
                              torch.full((num_tokens, num_layers, self.top_k), -1))
         ids = ids.reshape(ids.shape[0], -1).long().cpu()  # [B, S]
@@ -128,10 +131,11 @@ class PredictionHook:
         windows = joined.unfold(1, _MAX_WINDOW, 1)[:, 1:]  # [B, S, _MAX_WINDOW], ending at each token
         previous = (self._last_routing[:, None] if decode
                     else torch.full((rows, 1, num_layers, self.top_k), -1)).expand(rows, width, -1, -1)
+        previous_hidden = self._last_hidden if decode else None  # [B, L, H] = [T, L, H] in decode
         self._history = joined[:, -_MAX_WINDOW:]
         self._shape = (rows, width)
         return CallState(self.executor, num_tokens, windows.reshape(num_tokens, _MAX_WINDOW),
-                         previous.reshape(num_tokens, num_layers, self.top_k))
+                         previous.reshape(num_tokens, num_layers, self.top_k), previous_hidden)
 
     def __call__(self, layer, hidden: torch.Tensor, routing) -> None:
         position = self.positions[layer.layer_idx]
@@ -171,6 +175,8 @@ class PredictionHook:
             rows, width = self._shape
             routed = torch.stack([state.routing[p].cpu() for p in range(len(self.layers))], 1)  # [T, L, K]
             self._last_routing = routed.reshape(rows, width, len(self.layers), -1)[:, -1]
+            last = [state.hidden[p].reshape(rows, width, -1)[:, -1] for p in range(len(self.layers))]
+            self._last_hidden = torch.stack(last, 1)  # [B, L, H]
         self.state = None
 
     def detach(self) -> None:

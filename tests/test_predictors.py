@@ -83,6 +83,19 @@ def test_distillation_loss_recovers_the_path_too_and_files_without_a_loss_read_a
     assert not np.allclose(old.predict_trace(held_out, 1), expected)
 
 
+def test_expertflow_without_previous_token_inputs_as_saved_before_they_existed(tmp_path, planted):
+    trace, held_out = planted
+    predictor = train("expertflow", trace, previous_dim=0, **FAST["expertflow"])
+    assert predictor.net.previous_projection is None
+    assert predictor.evaluate(held_out, max_distance=1)["recall"] == {1: 1.0}
+    del predictor.options["previous_dim"]  # files from before the option hold no projection
+    predictor.save(tmp_path / "old.safetensors")
+    np.testing.assert_array_equal(load(tmp_path / "old.safetensors").predict_trace(held_out, 2),
+                                  predictor.predict_trace(held_out, 2))
+    with_previous = train("expertflow", trace, epochs=1)
+    assert with_previous.macs_per_token() > predictor.macs_per_token()  # the projection is counted
+
+
 def test_markov_recovers_the_path_from_the_layer_it_sees(planted, planted_predictors):
     _, held_out = planted
     result = planted_predictors["markov"].evaluate(held_out, max_distance=2)
@@ -142,6 +155,8 @@ def test_bad_requests_get_one_clear_error(tmp_path, planted):
         train("expertflow", trace, layers=3)
     with pytest.raises(ValueError, match=r"loss='mse': expected one of \['membership', 'distillation'\]"):
         train("expertflow", trace, loss="mse")
+    with pytest.raises(ValueError, match="previous_dim=-1: expected an int >= 0"):
+        train("expertflow", trace, previous_dim=-1)
     with pytest.raises(ValueError, match="hidden=0"):
         train("pregate", trace, hidden=0)
     with pytest.raises(ValueError, match="window=30 \\+ lookahead=3: at most 32 tokens"):
@@ -226,6 +241,9 @@ def test_runtime_hook_keeps_outputs_and_follows_decoding(shipped):
         assert torch.equal(generated, reference)
         assert set(hook.recall()) == {1, 2, 3} and hook.sunk > 0
         assert hook._last_routing is not None and hook._history[0, -1] == generated[0, -2]
+        # the last token's MoE inputs, one per MoE layer, feed the next step's previous-token features
+        assert hook._last_hidden.shape == (1, len(trace.moe_layers), model.config.hidden_size)
+        assert bool(hook._last_hidden.abs().sum(-1).gt(0).all())
         hook.detach()
         assert all(not layer.routing_observers for layer in moe_infer.executor(model).layers)
         with pytest.raises(ValueError, match="must be trained first"):
