@@ -64,7 +64,7 @@ EXECUTIONS = [("lru", "lru", None), ("lru + gate-lookahead", "lru", "gate-lookah
 def corpora() -> dict[str, list[Path]]:
     _, files = stdlib_files()
     training = [path for rel, path in files if not is_heldout(rel)]
-    corpora = {"train": training[::6], "heldout": [path for rel, path in files if is_heldout(rel)]}
+    corpora = {"train": training[::2], "heldout": [path for rel, path in files if is_heldout(rel)]}
     licenses = [LICENSE_DIR / name for name in LICENSES if (LICENSE_DIR / name).is_file()]
     if licenses:
         corpora["licenses"] = licenses
@@ -103,6 +103,24 @@ def model_cost(model, trace: Trace) -> dict:
     return {"macs_per_token": int(macs), "seconds_per_token": seconds / batch.numel()}
 
 
+# Mixtral-8x7B: per layer q/o 4096x4096, k/v 4096x1024, 2 of 8 experts of 3 x 4096 x 14336; LM head 4096 x 32000
+MIXTRAL_SHAPE = {"num_layers": 32, "num_experts": 8, "hidden_size": 4096, "vocab_size": 32000}
+MIXTRAL_MACS = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 2 * 3 * 4096 * 14336 + 4096 * 8) + 4096 * 32000
+
+
+def cost_at_mixtral_shape(predictor) -> dict | None:
+    """MACs per token of ``predictor``'s architecture (its options) built for Mixtral-8x7B's routing
+    shape, and their share of that model's; None for predictors without a network."""
+    if not hasattr(predictor, "build_net"):
+        return None
+    options = {**predictor.options, "vocab_size": MIXTRAL_SHAPE["vocab_size"],
+               "hidden_size": MIXTRAL_SHAPE["hidden_size"]}
+    with torch.device("meta"):
+        net = type(predictor).build_net(MIXTRAL_SHAPE["num_layers"], MIXTRAL_SHAPE["num_experts"], options)
+    macs = type(predictor)(predictor.signature, net, options).macs_per_token()
+    return {"macs_per_token": int(macs), "share": macs / MIXTRAL_MACS}
+
+
 def run_model(model_name: str, args) -> dict:
     model, _ = moe_infer.assets.load_model(model_name)
     moe_infer.wrap(model)
@@ -125,7 +143,8 @@ def run_model(model_name: str, args) -> dict:
         seconds = time.perf_counter() - start
         entry = {"kind": kind, "options": {k: v for k, v in predictor.options.items() if k != "model"},
                  "training": predictor.training,
-                 "train_seconds": seconds, "cost": predictor.cost(), "eval": {}}
+                 "train_seconds": seconds, "cost": predictor.cost(),
+                 "cost_at_mixtral_shape": cost_at_mixtral_shape(predictor), "eval": {}}
         for name, trace in traces.items():
             if name == "train":
                 continue
@@ -212,7 +231,7 @@ def markdown(results: dict) -> str:
              "Recall = mean fraction of a token's K true experts found among the predictor's top-K at that "
              "layer, predicted from what is known d MoE layers earlier (for layers below d: from what is "
              "known before the first MoE layer); averaged over every MoE layer. Traces: prefill over "
-             "512-token windows. Training: every 6th training-split stdlib file; held-out: the held-out "
+             "512-token windows. Training: every 2nd training-split stdlib file; held-out: the held-out "
              "stdlib files (`int(sha256(relpath)[:8],16) % 100 < 5`, the split the models were trained "
              "with); other text: license texts (" + ", ".join(LICENSES) + "). Learned predictors keep "
              "their top-K within the router's group limit when the training trace shows one "
@@ -225,8 +244,8 @@ def markdown(results: dict) -> str:
                   f"{cost['seconds_per_token'] * 1e6:.1f} us per token (prefill, this machine).", ""]
         names = [name for name in model["traces"] if name != "train"]
         header = "| predictor | " + " | ".join(f"{name} d={d}" for name in names for d in DISTANCES)
-        lines += [header + " | ECE d=1 (held-out) | MACs/token | % of model | us/token offline |",
-                  "|---" * (1 + len(names) * len(DISTANCES) + 4) + "|"]
+        lines += [header + " | ECE d=1 (held-out) | MACs/token | % of model | % at Mixtral-8x7B shape "
+                  "| us/token offline |", "|---" * (1 + len(names) * len(DISTANCES) + 5) + "|"]
         best = {(name, d): max(p["eval"][name]["recall"][d] for p in model["predictors"].values())
                 for name in names for d in DISTANCES}
         for row, entry in model["predictors"].items():
@@ -237,9 +256,16 @@ def markdown(results: dict) -> str:
                     cells.append(f"**{value:.3f}**" if value == best[(name, d)] else f"{value:.3f}")
             macs = entry["cost"]["macs_per_token"]
             held = entry["eval"]["heldout"]
+            at_scale = entry.get("cost_at_mixtral_shape")
+            at_scale = f"{100 * at_scale['share']:.3f}" if at_scale else "-"
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {held['calibration'][1]['ece']:.3f} | {macs:,} | "
-                         f"{100 * macs / cost['macs_per_token']:.1f} | {held['seconds_per_token'] * 1e6:.1f} |")
-        lines.append("")
+                         f"{100 * macs / cost['macs_per_token']:.1f} | {at_scale} | "
+                         f"{held['seconds_per_token'] * 1e6:.1f} |")
+        lines += ["", "% at Mixtral-8x7B shape: MACs per token of the same predictor (same options) built for "
+                  "Mixtral-8x7B's routing shape (32 MoE layers, 8 experts, hidden size 4096, vocabulary 32000) "
+                  f"over that model's {MIXTRAL_MACS / 1e9:.1f} G parameter MACs per token (attention, 2 of 8 "
+                  "experts, LM head). The tiny models are themselves so small that the predictors' share of "
+                  "them is large; at a real model's size it is a fraction of a percent.", ""]
         lines += ["Per layer, held-out, d=1 and d=4 (layer 0 first):", ""]
         for row, entry in model["predictors"].items():
             per_layer = entry["eval"]["heldout"]["recall_per_layer"]
@@ -292,7 +318,7 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-deepseek"])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/moe_infer_bench_predictors"),
                         help="where the traces are recorded (reused when present)")
-    parser.add_argument("--train-tokens", type=int, default=120_000)
+    parser.add_argument("--train-tokens", type=int, default=500_000)
     parser.add_argument("--eval-tokens", type=int, default=24_000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=None, help="training time limit per learned predictor")
