@@ -1,7 +1,7 @@
 """Cache policies in the trace-driven simulator on a shipped model's held-out text (DESIGN section 8).
 
 For each model: a trace of held-out text (the first ``--files`` held-out stdlib files of
-``moe_infer.corpus``, at most ``--eval-tokens`` tokens) and a training trace (every 6th
+``moe_infer.corpus``, at most ``--eval-tokens`` tokens) and a training trace (every 2nd
 training-split file, ``--train-tokens``), both recorded as in ``moe-infer bench predictors`` (MoE
 inputs and the embedding as features); the predictors of ``--predictors`` are trained on the
 training trace (``oracle``: the held-out trace's own future, a share ``--oracle-noise`` of its
@@ -122,12 +122,13 @@ def run_model(model_name: str, args: argparse.Namespace) -> dict:
 
 
 def markdown(results: dict) -> str:
+    from moe_infer.benchmarks.predictors import TRAIN_EVERY, ordinal
     from moe_infer.corpus import HELDOUT_RULE
 
     lines = ["# Cache policies on held-out text (trace-driven simulator)", "",
              f"{results['date']}, {results['device']}, torch {results['torch']}. Command: `{results['command']}`.", "",
              "Held-out text: standard-library files the shipped models never saw in training (split by "
-             f"`{HELDOUT_RULE}`); training trace: every 6th training-split file. One cache for the whole trace, token by token, layer by layer; capacity in expert slots per MoE "
+             f"`{HELDOUT_RULE}`); training trace: every {ordinal(TRAIN_EVERY)} training-split file. One cache for the whole trace, token by token, layer by layer; capacity in expert slots per MoE "
              "layer. Cells: hit rate (share of (token, layer, expert) accesses found resident) and, in brackets, "
              "loads (experts brought in: misses + prefetches = bytes moved / expert size). `static` pins the "
              "experts the training trace used most. `belady` is the offline optimum of demand loading; "

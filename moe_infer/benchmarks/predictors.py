@@ -2,7 +2,7 @@
 """Recall of every routing predictor on the shipped tiny models (DESIGN section 8, issue 6).
 
 For each model: record three traces with ``moe_infer.profiler.record_trace`` (every MoE input and
-the token embedding as features) -- training text (every 6th training-split stdlib file), held-out
+the token embedding as features) -- training text (every 2nd training-split stdlib file), held-out
 text (the held-out stdlib files, split by ``moe_infer.corpus``'s rule) and text of another
 kind (license texts from /usr/share/common-licenses) -- train every predictor on the first, and
 report recall of the true experts among the predicted top-K at layer distances 1..4 on the other
@@ -61,10 +61,17 @@ EXECUTIONS = [("lru", "lru", None), ("lru + gate-lookahead", "lru", "gate-lookah
               ("expertflow + expertflow", "expertflow", "expertflow"), ("expertflow + pregate", "expertflow", "pregate")]
 
 
+TRAIN_EVERY = 2  # the training trace reads every TRAIN_EVERY-th training-split file
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'st' if n == 1 else 'nd' if n == 2 else 'rd' if n == 3 else 'th'}"
+
+
 def corpora() -> dict[str, list[Path]]:
     _, files = stdlib_files()
     training = [path for rel, path in files if not is_heldout(rel)]
-    corpora = {"train": training[::2], "heldout": [path for rel, path in files if is_heldout(rel)]}
+    corpora = {"train": training[::TRAIN_EVERY], "heldout": [path for rel, path in files if is_heldout(rel)]}
     licenses = [LICENSE_DIR / name for name in LICENSES if (LICENSE_DIR / name).is_file()]
     if licenses:
         corpora["licenses"] = licenses
@@ -231,7 +238,8 @@ def markdown(results: dict) -> str:
              "Recall = mean fraction of a token's K true experts found among the predictor's top-K at that "
              "layer, predicted from what is known d MoE layers earlier (for layers below d: from what is "
              "known before the first MoE layer); averaged over every MoE layer. Traces: prefill over "
-             "512-token windows. Training: every 2nd training-split stdlib file; held-out: the held-out "
+             f"512-token windows. Training: every {ordinal(TRAIN_EVERY)} training-split stdlib file; held-out: "
+             "the held-out "
              "stdlib files (`int(sha256(relpath)[:8],16) % 100 < 5`, the split the models were trained "
              "with); other text: license texts (" + ", ".join(LICENSES) + "). Learned predictors keep "
              "their top-K within the router's group limit when the training trace shows one "
