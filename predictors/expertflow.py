@@ -92,7 +92,7 @@ class ExpertFlowPredictor(NetPredictor):
         inputs = _Inputs.of(trace, model, options["window"])
         options.update(hidden_size=inputs.hidden.shape[-1],
                        model=model if isinstance(model, str) else trace.model)
-        net = cls.initial_net(trace.num_layers, trace.num_experts, options)
+        net = cls.initial_net(trace.num_layers, trace.num_experts, options, trace.top_k)
         targets = loss_targets(trace, options["loss"])  # [N, L, E]
 
         def batch_loss(rows: np.ndarray) -> torch.Tensor:

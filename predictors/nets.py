@@ -184,11 +184,19 @@ class NetPredictor(Predictor):
         """The untrained network of this kind for a model of `num_layers` MoE layers and `num_experts`."""
 
     @classmethod
-    def initial_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> nn.Module:
-        """``build_net`` with weights drawn from ``options["seed"]`` (same seed, same predictor)."""
+    def initial_net(cls, num_layers: int, num_experts: int, options: dict[str, Any], top_k: int) -> nn.Module:
+        """``build_net`` with weights drawn from ``options["seed"]`` (same seed, same predictor). With
+        the membership loss every output starts at the prior K/E (the bias of each MLP's last
+        layer at log(K / (E - K))), so training does not spend its first steps learning the base rate."""
         with torch.random.fork_rng():
             torch.manual_seed(options["seed"])
-            return cls.build_net(num_layers, num_experts, options)
+            net = cls.build_net(num_layers, num_experts, options)
+        if options.get("loss") == "membership" and top_k < num_experts:
+            with torch.no_grad():
+                for module in net.modules():
+                    if isinstance(module, MLP):
+                        module.body[-1].bias.fill_(math.log(top_k / (num_experts - top_k)))
+        return net
 
     @classmethod
     def checked_options(cls, options: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:

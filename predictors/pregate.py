@@ -48,7 +48,7 @@ class PreGatePredictor(NetPredictor):
     @classmethod
     def fit(cls, trace: Trace, **options: Any) -> PreGatePredictor:
         options = cls.fit_options(options, trace)
-        net = cls.initial_net(trace.num_layers, trace.num_experts, options)
+        net = cls.initial_net(trace.num_layers, trace.num_experts, options, trace.top_k)
         windows = torch.from_numpy(token_windows(trace, options["window"], options["lookahead"]))
         targets = loss_targets(trace, options["loss"])  # [N, L, E]
         summary = train_loop(net, trace.num_tokens,
