@@ -1,5 +1,5 @@
 """What the learned predictors (``expertflow``, ``pregate``) share: token embeddings, small MLPs,
-the distillation loss and the training loop.
+the two training losses and the training loop.
 
 Training fits the routing of a trace, with one of two losses (option ``loss``):
 - ``membership`` (default): at each target layer, one sigmoid per expert is fitted (binary
