@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 import moe_infer
+import moe_infer.assets
 from moe_infer.models import decode_tokens, encode_text, load_model
 
 
@@ -47,10 +49,11 @@ class BudgetRun:
 
 # ours: expertflow (room apportioned between layers by predicted need; equal shares without a
 # predictor, which beats one LRU pool over all layers on held-out text: see
-# bench/results/tiny-mixtral-heldout-simulate.md) and CPU compute of misses by the cost model; the baseline: plain on-demand LRU, the
-# mixtral-offloading design
+# bench/results/tiny-mixtral-heldout-simulate.md), CPU compute of misses by the cost model, and for a
+# shipped model its shipped expertflow predictor prefetching one MoE layer ahead; the baseline:
+# plain on-demand LRU, the mixtral-offloading design
 OURS = {"cache_policy": "expertflow", "cpu_compute": "auto"}
-BASELINE = {"cache_policy": "lru", "cpu_compute": "never"}
+BASELINE = {"cache_policy": "lru", "cpu_compute": "never", "predictor": None}
 BUDGET_FRACTION = 0.5  # of all expert bytes: half the experts of every layer
 
 
@@ -85,19 +88,21 @@ def run_demo(model_name: str = "tiny-mixtral", prompt: str = "def main(", new_to
     text = decode_tokens(tokenizer, out[0].tolist())
     result = DemoResult(model_name, str(device_t), max_diff, text, new_tokens,
                         new_tokens / seconds_wrapped, new_tokens / seconds_unwrapped, stats)
-    _budget_runs(model, input_ids, new_tokens, pad, out, result)
+    shipped = moe_infer.assets.predictor_path(model_name) if model_name in moe_infer.assets.names() else None
+    ours = {**OURS, "predictor": str(shipped), "prefetch_depth": 1} if shipped is not None else OURS
+    _budget_runs(model, input_ids, new_tokens, pad, out, result, ours)
     moe_infer.executor(model).close()
     return result
 
 
-def _budget_runs(model, input_ids, new_tokens: int, pad: int, expected, result: DemoResult) -> None:
+def _budget_runs(model, input_ids, new_tokens: int, pad: int, expected, result: DemoResult, ours: dict) -> None:
     """Generate again with half the expert bytes, ours beside the plain LRU baseline."""
     ex = moe_infer.executor(model)
     total = sum(layer.expert_source.expert_nbytes() * layer.num_experts for layer in ex.layers)
     budget = max(int(total * BUDGET_FRACTION), max(layer.expert_source.expert_nbytes() for layer in ex.layers))
     tier = "gpu" if input_ids.device.type == "cuda" else "cpu"
     result.budget_bytes, result.expert_bytes_total = budget, total
-    for label, fields in (("ours", OURS), ("plain LRU", BASELINE)):
+    for label, fields in (("ours", ours), ("plain LRU", BASELINE)):
         moe_infer.wrap(model, **{f"{tier}_memory": budget}, **fields)
         _timed_generate(model, input_ids, 4, pad)  # warm-up: threads started, first loads
         ex.reset_stats()
@@ -136,6 +141,7 @@ def format_report(result: DemoResult) -> str:
         for run in result.budget_runs:
             lines.append(f"  {run.label:10s} {run.tokens_per_s:9.1f} {run.hit_rate:9.3f} {run.bytes_moved / 2**20:10.1f} "
                          f"{run.stall_seconds:8.3f} {run.cpu_computed_experts:12d}  {'yes' if run.same_tokens else 'NO'}")
-        ours = ", ".join(f"{k}={v}" for k, v in OURS.items())
+        fields = result.budget_runs[0].fields
+        ours = ", ".join(f"{k}={Path(v).name if k == 'predictor' else v}" for k, v in fields.items())
         lines.append(f"  ours = {ours}; plain LRU = on-demand LRU, no CPU compute (the mixtral-offloading design)")
     return "\n".join(lines)

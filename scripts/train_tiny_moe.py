@@ -427,6 +427,14 @@ def _fmt_share(share: list[float]) -> str:
     return " ".join(f"{100 * s:.1f}" for s in share)
 
 
+PREDICTOR_NOTE = (
+    "`predictor-expertflow.safetensors` (not written by this script): an `expertflow` routing predictor for "
+    "this model, which `moe-infer demo` prefetches with (`moe_infer.assets.predictor_path`). Trained with "
+    "`moe-infer predictor train --kind expertflow --trace W/{name}-train.safetensors --option epochs=5 --out ...` "
+    "on the training trace that `moe-infer bench predictors --work-dir W` records (500k tokens from every 2nd "
+    "training-split file); its held-out recall is in `bench/results/predictors.md`.")
+
+
 def write_model_card(out_dir: Path, summary: dict) -> None:
     name, cfg, tr, ev, rs = summary["model"], summary["config"], summary["training"], summary["eval"], summary["routing"]
     d = summary["data"]
@@ -549,6 +557,8 @@ def write_model_card(out_dir: Path, summary: dict) -> None:
         "`config.json`, `model.safetensors`, `generation_config.json`, `tokenizer.json` + `tokenizer_config.json` "
         "(a `tokenizers` byte-level model, loads with `AutoTokenizer.from_pretrained`), `training_summary.json` "
         "(every number on this page). Reload checked: `AutoModelForCausalLM.from_pretrained` gives identical logits.",
+        "",
+        PREDICTOR_NOTE.format(name=name),
         "",
     ]
     (out_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")

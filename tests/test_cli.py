@@ -34,6 +34,15 @@ def test_demo_on_random_model_reports_exact_outputs_and_counts(entry):
     assert all(0.0 <= float(rate) <= 1.0 for _, rate, _ in budget_rows)
 
 
+def test_demo_on_a_shipped_model_prefetches_with_its_shipped_predictor():
+    result = run_cli("demo", "--model", "tiny-mixtral", "--new-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    budget_rows = re.findall(r"^  (ours|plain LRU) +[0-9.]+ +([0-9.]+) .* (yes|NO)$", result.stdout, re.M)
+    assert [(name, same) for name, _, same in budget_rows] == [("ours", "yes"), ("plain LRU", "yes")]
+    assert re.search(r"ours = cache_policy=expertflow, cpu_compute=auto, predictor=predictor-expertflow.safetensors, "
+                     r"prefetch_depth=1;", result.stdout)
+
+
 def test_user_error_is_one_line_without_traceback():
     result = run_cli("demo", "--model", "/no/such/model")
     assert result.returncode == 2

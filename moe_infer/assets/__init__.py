@@ -9,7 +9,9 @@ Python standard library's own ``.py`` files by ``scripts/train_tiny_moe.py`` (DE
 
 Token id = byte value (0..255); ``<|endoftext|>`` (id 256) is eos and pad. Each directory holds
 ``config.json``, ``model.safetensors``, ``generation_config.json``, the tokenizer files and a
-``README.md`` model card with the training data, held-out bits/byte and routing statistics.
+``README.md`` model card with the training data, held-out bits/byte and routing statistics, and
+``predictor-expertflow.safetensors``: an ``expertflow`` routing predictor for that model (what the
+demo prefetches with; trained as its model card says).
 
 >>> import moe_infer.assets
 >>> model, tok = moe_infer.assets.load_model("tiny-mixtral")
@@ -21,7 +23,8 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent
 
-__all__ = ["names", "path", "load_model", "load_tokenizer"]
+__all__ = ["names", "path", "predictor_path", "load_model", "load_tokenizer"]
+PREDICTOR_FILE = "predictor-expertflow.safetensors"
 
 
 def names() -> list[str]:
@@ -35,6 +38,12 @@ def path(name: str) -> Path:
     if not isinstance(name, str) or name not in available:
         raise ValueError(f"unknown asset {name!r}; available: {', '.join(available) or '(none)'}")
     return _ROOT / name
+
+
+def predictor_path(name: str) -> Path | None:
+    """The ``expertflow`` predictor shipped for ``name`` (a ``MoEConfig.predictor`` value), or None."""
+    file = path(name) / PREDICTOR_FILE
+    return file if file.is_file() else None
 
 
 def load_tokenizer(name: str):
