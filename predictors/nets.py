@@ -4,8 +4,9 @@ the two training losses and the training loop.
 Training fits the routing of a trace, with one of two losses (option ``loss``):
 - ``membership`` (default): at each target layer, one sigmoid per expert is fitted (binary
   cross-entropy) to whether the token uses it. Scores are the sigmoids: the chance that the token
-  uses each expert. On the shipped models' held-out text this gives 1 to 2 points more recall at
-  every distance than ``distillation`` for the same network (bench/results/predictors.md).
+  uses each expert. On the shipped models' held-out text this gives more recall at every distance
+  than ``distillation`` for the same network, and better-calibrated scores (bench/results/predictors.md,
+  row "expertflow (distillation loss)").
 - ``distillation``: the predictor's softmax over the E experts is fitted (cross-entropy) to the
   router's choice, the token's top-k weights renormalised (``features.routing_targets``). Scores
   are the softmax times K, clipped to 1. Files saved without a ``loss`` option were trained so.

@@ -96,8 +96,12 @@ def test_bench_predictors_at_a_tiny_size(tmp_path, capsys):
     report = json.loads((out / "predictors.json").read_text())
     assert report["command"].startswith("moe-infer bench predictors --models tiny-mixtral")
     (model,) = report["models"]
-    assert set(model["predictors"]) == {"frequency", "markov", "gate-lookahead", "expertflow", "pregate",
+    assert set(model["predictors"]) == {"frequency", "markov", "gate-lookahead", "expertflow",
+                                        "expertflow (distillation loss)", "expertflow (previous_dim=0)", "pregate",
                                         "pregate (next token)"}
+    ablations = {row: model["predictors"][row]["options"] for row in model["predictors"] if row.startswith("expertflow")}
+    assert [(o["loss"], o["previous_dim"]) for o in ablations.values()] == [
+        ("membership", 8), ("distillation", 8), ("membership", 0)]
     for entry in model["predictors"].values():
         for recall in entry["eval"]["heldout"]["recall"].values():
             assert 0.0 <= recall <= 1.0

@@ -46,6 +46,9 @@ PREDICTORS = [
     ("markov", "markov", {}),
     ("gate-lookahead", "gate-lookahead", {}),
     ("expertflow", "expertflow", {}),
+    # ablations of the defaults: the softmax loss, and no previous-token MoE inputs
+    ("expertflow (distillation loss)", "expertflow", {"loss": "distillation"}),
+    ("expertflow (previous_dim=0)", "expertflow", {"previous_dim": 0}),
     ("pregate", "pregate", {}),
     ("pregate (next token)", "pregate", {"lookahead": 1}),
 ]
