@@ -99,7 +99,7 @@ def test_bench_predictors_at_a_tiny_size(tmp_path, capsys):
     assert set(model["predictors"]) == {"frequency", "markov", "gate-lookahead", "expertflow",
                                         "expertflow (distillation loss)", "expertflow (previous_dim=0)", "pregate",
                                         "pregate (next token)"}
-    ablations = {row: model["predictors"][row]["options"] for row in model["predictors"] if row.startswith("expertflow")}
+    ablations = {row: entry["options"] for row, entry in model["predictors"].items() if row.startswith("expertflow")}
     assert [(o["loss"], o["previous_dim"]) for o in ablations.values()] == [
         ("membership", 8), ("distillation", 8), ("membership", 0)]
     for entry in model["predictors"].values():
