@@ -8,6 +8,7 @@ saying what is missing), the per-model statistics of DESIGN section 3, and the r
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ class ModelExecutor:
         self.replay: RoutingReplay | None = None  # MoEConfig.routing_override
         self.predictor_hook = None  # MoEConfig.predictor: predictions -> cache.prefetch (moe_infer.predictors)
         self._embedding = model.get_input_embeddings()
+        self._model = weakref.ref(model)  # the model's decoder layers, for a predictor's attention lookahead
         self._model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         self._expert_devices = {layer.layer_idx: layer.expert_source.device for layer in layers}
         # MoEConfig.placement, loaded and checked against the model: the parallel path runs each expert
@@ -82,8 +84,18 @@ class ModelExecutor:
 
             predictor = checked_predictor(self, self._model_name, config.predictor)
         check_budgets(self.layers, config, self.backing)
+        lookahead = None
+        if predictor is not None and predictor.reads_attention_lookahead:
+            from moe_infer.predictors.lookahead import AttentionLookahead
+
+            lookahead = AttentionLookahead(self._model(), self)  # checks the model; then hooks its layers
         self.close()
-        self.cache = build_cache(self.layers, config, self.backing)
+        try:
+            self.cache = build_cache(self.layers, config, self.backing)
+        except BaseException:
+            if lookahead is not None:
+                lookahead.detach()
+            raise
         self.replay = replay
         if self.cache is not None and config.cache_policy == "static" and replay is not None:
             self.cache.pin_popular(replay.trace)  # the replayed trace's popularity is the right hot set
@@ -91,7 +103,7 @@ class ModelExecutor:
             # prefetch_depth 0: predictions are scored (stats) but nothing is prefetched
             sink = self.cache.prefetch if self.cache is not None and config.prefetch_depth > 0 else None
             self.predictor_hook = PredictionHook(self, self._embedding, predictor, max(config.prefetch_depth, 1),
-                                                 sink)
+                                                 sink, lookahead)
 
     def close(self) -> None:
         """Stop the cache's threads and put expert weights moved to host memory back where they were."""

@@ -126,6 +126,10 @@ class MoELayer(nn.Module):
     def route(self, hidden: Tensor) -> Routing:
         return self.adapter.route(hidden)
 
+    def shared_output(self, hidden: Tensor) -> Tensor | None:
+        """The shared experts' part of this block's output for `hidden` [T, H], or None if it has none."""
+        return None if self._shared is None else self._shared(self, hidden)
+
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         if self.training:
             # moe_infer is for inference; training keeps the family's exact semantics (jitter, sampling)
@@ -158,8 +162,9 @@ class MoELayer(nn.Module):
             out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
                               self.num_experts, self.expert_source.activation, grouping=grouping)
             self.stats.record(hidden.shape[0], grouping[1])
-        if self._shared is not None:
-            out = out + self._shared(self, hidden)
+        shared = self.shared_output(hidden)
+        if shared is not None:
+            out = out + shared
         out = out.reshape(shape)
         if self._returns_router_scores:
             return out, routing.expert_weights

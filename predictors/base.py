@@ -90,6 +90,8 @@ class Predictor(ABC):
     """
 
     kind: ClassVar[str] = "base"
+    # whether runtime_scores reads CallState.lookahead_features (moe_infer.predictors.lookahead)
+    reads_attention_lookahead: ClassVar[bool] = False
 
     def __init__(self, signature: ModelSignature, options: dict[str, Any] | None = None,
                  training: dict[str, Any] | None = None):

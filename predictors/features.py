@@ -11,6 +11,8 @@ Shape legend: N tokens, L MoE layers, K top-k, E experts, H hidden size, W windo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -116,15 +118,33 @@ def recorded_embeddings(trace: Trace) -> np.ndarray | None:
     return trace.features.numpy()[:, start:end].astype(np.float32)
 
 
-@torch.inference_mode()
+class ModelFeatures(NamedTuple):
+    """What running the model over a trace gives (``model_features``), float32 unless noted."""
+
+    hidden: np.ndarray  # [N, L, H] MoE-layer inputs
+    embeddings: np.ndarray  # [N, H] token embeddings
+    lookahead: np.ndarray | None  # [N, L, H + E] float16 attention-lookahead features (layer 0: zeros)
+    lookahead_macs: int = 0  # AttentionLookahead.macs_per_token of the model
+
+
 def model_moe_inputs(trace: Trace, model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """(MoE-layer inputs [N, L, H], token embeddings [N, H]) of ``model_features``."""
+    features = model_features(trace, model)
+    return features.hidden, features.embeddings
+
+
+@torch.inference_mode()
+def model_features(trace: Trace, model: torch.nn.Module, *, attention_lookahead: bool = False) -> ModelFeatures:
     """Run ``model`` over every sequence of ``trace`` (teacher forcing, as the profiler's prefill
-    mode) and return (MoE-layer inputs [N, L, H], token embeddings [N, H]), float32.
+    mode) and collect its MoE-layer inputs and token embeddings, and with ``attention_lookahead``
+    each layer's ``AttentionLookahead.features`` as estimated at the layer before
+    (``moe_infer.predictors.lookahead``).
 
     The model must be the trace's model: its routing is compared with the trace's and a mismatch
     raises ``ValueError``.
     """
     import moe_infer
+    from moe_infer.predictors.lookahead import AttentionLookahead
 
     if int(trace.token_ids.min()) < 0:
         raise ValueError("the trace has unknown token ids (-1): hidden states cannot be recomputed; "
@@ -133,21 +153,33 @@ def model_moe_inputs(trace: Trace, model: torch.nn.Module) -> tuple[np.ndarray, 
     if we_wrapped:
         moe_infer.wrap(model)
     executor = moe_infer.executor(model)
+    lookahead = None
     try:
         if executor.moe_layer_indices != list(trace.moe_layers):
             raise ValueError(f"the model's MoE layers {executor.moe_layer_indices} are not the trace's "
                              f"{list(trace.moe_layers)}")
-        captured: dict[int, torch.Tensor] = {}
+        num_layers = len(executor.layers)
+        macs = 0
+        if attention_lookahead:
+            lookahead = AttentionLookahead(model, executor)
+            macs = lookahead.macs_per_token()
+        captured: dict[tuple[str, int], torch.Tensor] = {}
         positions = {layer.layer_idx: i for i, layer in enumerate(executor.layers)}
 
         def observer(layer, hidden, routing):
-            captured[positions[layer.layer_idx]] = hidden.float().cpu()
-            captured[-1 - positions[layer.layer_idx]] = routing.expert_ids.cpu()
+            position = positions[layer.layer_idx]
+            captured["hidden", position] = hidden.float().cpu()
+            captured["routing", position] = routing.expert_ids.cpu()
+            if lookahead is not None:
+                if position + 1 < num_layers:
+                    captured["lookahead", position + 1] = lookahead.features(position, hidden).half().cpu()
+                else:
+                    lookahead.end_call()
 
         for layer in executor.layers:
             layer.routing_observers.append(observer)
         device = model.get_input_embeddings().weight.device
-        hidden_parts, embedding_parts = [], []
+        parts: dict[str, list[torch.Tensor]] = {"hidden": [], "embeddings": [], "lookahead": []}
         agree = 0  # (token, layer) pairs routed as in the trace
         token_ids = trace.token_ids.to(torch.long)
         starts = [0, *(np.flatnonzero(np.diff(trace.seq_ids.numpy())) + 1).tolist(), trace.num_tokens]
@@ -156,15 +188,21 @@ def model_moe_inputs(trace: Trace, model: torch.nn.Module) -> tuple[np.ndarray, 
                 ids = token_ids[start:end][None].to(device)  # [1, S]
                 captured.clear()
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                routed = torch.stack([captured[-1 - i] for i in range(len(executor.layers))], 1)  # [S, L, K]
+                routed = torch.stack([captured["routing", i] for i in range(num_layers)], 1)  # [S, L, K]
                 agree += int((routed.sort(-1).values.to(torch.int32)
                               == trace.expert_ids[start:end].sort(-1).values).all(-1).sum())
-                hidden_parts.append(torch.stack([captured[i] for i in range(len(executor.layers))], 1))
-                embedding_parts.append(model.get_input_embeddings()(ids[0]).float().cpu())
+                parts["hidden"].append(torch.stack([captured["hidden", i] for i in range(num_layers)], 1))
+                parts["embeddings"].append(model.get_input_embeddings()(ids[0]).float().cpu())
+                if lookahead is not None:
+                    first = torch.zeros_like(captured["lookahead", 1])
+                    parts["lookahead"].append(torch.stack(
+                        [first, *(captured["lookahead", i] for i in range(1, num_layers))], 1))
         finally:
             for layer in executor.layers:
                 layer.routing_observers.remove(observer)
     finally:
+        if lookahead is not None:
+            lookahead.detach()
         if we_wrapped:
             moe_infer.unwrap(model)
     # batching and padding in the profiler can flip near-ties; another model disagrees broadly
@@ -172,4 +210,5 @@ def model_moe_inputs(trace: Trace, model: torch.nn.Module) -> tuple[np.ndarray, 
     if agreement < 0.99:
         raise ValueError(f"the model routes only {agreement:.1%} of the trace's (token, layer) pairs as the "
                          "trace does: it is not the trace's model")
-    return torch.cat(hidden_parts).numpy(), torch.cat(embedding_parts).numpy()
+    return ModelFeatures(torch.cat(parts["hidden"]).numpy(), torch.cat(parts["embeddings"]).numpy(),
+                         torch.cat(parts["lookahead"]).numpy() if lookahead is not None else None, macs)

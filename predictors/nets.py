@@ -219,8 +219,9 @@ class NetPredictor(Predictor):
             raise ValueError(f"previous_dim={previous_dim!r}: expected an int >= 0 (0: no previous-token MoE inputs)")
         if options.get("loss", "distillation") not in LOSSES:
             raise ValueError(f"loss={options['loss']!r}: expected one of {list(LOSSES)}")
-        if not isinstance(options.get("group_limit", False), bool):
-            raise ValueError(f"group_limit={options['group_limit']!r}: expected True or False")
+        for name in ("group_limit", "attention_lookahead", "skip"):
+            if not isinstance(options.get(name, False), bool):
+                raise ValueError(f"{name}={options[name]!r}: expected true or false")
         return options
 
     @classmethod

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, Predictor, PredictorMismatch
+from moe_infer.predictors.lookahead import AttentionLookahead
 from moe_infer.predictors.nets import MAX_WINDOW as _MAX_WINDOW
 
 Sink = Callable[[int, list, list], Any]
@@ -36,7 +37,7 @@ class CallState:
     ``Predictor.runtime_scores``)."""
 
     def __init__(self, executor, num_tokens: int, windows: torch.Tensor, previous: torch.Tensor,
-                 previous_hidden: torch.Tensor | None = None):
+                 previous_hidden: torch.Tensor | None = None, lookahead=None):
         self.executor = executor
         self.num_tokens = num_tokens
         self.num_layers = len(executor.layers)
@@ -46,6 +47,7 @@ class CallState:
         self.previous_hidden = previous_hidden  # [T, L, H] the previous token's MoE inputs; None unknown
         self.hidden: dict[int, torch.Tensor] = {}  # position -> [T, H]
         self.routing: dict[int, torch.Tensor] = {}  # position -> [T, K]
+        self.lookahead = lookahead  # AttentionLookahead, for predictors that read it
         self._cache: dict[str, Any] = {}
 
     def targets(self, position: int, max_depth: int) -> list[int]:
@@ -66,6 +68,13 @@ class CallState:
     def previous_hot(self) -> torch.Tensor:
         return _multi_hot(self.previous, self.num_experts).flatten(1)
 
+    def lookahead_features(self, position: int) -> torch.Tensor:
+        """[T, H+E] ``AttentionLookahead.features`` of layer position + 1, made at layer ``position``."""
+        if self.lookahead is None:
+            raise RuntimeError("this predictor reads attention lookahead, which the prediction hook was built without")
+        return self.cached(f"lookahead:{position}",
+                           lambda: self.lookahead.features(position, self.hidden[position]))
+
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self._cache:
             self._cache[key] = compute()
@@ -83,9 +92,11 @@ def _multi_hot(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 class PredictionHook:
     """The attached predictor of one wrapped model; ``detach()`` removes every hook."""
 
-    def __init__(self, executor, embedding: nn.Module, predictor: Predictor, depth: int, sink: Sink | None):
+    def __init__(self, executor, embedding: nn.Module, predictor: Predictor, depth: int, sink: Sink | None,
+                 lookahead=None):
         self.executor = executor
         self.predictor, self.depth, self.sink = predictor, depth, sink
+        self.lookahead = lookahead  # AttentionLookahead when the predictor reads it (its hooks are ours)
         self.layers = self.executor.layers
         self.positions = {layer.layer_idx: p for p, layer in enumerate(self.layers)}
         self.top_k = self.layers[0].adapter.top_k
@@ -122,7 +133,7 @@ class PredictionHook:
         if ids is None or ids.numel() != num_tokens:  # inputs_embeds, or a call we cannot follow
             self._history = self._last_routing = self._last_hidden = self._shape = None
             return CallState(self.executor, num_tokens, torch.full((num_tokens, _MAX_WINDOW), -1),
-                             torch.full((num_tokens, num_layers, self.top_k), -1))
+                             torch.full((num_tokens, num_layers, self.top_k), -1), lookahead=self.lookahead)
         ids = ids.reshape(ids.shape[0], -1).long().cpu()  # [B, S]
         rows, width = ids.shape
         decode = width == 1 and self._history is not None and self._history.shape[0] == rows
@@ -135,7 +146,7 @@ class PredictionHook:
         self._history = joined[:, -_MAX_WINDOW:]
         self._shape = (rows, width)
         return CallState(self.executor, num_tokens, windows.reshape(num_tokens, _MAX_WINDOW),
-                         previous.reshape(num_tokens, num_layers, self.top_k), previous_hidden)
+                         previous.reshape(num_tokens, num_layers, self.top_k), previous_hidden, self.lookahead)
 
     def __call__(self, layer, hidden: torch.Tensor, routing) -> None:
         position = self.positions[layer.layer_idx]
@@ -177,12 +188,16 @@ class PredictionHook:
             self._last_routing = routed.reshape(rows, width, len(self.layers), -1)[:, -1]
             last = [state.hidden[p].reshape(rows, width, -1)[:, -1] for p in range(len(self.layers))]
             self._last_hidden = torch.stack(last, 1)  # [B, L, H]
+        if self.lookahead is not None:
+            self.lookahead.end_call()
         self.state = None
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.lookahead is not None:
+            self.lookahead.detach()
         for layer in self.layers:
             if self in layer.routing_observers:
                 layer.routing_observers.remove(self)
@@ -200,7 +215,8 @@ def attach(model: nn.Module, predictor: Predictor | str, *, depth: int = 1, sink
         raise ValueError(f"depth={depth!r}: expected an int >= 1 (MoE layers ahead)")
     executor = moe_infer.executor(model)
     predictor = checked_predictor(executor, getattr(model.config, "_name_or_path", ""), predictor)
-    return PredictionHook(executor, model.get_input_embeddings(), predictor, depth, sink)
+    lookahead = AttentionLookahead(model, executor) if predictor.reads_attention_lookahead else None
+    return PredictionHook(executor, model.get_input_embeddings(), predictor, depth, sink, lookahead)
 
 
 def checked_predictor(executor, model_name: str, spec: Predictor | str) -> Predictor:

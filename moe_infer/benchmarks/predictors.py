@@ -46,6 +46,9 @@ PREDICTORS = [
     ("markov", "markov", {}),
     ("gate-lookahead", "gate-lookahead", {}),
     ("expertflow", "expertflow", {}),
+    # the next layer's attention run ahead on the residual stream (predictors/lookahead.py): more
+    # recall at d=1 for one extra attention pass per MoE layer
+    ("expertflow (attention lookahead)", "expertflow", {"attention_lookahead": True}),
     # ablations of the defaults: the softmax loss, and no previous-token MoE inputs
     ("expertflow (distillation loss)", "expertflow", {"loss": "distillation"}),
     ("expertflow (previous_dim=0)", "expertflow", {"previous_dim": 0}),
@@ -56,12 +59,15 @@ LEARNED = {"expertflow", "pregate"}
 DISTANCES = (1, 2, 3, 4)
 # simulator rows: (row name, policy, predictor row or None)
 SIMULATIONS = [("lru", "lru", None), ("belady (no prefetch)", "belady", None)] + [
-    (f"{policy} + {row}", policy, row) for row in ("markov", "gate-lookahead", "expertflow", "pregate")
+    (f"{policy} + {row}", policy, row)
+    for row in ("markov", "gate-lookahead", "expertflow", "expertflow (attention lookahead)", "pregate")
     for policy in ("lru", "expertflow")]
 # executor rows: (row name, cache policy, predictor row or None)
 EXECUTIONS = [("lru", "lru", None), ("lru + gate-lookahead", "lru", "gate-lookahead"),
               ("expertflow + gate-lookahead", "expertflow", "gate-lookahead"),
-              ("expertflow + expertflow", "expertflow", "expertflow"), ("expertflow + pregate", "expertflow", "pregate")]
+              ("expertflow + expertflow", "expertflow", "expertflow"),
+              ("expertflow + expertflow (attention lookahead)", "expertflow", "expertflow (attention lookahead)"),
+              ("expertflow + pregate", "expertflow", "pregate")]
 
 
 TRAIN_EVERY = 2  # the training trace reads every TRAIN_EVERY-th training-split file
@@ -116,6 +122,8 @@ def model_cost(model, trace: Trace) -> dict:
 # Mixtral-8x7B: per layer q/o 4096x4096, k/v 4096x1024, 2 of 8 experts of 3 x 4096 x 14336; LM head 4096 x 32000
 MIXTRAL_SHAPE = {"num_layers": 32, "num_experts": 8, "hidden_size": 4096, "vocab_size": 32000}
 MIXTRAL_MACS = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 2 * 3 * 4096 * 14336 + 4096 * 8) + 4096 * 32000
+# attention lookahead at that shape: the next layer's attention projections and router, for 31 of 32 layers
+MIXTRAL_LOOKAHEAD_MACS = 31 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 8)
 
 
 def cost_at_mixtral_shape(predictor) -> dict | None:
@@ -125,6 +133,8 @@ def cost_at_mixtral_shape(predictor) -> dict | None:
         return None
     options = {**predictor.options, "vocab_size": MIXTRAL_SHAPE["vocab_size"],
                "hidden_size": MIXTRAL_SHAPE["hidden_size"]}
+    if options.get("attention_lookahead"):
+        options["lookahead_macs"] = MIXTRAL_LOOKAHEAD_MACS
     with torch.device("meta"):
         net = type(predictor).build_net(MIXTRAL_SHAPE["num_layers"], MIXTRAL_SHAPE["num_experts"], options)
     macs = type(predictor)(predictor.signature, net, options).macs_per_token()
