@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import Cache
 
 PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm")
 
@@ -44,7 +45,6 @@ class AttentionLookahead:
     """Hooks on a wrapped model's MoE decoder layers that estimate the next MoE layer's input."""
 
     def __init__(self, model: nn.Module, executor):
-        self.executor = executor
         self.layers = executor.layers
         indices = executor.moe_layer_indices
         if any(b - a != 1 for a, b in zip(indices, indices[1:])):
@@ -98,9 +98,8 @@ class AttentionLookahead:
         if shared is not None:
             residual = residual + shared.reshape(residual.shape).to(residual.dtype)
         decoder = self.decoders[position + 1]
-        kwargs = dict(self._kwargs[position])
-        if kwargs.get("past_key_values") is not None:
-            kwargs["past_key_values"] = ReadOnlyCache(kwargs["past_key_values"])
+        # the KV cache argument is `cache` from transformers 5.24 on, `past_key_values` before it
+        kwargs = {k: ReadOnlyCache(v) if isinstance(v, Cache) else v for k, v in self._kwargs[position].items()}
         attended = decoder.self_attn(hidden_states=decoder.input_layernorm(residual), **kwargs)
         if isinstance(attended, tuple):
             attended = attended[0]

@@ -97,11 +97,13 @@ def test_bench_predictors_at_a_tiny_size(tmp_path, capsys):
     assert report["command"].startswith("moe-infer bench predictors --models tiny-mixtral")
     (model,) = report["models"]
     assert set(model["predictors"]) == {"frequency", "markov", "gate-lookahead", "expertflow",
-                                        "expertflow (distillation loss)", "expertflow (previous_dim=0)", "pregate",
-                                        "pregate (next token)"}
+                                        "expertflow (attention lookahead)", "expertflow (distillation loss)",
+                                        "expertflow (previous_dim=0)", "pregate", "pregate (next token)"}
     ablations = {row: entry["options"] for row, entry in model["predictors"].items() if row.startswith("expertflow")}
-    assert [(o["loss"], o["previous_dim"]) for o in ablations.values()] == [
-        ("membership", 8), ("distillation", 8), ("membership", 0)]
+    assert {row: (o["loss"], o["previous_dim"], o["attention_lookahead"]) for row, o in ablations.items()} == {
+        "expertflow": ("membership", 8, False), "expertflow (attention lookahead)": ("membership", 8, True),
+        "expertflow (distillation loss)": ("distillation", 8, False),
+        "expertflow (previous_dim=0)": ("membership", 0, False)}
     for entry in model["predictors"].values():
         for recall in entry["eval"]["heldout"]["recall"].values():
             assert 0.0 <= recall <= 1.0
