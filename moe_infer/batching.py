@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from moe_infer.models import cache_argument, output_cache
+
 SCHEDULERS = ("expert", "fcfs")
 
 
@@ -376,7 +378,7 @@ class _MicroBatch:
         position_ids = torch.tensor([[r.length] for r in self.requests], device=device)  # [B, 1]
         self.mask = torch.cat([self.mask, torch.ones(len(self.requests), 1, dtype=self.mask.dtype, device=device)], 1)
         out = model(input_ids=input_ids, attention_mask=self.mask, position_ids=position_ids,
-                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                    **cache_argument(model, self.cache), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
 
     def keep(self, rows: list[int]) -> int:
@@ -439,9 +441,9 @@ def _check_cache_layers(cache) -> None:
                          f"layers; this model's cache has {', '.join(sorted(kinds))}")
 
 
-def _cache_of(past_key_values) -> list[tuple[Tensor, Tensor]]:
-    _check_cache_layers(past_key_values)
-    return [(layer.keys, layer.values) for layer in past_key_values.layers]
+def _cache_of(cache) -> list[tuple[Tensor, Tensor]]:
+    _check_cache_layers(cache)
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 # ----------------------------------------------------------------------------- the scheduler
@@ -621,7 +623,7 @@ class BatchGenerator:
         finally:
             self._rows = []
         stats.prefill_tokens += len(request.prompt)
-        request.cache = _cache_of(out.past_key_values)
+        request.cache = _cache_of(output_cache(out))
         self._accept(request, self._choose(out.logits[0, -1].float(), request))
 
     def _loop(self, requests: list[_Request], stats: SchedulerStats) -> None:

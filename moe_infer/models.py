@@ -7,6 +7,7 @@ Models without a tokenizer are byte-level: their token ids are UTF-8 bytes.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -82,3 +83,16 @@ def decode_tokens(tokenizer, token_ids: Sequence[int]) -> str:
     if tokenizer is not None:
         return tokenizer.decode(list(token_ids))
     return bytes(i for i in token_ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+def cache_argument(model: nn.Module, cache) -> dict[str, Any]:
+    """Keyword arguments that pass the KV cache `cache` to `model`'s forward: transformers 5.24
+    renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40)."""
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    return {"cache" if takes_cache else "past_key_values": cache}
+
+
+def output_cache(output) -> Any:
+    """The KV cache a `transformers` model's forward returned (`cache` from 5.24, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from moe_infer.experts.tensorfile import DTYPES as SAFETENSORS_DTYPES, build_header
 from moe_infer.models import DTYPES, decode_tokens, encode_text, load_model  # noqa: F401 (re-exported)
+from moe_infer.models import cache_argument, output_cache
 from moe_infer.trace import Trace
 
 __all__ = [
@@ -396,8 +397,8 @@ def _generate_batch(model, recorder, options, batch: list[list[int]], pad_id: in
         flat_keep = keep.reshape(-1)
         recorder.start(flat_keep)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
         records = recorder.take()
         records["features"] = _features(options, recorder, embed, input_ids, flat_keep)
         records["token_ids"] = input_ids[keep].cpu()

@@ -16,6 +16,7 @@ import moe_infer
 import moe_infer.assets
 import tiny_models
 from moe_infer import Trace
+from moe_infer.models import cache_argument, output_cache
 from moe_infer.predictors import attach, load, train
 from moe_infer.predictors.lookahead import AttentionLookahead
 from moe_infer.profiler import record_trace
@@ -70,7 +71,8 @@ def test_estimate_is_the_next_moe_input_without_routed_experts_or_refused(tiny_m
         try:
             prompt = tiny_models.token_ids(0, 2, 10)
             with torch.no_grad():
-                cache = model(prompt, use_cache=True).past_key_values
+                cache = output_cache(model(prompt, use_cache=True))
+                assert cache.get_seq_length() == prompt.shape[1], "the lookahead wrote to the KV cache"
                 handle = executor.layers[0].register_forward_hook(_routed_left_out)
                 try:
                     model(prompt, use_cache=False)  # prefill
@@ -78,7 +80,7 @@ def test_estimate_is_the_next_moe_input_without_routed_experts_or_refused(tiny_m
                     # decode: the earlier tokens' keys and values come from the cache, read only
                     cache = copy.deepcopy(cache)
                     length = cache.get_seq_length()
-                    model(tiny_models.token_ids(1, 2, 1), past_key_values=cache, use_cache=True)
+                    model(tiny_models.token_ids(1, 2, 1), **cache_argument(model, cache), use_cache=True)
                     torch.testing.assert_close(estimated["x"], actual["x"], rtol=1e-5, atol=1e-5)
                     assert estimated["x"].shape[0] == 2 and cache.get_seq_length() == length + 1
                 finally:
@@ -117,7 +119,7 @@ def test_expertflow_with_lookahead_predicts_the_same_offline_and_at_runtime(deep
         cache = None
         with torch.no_grad():  # decode the trace's first sequence one token per call: every feature is known
             for token in first.token_ids.long():
-                cache = model(token.view(1, 1), past_key_values=cache, use_cache=True).past_key_values
+                cache = output_cache(model(token.view(1, 1), **cache_argument(model, cache), use_cache=True))
         hook.detach()
         assert not any(d._forward_pre_hooks for d in hook.lookahead.decoders)
     # at runtime the first MoE layer is not predicted (nothing runs before it within a call)

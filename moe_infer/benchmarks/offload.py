@@ -47,6 +47,7 @@ from moe_infer.cache.cpu_compute import CostModel
 from moe_infer.cache.simulate import simulate
 from moe_infer.config import parse_bytes
 from moe_infer.experts.layout import ModuleExperts
+from moe_infer.models import cache_argument, output_cache
 from moe_infer.trace import Trace
 
 SOURCE_TREE = Path(__file__).resolve().parents[2]  # the checkout, when moe_infer is installed from one
@@ -220,12 +221,12 @@ def decode_tokens_per_s(model, args, device: torch.device, repeats: int) -> floa
     for _ in range(repeats):
         with torch.inference_mode():
             out = model(short, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
             synchronize(device)
             start = time.perf_counter()
             for _ in range(args.decode_tokens):
-                out = model(token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(token, **cache_argument(model, past), use_cache=True)
+                past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
             synchronize(device)
             times.append(time.perf_counter() - start)
     return args.decode_tokens / statistics.median(times)
