@@ -7,6 +7,7 @@ Models without a tokenizer are byte-level: their token ids are UTF-8 bytes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Sequence
@@ -88,8 +89,13 @@ def decode_tokens(tokenizer, token_ids: Sequence[int]) -> str:
 def cache_argument(model: nn.Module, cache) -> dict[str, Any]:
     """Keyword arguments that pass the KV cache `cache` to `model`'s forward: transformers 5.24
     renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40)."""
-    takes_cache = "cache" in inspect.signature(model.forward).parameters
-    return {"cache" if takes_cache else "past_key_values": cache}
+    forward = getattr(model.forward, "__func__", model.forward)
+    return {"cache" if _takes_cache(forward) else "past_key_values": cache}
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_cache(forward) -> bool:  # a signature costs tens of microseconds: once per class, not per step
+    return "cache" in inspect.signature(forward).parameters
 
 
 def output_cache(output) -> Any:

@@ -15,6 +15,7 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import moe_infer
+from moe_infer.models import cache_argument, output_cache
 from moe_infer.profiler import ProfileOptions, record_trace
 from moe_infer.trace import Trace
 
@@ -306,3 +307,24 @@ def test_script_reports_a_missing_text_file_in_one_line(tmp_path, monkeypatch, c
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moe-infer profile: error:") and "missing.txt" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_kv_cache_goes_by_the_keyword_the_model_takes():
+    """transformers 5.24 renamed forward's `past_key_values` to `cache`; the profiler, scheduler and
+    benchmarks pass and read the KV cache by whichever name the installed version uses."""
+    class Before(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return {"past_key_values": past_key_values}
+
+    class After(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None, **kwargs):
+            return {"cache": cache}
+
+    assert cache_argument(Before(), "kv") == {"past_key_values": "kv"}
+    assert cache_argument(After(), "kv") == {"cache": "kv"}
+    model = tiny_mixtral()
+    with torch.no_grad():
+        cache = output_cache(model(torch.tensor([[1, 2, 3]]), use_cache=True))
+        assert cache.get_seq_length() == 3
+        cache = output_cache(model(torch.tensor([[4]]), **cache_argument(model, cache), use_cache=True))
+    assert cache.get_seq_length() == 4
