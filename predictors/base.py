@@ -9,10 +9,12 @@ running model (``moe_infer.predictors.runtime``).
 
 What "known at distance d" means: tokens are processed in sequence order (decode), MoE layer by
 MoE layer. To predict the experts of token n at MoE-layer position l with distance d, a predictor
-may use the routing and hidden states of token n at positions <= l - d, the ids of tokens <= n
-of its sequence and the full routing and MoE inputs of the earlier tokens of its sequence. For
-l < d only what is known before the first MoE layer may be used (token ids, earlier tokens' routing
-and MoE inputs).
+may use the routing and hidden states of token n at positions <= l - d (the residual stream too),
+the ids of tokens <= n of its sequence, the full routing and MoE inputs of the earlier tokens of its
+sequence, and the model's weights other than the routed experts (so it may run the
+attention of layer l - d + 1 over the earlier tokens' cached keys and values, as
+``lookahead.AttentionLookahead`` does). For l < d only what is known before the first MoE layer may
+be used (token ids, earlier tokens' routing and MoE inputs).
 
 Scores are estimates of the probability that the token uses the expert at that layer (in [0, 1],
 summing to about K over the E experts); higher = more likely.

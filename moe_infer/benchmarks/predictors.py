@@ -12,7 +12,7 @@ simulator (LRU, belady, and prefetch driven by each predictor), and in the execu
 (greedy decoding of held-out prompts: bytes moved, time stalled, prefetches, outputs compared with
 the unbudgeted model). Writes ``bench/results/predictors.json`` and ``predictors.md``.
 
-    moe-infer bench predictors                      # both models, about 10 min on 1 core
+    moe-infer bench predictors                      # both models, about 30 min on 1 core
     moe-infer bench predictors --models tiny-mixtral --epochs 2
 
 (``python scripts/bench_predictors.py ...`` is the same.)
@@ -286,7 +286,11 @@ def markdown(results: dict) -> str:
                   "Mixtral-8x7B's routing shape (32 MoE layers, 8 experts, hidden size 4096, vocabulary 32000) "
                   f"over that model's {MIXTRAL_MACS / 1e9:.1f} G parameter MACs per token (attention, 2 of 8 "
                   "experts, LM head). The tiny models are themselves so small that the predictors' share of "
-                  "them is large; at a real model's size it is a fraction of a percent.", ""]
+                  "them is large; at a real model's size the networks are a fraction of a percent. The "
+                  "attention-lookahead row also counts, per MoE layer but the last, the next layer's attention "
+                  "projections, this layer's shared experts and the next router, run once more per token "
+                  "(`moe_infer/predictors/lookahead.py`; attention scores, which grow with the context, are not "
+                  "counted).", ""]
         lines += ["Per layer, held-out, d=1 and d=4 (layer 0 first):", ""]
         for row, entry in model["predictors"].items():
             per_layer = entry["eval"]["heldout"]["recall_per_layer"]
