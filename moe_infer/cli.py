@@ -90,11 +90,12 @@ def _generate(args: argparse.Namespace) -> int:
     check_supported(config)  # before the model is loaded
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     moe_infer.wrap(model, config)
+    sampling = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p")
+                if getattr(args, name) is not None}  # unset: the model's generation config, as in generate()
     outputs, stats = generate_many(model, prompts, tokenizer=tokenizer, max_batch_size=args.max_batch_size,
                                    pool_size=args.pool_size, scheduler=args.scheduler,
                                    max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   seed=args.seed, return_stats=True)
+                                   seed=args.seed, return_stats=True, **sampling)
     for index, (prompt, output) in enumerate(zip(prompts, outputs)):
         print(f"[{index}] {prompt!r} -> {output!r}")
     summary = stats.summary()
@@ -304,9 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: expert with --token-scheduling, fcfs otherwise; with --predictor P (a saved "
                           "pregate predictor) the expert scheduler groups requests by P's prediction of their next token")
     gen.add_argument("--do-sample", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")
+    gen.add_argument("--top-k", type=int, default=None, help="default: the model's generation config (else 50)")
+    gen.add_argument("--top-p", type=float, default=None, help="default: the model's generation config")
     gen.add_argument("--seed", type=int, default=0, help="request i samples with seed + i")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
