@@ -138,6 +138,17 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client, ref
     assert_healthy(server, client, reference)
 
 
+def test_a_client_that_gives_up_waiting_frees_its_slot(server, reference):
+    cancelled = metric(server, 'moe_infer_requests_total{outcome="cancelled"}')
+    impatient = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):  # not streamed: it closes the connection before the answer
+        impatient.completions.create(model="tiny-mixtral", prompt=PROMPTS[0], max_tokens=900, temperature=0)
+    wait_for(lambda: metric(server, "moe_infer_requests_running") == 0 and
+             metric(server, 'moe_infer_requests_total{outcome="cancelled"}') > cancelled,
+             "the abandoned request still holds its slot")
+    assert_healthy(server, client_for(server), reference)
+
+
 @pytest.mark.parametrize("path, body, status, message", [
     ("/v1/completions", b'{"model": "tiny-mixtral", "prompt": ', 400, "the request body is not valid JSON"),
     ("/v1/completions", b'["tiny-mixtral"]', 400, "must be a JSON object"),

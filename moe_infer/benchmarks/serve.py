@@ -235,8 +235,10 @@ def median_row(runs: list[dict]) -> dict:
 def markdown(record: dict) -> str:
     args = record["args"]
     first = record["rows"][0]
+    load = record["load_average"]
     lines = ["# Serving: a bounded load test of `moe-infer serve`", "",
-             f"{record['date']}, {record['device']}, server threads {args['threads']}, torch {record['torch']}, "
+             f"{record['date']}, {record['device']} (load average {load[0]:.1f} before, {load[1]:.1f} after: "
+             f"other work shared the machine), server threads {args['threads']}, torch {record['torch']}, "
              f"transformers {record['transformers']}, Python {record['python']}. Command: `{record['command']}`.", "",
              f"Model {record['model']} ({record['expert_bytes'] / 2**20:.2f} MiB of routed experts). "
              f"{args['requests']} streamed greedy completions of {args['max_tokens']} tokens, prompts of "
@@ -249,12 +251,16 @@ def markdown(record: dict) -> str:
              "chunk); distinct experts per micro-batch (averaged over MoE layers), micro-batch size, hit rate and "
              "bytes moved come from the server's /metrics over the load. `same text`: every run of the row "
              "generated the text of row 1's first run, request for request.", "",
-             "| scheduler | expert budget | completed | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+             "| scheduler | expert budget | completed | output tok/s (runs' range) | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
              "| distinct experts / micro-batch | mean micro-batch | expert hit rate | expert MB moved | same text |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(value):
         return "-" if value is None else f"{value * 1e3:.0f}"
+
+    def spread(row, key):
+        values = [run[key] for run in row["runs"]]
+        return f"{min(values):.0f}-{max(values):.0f}"
 
     def number(value, digits=2):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -263,7 +269,8 @@ def markdown(record: dict) -> str:
         budget = "all resident" if row["budget_bytes"] is None else \
             f"{row['budget_bytes'] / 2**20:.2f} MiB ({args['budget']:.0%})"
         lines.append(f"| {row['scheduler']} | {budget} | {row['completed']}/{row['requests']} | "
-                     f"{row['output_tokens_per_second']:.1f} | {ms(row['ttft_p50_s'])} / {ms(row['ttft_p99_s'])} | "
+                     f"{row['output_tokens_per_second']:.1f} ({spread(row, 'output_tokens_per_second')}) | "
+                     f"{ms(row['ttft_p50_s'])} / {ms(row['ttft_p99_s'])} | "
                      f"{ms(row['itl_p50_s'])} / {ms(row['itl_p99_s'])} | {number(row['distinct_experts_per_micro_batch'])} | "
                      f"{number(row['mean_micro_batch_size'])} | {number(row['expert_hit_rate'], 3)} | "
                      f"{row['expert_bytes_moved'] / 1e6:.1f} | "
@@ -286,6 +293,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     configurations = [(scheduler, budget_bytes) for budget_bytes in [None] + ([budget] if budget else [])
                       for scheduler in args.schedulers]
     runs: dict[tuple, list[dict]] = {c: [] for c in configurations}
+    load_before = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         # every row's server at once, started together and idle but for its own loads
         servers = {c: stack.enter_context(server_for(args, *c, device).launch()) for c in configurations}
@@ -304,7 +312,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     record = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": name,
               "torch": torch.__version__, "transformers": transformers.__version__,
               "python": platform.python_version(), "command": args.command, "model": args.model,
-              "expert_bytes": total,
+              "expert_bytes": total, "load_average": [load_before, os.getloadavg()[0]],
               "args": {k: v for k, v in vars(args).items() if k not in ("out", "command", "prompt_range")},
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

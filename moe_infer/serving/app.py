@@ -304,7 +304,7 @@ class _Call:
         longest = max(len(p) for p in prompts)
         if max_tokens is None:  # chat: as much as the context leaves
             max_tokens = limit - longest
-        if longest + max_tokens > limit:
+        if max_tokens < 1 or longest + max_tokens > limit:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens; the prompt has {longest} "
                                 f"tokens and max_tokens asks for {max_tokens} more. Shorten the prompt or lower "
                                 f"max_tokens", param="messages" if self.chat else "prompt",
