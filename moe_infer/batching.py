@@ -454,8 +454,8 @@ def _check_cache_layers(cache) -> None:
 
     kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
     if kinds:
-        raise ValueError(f"generate_many supports models whose KV cache is made of full-attention DynamicLayer "
-                         f"layers; this model's cache has {', '.join(sorted(kinds))}")
+        raise ValueError(f"expert-aware batching (generate_many, moe-infer serve) supports models whose KV cache is "
+                         f"made of full-attention DynamicLayer layers; this model's cache has {', '.join(sorted(kinds))}")
 
 
 def check_model(model: nn.Module) -> None:
@@ -465,8 +465,8 @@ def check_model(model: nn.Module) -> None:
     from transformers import DynamicCache
 
     if not is_wrapped(model):
-        raise ValueError("generate_many needs a wrapped model (moe_infer.wrap(model)): the scheduler observes "
-                         "routing through the MoE layers")
+        raise ValueError("expert-aware batching (generate_many, moe-infer serve) needs a wrapped model "
+                         "(moe_infer.wrap(model)): the scheduler observes routing through the MoE layers")
     _check_cache_layers(DynamicCache(config=model.config))
 
 

@@ -198,6 +198,19 @@ def test_one_failing_request_fails_alone(server, reference):
     assert isinstance(bad, openai.InternalServerError) and bad.status_code == 500
     assert "generation failed" in str(bad) and "probability tensor" in str(bad)
     assert [a.choices[0].text for a in good] == [reference[1].decode(generated(reference, p, 8)) for p in PROMPTS[:3]]
+    with pytest.raises(openai.APIError, match="generation failed"):  # streamed: an error event ends the stream
+        list(client_for(server).completions.create(model="tiny-mixtral", prompt=PROMPTS[0], max_tokens=8,
+                                                   temperature=1e-45, stream=True))
+
+
+def test_echo_and_logit_bias(client, reference):
+    answer = client.completions.create(model="tiny-mixtral", prompt=PROMPTS[0], max_tokens=5, temperature=0, echo=True)
+    assert answer.choices[0].text == PROMPTS[0] + reference[1].decode(generated(reference, PROMPTS[0], 5))
+    biased = client.completions.create(model="tiny-mixtral", prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                       logit_bias={str(ord("Z")): 100})
+    assert biased.choices[0].text == "ZZZZZ"
+    with pytest.raises(openai.BadRequestError, match="logit_bias: '999'"):
+        client.completions.create(model="tiny-mixtral", prompt="x", max_tokens=2, logit_bias={"999": 1})
 
 
 def test_logprobs_are_the_models_log_softmax(client, reference):

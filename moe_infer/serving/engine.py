@@ -171,6 +171,7 @@ class Engine:
             for request in requests:
                 request.submitted_at = now
                 self._waiting.append(request)
+            self.stats.requests += len(requests)
             waiting = len(self._waiting)
             self._lock.notify()
         if self.metrics is not None:
