@@ -3,7 +3,7 @@
 This module owns the decode loop of a wrapped model over a list of requests: admission (first come,
 first served, into a pool of at most ``pool_size`` requests), the partition of the pool into
 micro-batches of at most ``max_batch_size`` requests, the per-request KV caches and how they are
-stacked into and split out of micro-batches, per-request sampling, and the scheduler statistics.
+stacked into and split out of micro-batches, and the scheduler statistics.
 It does not route, cache or prefetch experts (the executor does) and it does not predict routing:
 routing signatures come from a pluggable `SignatureSource`.
 
@@ -22,9 +22,14 @@ pooled request ever waits; queued requests are admitted in arrival order as pool
 
 Exactness: a request is prefilled alone (batch 1, no padding); in a micro-batch its cache is
 left-padded to the longest member, padding masked out, with its own position ids, exactly as
-`transformers` batches left-padded prompts; the tokens are chosen per request (greedy, or sampled
-with a per-request ``torch.Generator``), so a request gets the tokens it gets when generated
-alone up to floating-point summation order.
+`transformers` batches left-padded prompts; the tokens are chosen per request, with the logits
+processors and stopping criteria `model.generate` builds from the generation config and a
+per-request ``torch.Generator`` (`moe_infer.serving.sampling`), so a request gets the tokens it gets
+when generated alone up to floating-point summation order.
+
+`DecodePool` is the part the server's engine (`moe_infer.serving.engine`) shares: prefill (whole
+or chunked), joining and leaving between rounds, decode rounds in the planner's micro-batches, and
+failure isolation (a micro-batch whose step raises is rolled back and its members retried alone).
 
 KV movement: a micro-batch holds one `DynamicCache` [B, heads, S, d] per attention layer. A finished
 request's row is dropped with ``batch_select_indices``; a regrouped request's row is cut out of its
@@ -337,12 +342,16 @@ class GroupPlanner:
 # ----------------------------------------------------------------------------- requests and micro-batches
 
 @dataclass(eq=False)
-class _Request:
-    index: int
+class PooledRequest:
+    """One request of a `DecodePool`: its prompt, token choices (`RequestSampler`) and KV cache."""
+
+    index: int  # unique among the pool's requests (the signature source's request id)
     prompt: list[int]
-    generator: torch.Generator | None
+    sampler: Any  # moe_infer.serving.sampling.RequestSampler
     tokens: list[int] = field(default_factory=list)  # generated so far
     cache: list[tuple[Tensor, Tensor]] | None = None  # per attention layer: keys, values [1, h, n, d]
+    prefilled: int = 0  # prompt tokens in its own cache so far (chunked prefill)
+    prefill_cache: Any = None  # its batch-1 DynamicCache while the prompt is going in
     done: bool = False
 
     @property
@@ -353,7 +362,7 @@ class _Request:
 class _MicroBatch:
     """Requests decoded together and their stacked, left-padded KV cache."""
 
-    def __init__(self, requests: list[_Request], model: nn.Module, stats: SchedulerStats):
+    def __init__(self, requests: list[PooledRequest], model: nn.Module, stats: SchedulerStats):
         self.requests = requests
         lengths = [r.length for r in requests]
         width = max(lengths)
@@ -372,13 +381,21 @@ class _MicroBatch:
             self.mask[row, width - length:] = 1
 
     def step(self, model: nn.Module) -> Tensor:
-        """One decode step of every member: logits [B, V] of the next token."""
+        """One decode step of every member: logits [B, V] of the next token. A step that raises leaves
+        the micro-batch as it was (the layers it reached had appended a column: cut off again)."""
         device = self.mask.device
+        width = self.mask.shape[1]
         input_ids = torch.tensor([[r.tokens[-1]] for r in self.requests], device=device)  # [B, 1]
         position_ids = torch.tensor([[r.length] for r in self.requests], device=device)  # [B, 1]
-        self.mask = torch.cat([self.mask, torch.ones(len(self.requests), 1, dtype=self.mask.dtype, device=device)], 1)
-        out = model(input_ids=input_ids, attention_mask=self.mask, position_ids=position_ids,
-                    **cache_argument(model, self.cache), use_cache=True, logits_to_keep=1)
+        mask = torch.cat([self.mask, torch.ones(len(self.requests), 1, dtype=self.mask.dtype, device=device)], 1)
+        try:
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                        **cache_argument(model, self.cache), use_cache=True, logits_to_keep=1)
+        except BaseException:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+            raise
+        self.mask = mask
         return out.logits[:, -1, :].float()
 
     def keep(self, rows: list[int]) -> int:
@@ -396,7 +413,7 @@ class _MicroBatch:
         self.mask = self.mask[:, trim:]
         return copied
 
-    def release(self, rows: list[int]) -> tuple[list[_Request], int]:
+    def release(self, rows: list[int]) -> tuple[list[PooledRequest], int]:
         """Hand the requests of ``rows`` their own caches back (real tokens only, as views: they are
         copied once, when stacked into their next micro-batch) and drop them. Returns them and the
         bytes copied to close the remaining rows up."""
@@ -437,8 +454,20 @@ def _check_cache_layers(cache) -> None:
 
     kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
     if kinds:
-        raise ValueError(f"generate_many supports models whose KV cache is made of full-attention DynamicLayer "
-                         f"layers; this model's cache has {', '.join(sorted(kinds))}")
+        raise ValueError(f"expert-aware batching (generate_many, moe-infer serve) supports models whose KV cache is "
+                         f"made of full-attention DynamicLayer layers; this model's cache has {', '.join(sorted(kinds))}")
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse, before any work, a model the pool cannot batch: not wrapped, or with a KV cache that is
+    not made of full-attention layers."""
+    from moe_infer.api import is_wrapped
+    from transformers import DynamicCache
+
+    if not is_wrapped(model):
+        raise ValueError("expert-aware batching (generate_many, moe-infer serve) needs a wrapped model "
+                         "(moe_infer.wrap(model)): the scheduler observes routing through the MoE layers")
+    _check_cache_layers(DynamicCache(config=model.config))
 
 
 def _cache_of(cache) -> list[tuple[Tensor, Tensor]]:
@@ -482,67 +511,75 @@ class SchedulerStats:
         }
 
 
-@dataclass
-class GenerationResult:
-    tokens: list[list[int]]  # generated token ids per prompt, in prompt order
-    stats: SchedulerStats
+def signature_source(model: nn.Module, scheduler: str, signatures: SignatureSource | None = None,
+                     predictor: Any = None) -> SignatureSource:
+    """The expert scheduler's signatures: ``signatures`` as given, else ``predictor`` (a "pregate" or
+    "expertflow" predictor or its file: `PredictedRouting`), else the wrapped model's
+    ``MoEConfig.predictor`` when it is such a predictor and the scheduler is "expert", else each
+    request's recent routing."""
+    from moe_infer.api import executor
+
+    ex = executor(model)
+    if predictor is not None and signatures is not None:
+        raise ValueError("give signatures or predictor, not both")
+    if predictor is None and signatures is None and ex.predictor_hook is not None and scheduler == "expert":
+        hooked = ex.predictor_hook.predictor  # MoEConfig.predictor, when it can route queued tokens
+        predictor = hooked if hooked.kind in ("pregate", "expertflow") else None
+    if predictor is not None:
+        from moe_infer.predictors.runtime import checked_predictor
+
+        return PredictedRouting(checked_predictor(ex, getattr(model.config, "_name_or_path", ""), predictor))
+    return signatures or RecentRouting(len(ex.layers), ex.layers[0].num_experts)
 
 
-class BatchGenerator:
-    """Runs `generate_many`; see the module docstring for the scheduling."""
+def signature_name(scheduler: str, signatures: SignatureSource) -> str:
+    if scheduler == "fcfs":
+        return "none"
+    if isinstance(signatures, PredictedRouting):
+        return f"{signatures.predictor.kind} predictor"
+    return "recent routing" if isinstance(signatures, RecentRouting) else type(signatures).__name__
 
-    def __init__(self, model: nn.Module, *, max_batch_size: int = 8, pool_size: int | None = None,
-                 scheduler: str | None = None, signatures: SignatureSource | None = None, predictor: Any = None,
-                 regroup_threshold: float = 1.0, regroup_interval: int = 1, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
-                 eos_token_id: int | Sequence[int] | None = None):
-        from moe_infer.api import executor, is_wrapped
 
-        if not is_wrapped(model):
-            raise ValueError("generate_many needs a wrapped model (moe_infer.wrap(model)): the scheduler observes "
-                             "routing through the MoE layers")
-        self.model = model
+class DecodePool:
+    """The requests being decoded and their micro-batches; what `generate_many` and the server's
+    engine (`moe_infer.serving.engine`) both drive.
+
+    A request is prefilled alone (`prefill`: its whole prompt, or the next chunk of it), `join`s
+    with its first token chosen, then decodes one token per `round` in the micro-batch the planner
+    puts it in, and leaves when it is done (or through `leave`, e.g. cancelled: its KV cache rows are
+    dropped at once). Within the ``with`` block the pool observes the routing of every forward pass
+    it runs (signatures, distinct experts per micro-batch). One thread drives a pool and its model.
+    """
+
+    def __init__(self, model: nn.Module, planner: GroupPlanner, signatures: SignatureSource, stats: SchedulerStats):
+        from moe_infer.api import executor
+
+        self.model, self.planner, self.signatures, self.stats = model, planner, signatures, stats
         self.executor = executor(model)
-        from transformers import DynamicCache
-
-        _check_cache_layers(DynamicCache(config=model.config))  # before any work
-        _check_int("max_batch_size", max_batch_size, 1)
-        self.max_batch_size = max_batch_size
-        self.pool_size = 4 * max_batch_size if pool_size is None else pool_size
-        _check_int("pool_size", self.pool_size, 1)
-        if scheduler is None:
-            scheduler = "expert" if self.executor.config.token_scheduling else "fcfs"
-        self.planner = GroupPlanner(scheduler, max_batch_size, regroup_threshold, regroup_interval)
-        self.scheduler = scheduler
-        num_experts = self.executor.layers[0].num_experts
-        if predictor is not None and signatures is not None:
-            raise ValueError("give signatures or predictor, not both")
-        if predictor is None and self.executor.predictor_hook is not None and scheduler == "expert":
-            hooked = self.executor.predictor_hook.predictor  # MoEConfig.predictor, when it can route queued tokens
-            predictor = hooked if hooked.kind in ("pregate", "expertflow") else None
-        if predictor is not None:
-            from moe_infer.predictors.runtime import checked_predictor
-
-            signatures = PredictedRouting(checked_predictor(self.executor, getattr(model.config, "_name_or_path", ""),
-                                                            predictor))
-        self.signatures = signatures or RecentRouting(len(self.executor.layers), num_experts)
-        _check_int("max_new_tokens", max_new_tokens, 1)
-        self.max_new_tokens = max_new_tokens
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature={temperature!r}: expected a number > 0")
-        _check_int("top_k", top_k, 0)
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1]")
-        self.do_sample, self.temperature, self.top_k, self.top_p = bool(do_sample), float(temperature), top_k, top_p
-        self.seed = seed
-        if eos_token_id is None:
-            eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+        self.batches: list[_MicroBatch] = []
+        self.joined: list[PooledRequest] = []  # joined since the last round, in order
+        self.on_micro_batch: Callable[[int, float], None] | None = None  # (size, distinct experts per MoE layer)
         self._rows: list[int] = []  # request id of each row of the forward pass in flight
         self._layer_position = {layer.layer_idx: i for i, layer in enumerate(self.executor.layers)}
         self._experts_seen: list[set[int]] | None = None
+        self._device = model.get_input_embeddings().weight.device
 
-    # -- routing observation
+    def __enter__(self) -> "DecodePool":
+        for layer in self.executor.layers:
+            layer.routing_observers.append(self._observer)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.executor.layers:
+            layer.routing_observers.remove(self._observer)
+
+    @property
+    def requests(self) -> list[PooledRequest]:
+        return [r for b in self.batches for r in b.requests] + self.joined
+
+    def __len__(self) -> int:
+        return sum(len(b.requests) for b in self.batches) + len(self.joined)
+
     def _observer(self, layer, hidden: Tensor, routing) -> None:
         position = self._layer_position[layer.layer_idx]
         if self._rows:
@@ -550,132 +587,136 @@ class BatchGenerator:
         if self._experts_seen is not None:
             self._experts_seen[position].update(routing.expert_ids.flatten().tolist())
 
-    @torch.no_grad()
-    def run(self, prompts: Sequence[Sequence[int]]) -> GenerationResult:
-        requests = self._requests(prompts)
-        stats = SchedulerStats(scheduler=self.scheduler, signatures=self._signature_name(), requests=len(requests))
-        for layer in self.executor.layers:
-            layer.routing_observers.append(self._observer)
-        started = time.perf_counter()
+    def prefill(self, request: PooledRequest, max_tokens: int | None = None) -> Tensor | None:
+        """Feed the request's next prompt tokens (all that remain, or at most ``max_tokens``) through
+        the model, batch 1, into its own KV cache. Returns the next-token logits [V] once the whole
+        prompt is in, None before."""
+        start = request.prefilled
+        end = len(request.prompt) if max_tokens is None else min(len(request.prompt), start + max_tokens)
+        if start == 0:
+            self.signatures.extend(request.index, request.prompt)
+        input_ids = torch.tensor([request.prompt[start:end]], device=self._device)
+        extra = {}
+        if start:  # a later chunk: positions go on from the cached ones
+            extra = dict(position_ids=torch.arange(start, end, device=self._device)[None],
+                         **cache_argument(self.model, request.prefill_cache))
+        self._rows = [request.index] * (end - start)
         try:
-            self._loop(requests, stats)
-        finally:
-            for layer in self.executor.layers:
-                layer.routing_observers.remove(self._observer)
-            for request in requests:
-                self.signatures.forget(request.index)
-        stats.seconds = time.perf_counter() - started
-        return GenerationResult([r.tokens for r in requests], stats)
-
-    def _signature_name(self) -> str:
-        if self.scheduler == "fcfs":
-            return "none"
-        if isinstance(self.signatures, PredictedRouting):
-            return f"{self.signatures.predictor.kind} predictor"
-        return "recent routing" if isinstance(self.signatures, RecentRouting) else type(self.signatures).__name__
-
-    def _requests(self, prompts: Sequence[Sequence[int]]) -> list[_Request]:
-        if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence):
-            raise ValueError("prompts must be a list of token-id lists (or of strings, with a tokenizer)")
-        seeds = [self.seed + i for i in range(len(prompts))] if isinstance(self.seed, int) else list(self.seed)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
-        vocab = self.model.get_input_embeddings().num_embeddings
-        requests = []
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            ids = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
-            if not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt {i}: expected a non-empty list of token ids in [0, {vocab})")
-            generator = torch.Generator().manual_seed(int(seed)) if self.do_sample else None
-            requests.append(_Request(index=i, prompt=ids, generator=generator))
-        return requests
-
-    def _choose(self, logits: Tensor, request: _Request) -> int:
-        """The next token of one request from its logits [V] (greedy or sampled with its own generator)."""
-        if not self.do_sample:
-            return int(torch.argmax(logits))
-        scores = logits / self.temperature
-        if self.top_k:
-            kth = torch.topk(scores, min(self.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, -math.inf)
-        if self.top_p < 1.0:
-            ordered, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
-            drop = cumulative - torch.softmax(ordered, dim=-1) >= self.top_p  # keep the smallest prefix reaching top_p
-            scores = scores.scatter(0, order, ordered.masked_fill(drop, -math.inf))
-        probabilities = torch.softmax(scores, dim=-1).cpu()
-        return int(torch.multinomial(probabilities, 1, generator=request.generator))
-
-    def _accept(self, request: _Request, token: int) -> None:
-        request.tokens.append(token)
-        self.signatures.extend(request.index, [token])
-        if token in self.eos or len(request.tokens) >= self.max_new_tokens:
-            request.done = True
-
-    def _prefill(self, request: _Request, stats: SchedulerStats) -> None:
-        device = self.model.get_input_embeddings().weight.device
-        input_ids = torch.tensor([request.prompt], device=device)
-        self.signatures.extend(request.index, request.prompt)
-        self._rows = [request.index] * len(request.prompt)
-        try:
-            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(input_ids=input_ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self._device),
+                             use_cache=True, logits_to_keep=1, **extra)
         finally:
             self._rows = []
-        stats.prefill_tokens += len(request.prompt)
-        request.cache = _cache_of(output_cache(out))
-        self._accept(request, self._choose(out.logits[0, -1].float(), request))
+        self.stats.prefill_tokens += end - start
+        request.prefill_cache, request.prefilled = output_cache(out), end
+        if end < len(request.prompt):
+            return None
+        request.cache, request.prefill_cache = _cache_of(request.prefill_cache), None
+        return out.logits[0, -1].float()
 
-    def _loop(self, requests: list[_Request], stats: SchedulerStats) -> None:
-        queue = deque(requests)
-        batches: list[_MicroBatch] = []
-        round_index = 0
-        while queue or batches:
-            # admission, first come first served
-            admitted = []
-            while queue and sum(len(b.requests) for b in batches) + len(admitted) < self.pool_size:
-                request = queue.popleft()
-                stats.max_wait_rounds = max(stats.max_wait_rounds, round_index)
-                self._prefill(request, stats)
-                if not request.done:
-                    admitted.append(request)
-            batches = self._form(batches, admitted, stats)
-            for batch in batches:
-                self._rows = [r.index for r in batch.requests]
-                self._experts_seen = [set() for _ in self.executor.layers]
-                try:
-                    logits = batch.step(self.model)
-                finally:
-                    self._rows = []
-                stats.micro_batches += 1
-                stats.decode_tokens += len(batch.requests)
-                stats.distinct_experts += float(np.mean([len(s) for s in self._experts_seen]))
-                self._experts_seen = None
-                for row, request in enumerate(batch.requests):
-                    self._accept(request, self._choose(logits[row], request))
-                finished = [row for row, r in enumerate(batch.requests) if r.done]
-                if finished:
-                    keep = [row for row in range(len(batch.requests)) if row not in set(finished)]
-                    if keep:
-                        stats.kv_bytes_moved += batch.keep(keep)
-                    else:
-                        batch.requests = []
-            batches = [b for b in batches if b.requests]
-            round_index += 1
-            stats.rounds = round_index
+    def accept(self, request: PooledRequest, token: int) -> None:
+        """Record the request's next token (the input of its next step)."""
+        request.tokens.append(token)
+        self.signatures.extend(request.index, [token])
 
-    def _form(self, batches: list[_MicroBatch], admitted: list[_Request], stats: SchedulerStats) -> list[_MicroBatch]:
-        """The micro-batches of the next round (the planner decides, this moves the KV caches)."""
-        by_index = {r.index: r for b in batches for r in b.requests}
-        by_index.update({r.index: r for r in admitted})
-        groups, regrouped = self.planner.next_groups([[r.index for r in b.requests] for b in batches],
-                                                     [r.index for r in admitted], self.signatures.signature)
-        stats.regroups += int(regrouped)
-        return self._apply(batches, [[by_index[i] for i in g] for g in groups], stats)
+    def join(self, request: PooledRequest) -> None:
+        """A prefilled request with its first token accepted decodes from the next round on."""
+        self.joined.append(request)
 
-    def _apply(self, batches: list[_MicroBatch], target: list[list[_Request]], stats: SchedulerStats) -> list[_MicroBatch]:
+    def leave(self, request: PooledRequest) -> None:
+        """Drop a request now (cancelled, or done outside a round): its KV cache rows are freed."""
+        if request in self.joined:
+            self.joined.remove(request)
+        for batch in self.batches:
+            if request in batch.requests:
+                self._drop(batch, [row for row, r in enumerate(batch.requests) if r is not request])
+        self.batches = [b for b in self.batches if b.requests]
+        request.cache = request.prefill_cache = None
+        self.signatures.forget(request.index)
+
+    def round(self, decide: Callable[[PooledRequest, Tensor], None],
+              fail: Callable[[PooledRequest, Exception], None] | None = None) -> None:
+        """One decode step of every pooled request, in the micro-batches the planner forms now.
+
+        ``decide(request, logits [V])`` accepts the request's next token and sets ``request.done``;
+        done requests leave after their micro-batch's step. With ``fail``, a request whose step or
+        decision raises fails alone: ``fail(request, error)``, and it leaves; a micro-batch whose
+        forward pass raises is rolled back and its members are retried one by one. Without
+        ``fail``, the first error propagates."""
+        self._form()
+        for batch in list(self.batches):
+            for stepped, logits in self._run(batch, fail):
+                for row, request in enumerate(stepped.requests):
+                    if request.done:  # its step failed
+                        continue
+                    try:
+                        decide(request, logits[row])
+                    except Exception as error:
+                        if fail is None:
+                            raise
+                        request.done = True
+                        fail(request, error)
+                self._drop(stepped, [row for row, r in enumerate(stepped.requests) if not r.done])
+        self.batches = [b for b in self.batches if b.requests]
+
+    def _run(self, batch: _MicroBatch, fail) -> list[tuple[_MicroBatch, Tensor | None]]:
+        """[(micro-batch, logits [B, V])] of one step of ``batch``, its members alone if it fails
+        (logits None: that member failed)."""
+        try:
+            return [(batch, self._step(batch))]
+        except Exception as error:
+            if fail is None:
+                raise
+            if len(batch.requests) == 1:
+                batch.requests[0].done = True
+                fail(batch.requests[0], error)
+                return [(batch, None)]
+        released, copied = batch.release(list(range(len(batch.requests))))  # the failed step left no trace
+        self.stats.kv_bytes_moved += copied
+        singles = [_MicroBatch([request], self.model, self.stats) for request in released]
+        self.batches.remove(batch)
+        self.batches.extend(singles)
+        return [result for single in singles for result in self._run(single, fail)]
+
+    def _step(self, batch: _MicroBatch) -> Tensor:
+        self._rows = [r.index for r in batch.requests]
+        self._experts_seen = [set() for _ in self.executor.layers]
+        try:
+            logits = batch.step(self.model)
+            distinct = float(np.mean([len(s) for s in self._experts_seen]))
+        finally:
+            self._rows, self._experts_seen = [], None
+        self.stats.micro_batches += 1
+        self.stats.decode_tokens += len(batch.requests)
+        self.stats.distinct_experts += distinct
+        if self.on_micro_batch is not None:
+            self.on_micro_batch(len(batch.requests), distinct)
+        return logits
+
+    def _drop(self, batch: _MicroBatch, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` of ``batch``; the others leave (their signatures are forgotten)."""
+        if len(keep) == len(batch.requests):
+            return
+        for row, request in enumerate(batch.requests):
+            if row not in keep:
+                self.signatures.forget(request.index)
+        if keep:
+            self.stats.kv_bytes_moved += batch.keep(keep)
+        else:
+            batch.requests = []
+
+    def _form(self) -> None:
+        """The micro-batches of the next round (the planner decides, `_apply` moves the KV caches)."""
+        by_index = {r.index: r for r in self.requests}
+        groups, regrouped = self.planner.next_groups([[r.index for r in b.requests] for b in self.batches],
+                                                     [r.index for r in self.joined], self.signatures.signature)
+        self.stats.regroups += int(regrouped)
+        self.batches = self._apply([[by_index[i] for i in g] for g in groups])
+        self.joined = []
+
+    def _apply(self, target: list[list[PooledRequest]]) -> list[_MicroBatch]:
         """Turn the current micro-batches into ``target`` groups, moving only the KV caches of requests
         whose group changes: a target group that keeps most of an old micro-batch reuses it."""
+        batches, stats = self.batches, self.stats
         result = []
         used: set[int] = set()
         for group in target:
@@ -709,6 +750,92 @@ class BatchGenerator:
         return formed
 
 
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated token ids per prompt, in prompt order
+    stats: SchedulerStats
+
+
+class BatchGenerator:
+    """Runs `generate_many`; see the module docstring for the scheduling."""
+
+    def __init__(self, model: nn.Module, *, max_batch_size: int = 8, pool_size: int | None = None,
+                 scheduler: str | None = None, signatures: SignatureSource | None = None, predictor: Any = None,
+                 regroup_threshold: float = 1.0, regroup_interval: int = 1, max_new_tokens: int = 32,
+                 seed: int | Sequence[int] = 0, tokenizer=None, **generation_fields: Any):
+        from moe_infer.api import executor
+        from moe_infer.serving.sampling import sampling_params
+
+        check_model(model)  # before any work
+        self.model = model
+        self.executor = executor(model)
+        _check_int("max_batch_size", max_batch_size, 1)
+        self.max_batch_size = max_batch_size
+        self.pool_size = 4 * max_batch_size if pool_size is None else pool_size
+        _check_int("pool_size", self.pool_size, 1)
+        if scheduler is None:
+            scheduler = "expert" if self.executor.config.token_scheduling else "fcfs"
+        self.planner = GroupPlanner(scheduler, max_batch_size, regroup_threshold, regroup_interval)
+        self.scheduler = scheduler
+        self.signatures = signature_source(model, scheduler, signatures, predictor)
+        self.params = sampling_params(model, max_new_tokens=max_new_tokens, **generation_fields)
+        self.seed, self.tokenizer = seed, tokenizer
+
+    @torch.no_grad()
+    def run(self, prompts: Sequence[Sequence[int]]) -> GenerationResult:
+        requests = self._requests(prompts)
+        stats = SchedulerStats(scheduler=self.scheduler, signatures=signature_name(self.scheduler, self.signatures),
+                               requests=len(requests))
+        started = time.perf_counter()
+        try:
+            with DecodePool(self.model, self.planner, self.signatures, stats) as pool:
+                self._loop(pool, requests)
+        finally:
+            for request in requests:
+                self.signatures.forget(request.index)
+        stats.seconds = time.perf_counter() - started
+        return GenerationResult([r.tokens for r in requests], stats)
+
+    def _requests(self, prompts: Sequence[Sequence[int]]) -> list[PooledRequest]:
+        from moe_infer.serving.sampling import RequestSampler
+
+        if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence):
+            raise ValueError("prompts must be a list of token-id lists (or of strings, with a tokenizer)")
+        seeds = [self.seed + i for i in range(len(prompts))] if isinstance(self.seed, int) else list(self.seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        requests = []
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            ids = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
+            if not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt {i}: expected a non-empty list of token ids in [0, {vocab})")
+            sampler = RequestSampler(self.model, self.params, ids, seed, tokenizer=self.tokenizer)
+            requests.append(PooledRequest(index=i, prompt=ids, sampler=sampler))
+        return requests
+
+    @staticmethod
+    def _decide(pool: DecodePool, request: PooledRequest, logits: Tensor) -> None:
+        pool.accept(request, request.sampler.choose(logits))
+        request.done = request.sampler.done
+
+    def _loop(self, pool: DecodePool, requests: list[PooledRequest]) -> None:
+        queue = deque(requests)
+        round_index = 0
+        while queue or len(pool):
+            while queue and len(pool) < self.pool_size:  # admission, first come first served
+                request = queue.popleft()
+                pool.stats.max_wait_rounds = max(pool.stats.max_wait_rounds, round_index)
+                self._decide(pool, request, pool.prefill(request))
+                if request.done:
+                    request.cache = None
+                else:
+                    pool.join(request)
+            pool.round(lambda request, logits: self._decide(pool, request, logits))
+            round_index += 1
+            pool.stats.rounds = round_index
+
+
 def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | str], *, max_batch_size: int = 8,
                   tokenizer=None, return_stats: bool = False, **options: Any):
     """Generate for every prompt of ``prompts`` with a wrapped model, batching requests so that each
@@ -716,14 +843,17 @@ def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | str], *, m
     `MoEConfig.token_scheduling` is True, "fcfs" otherwise).
 
     ``prompts``: lists of token ids, or strings with ``tokenizer`` (byte-level models without a
-    tokenizer read strings as UTF-8). Options: ``max_new_tokens`` [32], ``do_sample`` [False],
-    ``temperature``, ``top_k``, ``top_p``, ``seed`` (request i samples with ``seed + i``, or a list
-    of seeds), ``eos_token_id`` [the model's], ``pool_size`` [4 * max_batch_size],
+    tokenizer read strings as UTF-8). Scheduling options: ``pool_size`` [4 * max_batch_size],
     ``scheduler``, ``signatures`` (a `SignatureSource`; default: each request's recent routing),
     ``predictor`` (a "pregate" or "expertflow" predictor, or the path of a saved one: signatures are
     its prediction of each request's next token, `PredictedRouting`; default: the wrapped model's
     ``MoEConfig.predictor`` when it is such a predictor and the scheduler is "expert"),
-    ``regroup_threshold``, ``regroup_interval``.
+    ``regroup_threshold``, ``regroup_interval``. ``seed``: request i samples with ``seed + i``, or
+    a list of seeds. Every other option is a `GenerationConfig` field (``max_new_tokens`` [32],
+    ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+    ``eos_token_id`` (an id or a list), ``stop_strings`` (with ``tokenizer``), ...), merged into the
+    model's generation config and applied with transformers' own logits processors and stopping
+    criteria, as ``model.generate`` applies them (`moe_infer.serving.sampling`).
     Returns the generated token ids per prompt (strings when the prompts were strings), and the
     `SchedulerStats` too with ``return_stats=True``.
     """
@@ -731,7 +861,7 @@ def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | str], *, m
 
     as_text = bool(prompts) and all(isinstance(p, str) for p in prompts)
     token_prompts = [encode_text(tokenizer, p) for p in prompts] if as_text else prompts
-    result = BatchGenerator(model, max_batch_size=max_batch_size, **options).run(token_prompts)
+    result = BatchGenerator(model, max_batch_size=max_batch_size, tokenizer=tokenizer, **options).run(token_prompts)
     outputs = [decode_tokens(tokenizer, t) for t in result.tokens] if as_text else result.tokens
     return (outputs, result.stats) if return_stats else outputs
 

@@ -73,7 +73,6 @@ def _placement(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import moe_infer
     from moe_infer.batching import generate_many
-    from moe_infer.config import MoEConfig
     from moe_infer.executor import check_supported
     from moe_infer.models import load_model
     from moe_infer.profiler import check_inputs_exist, read_prompts
@@ -84,17 +83,16 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += list(read_prompts(args.prompts))
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) and/or --prompts JSONL")
-    fields = {name: getattr(args, name) for name in MoEConfig.field_names()
-              if name != "routing_override" and getattr(args, name, None) is not None}
-    config = MoEConfig(**fields)
+    config = _config_from_flags(args)
     check_supported(config)  # before the model is loaded
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     moe_infer.wrap(model, config)
+    sampling = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p")
+                if getattr(args, name) is not None}  # unset: the model's generation config, as in generate()
     outputs, stats = generate_many(model, prompts, tokenizer=tokenizer, max_batch_size=args.max_batch_size,
                                    pool_size=args.pool_size, scheduler=args.scheduler,
                                    max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   seed=args.seed, return_stats=True)
+                                   seed=args.seed, return_stats=True, **sampling)
     for index, (prompt, output) in enumerate(zip(prompts, outputs)):
         print(f"[{index}] {prompt!r} -> {output!r}")
     summary = stats.summary()
@@ -104,6 +102,72 @@ def _generate(args: argparse.Namespace) -> int:
           f"{summary['distinct_experts_per_micro_batch']:.2f} distinct experts per micro-batch and MoE layer, "
           f"{summary['regroups']} regroups, {summary['tokens_per_second']:.1f} tokens/s")
     return 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The MoEConfig fields as flags (``_config_from_flags`` reads them back)."""
+    config_flags = parser.add_argument_group("MoEConfig fields")
+    for name in ("kernel", "gpu_memory", "cpu_memory", "offload_dir", "cache_policy", "predictor", "loader",
+                 "cpu_compute", "placement"):
+        config_flags.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
+    config_flags.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, default=None)
+    config_flags.add_argument("--token-scheduling", dest="token_scheduling", action="store_true", default=None)
+    config_flags.add_argument("--parallel", dest="parallel", default=None, type=lambda v: int(v) if v.isdigit() else v)
+
+
+def _config_from_flags(args: argparse.Namespace):
+    from moe_infer.config import MoEConfig
+
+    fields = {name: getattr(args, name) for name in MoEConfig.field_names()
+              if name != "routing_override" and getattr(args, name, None) is not None}
+    return MoEConfig(**fields)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from moe_infer.executor import check_supported
+    from moe_infer.serving.server import ServerOptions, check_dependencies, serve
+
+    check_dependencies()
+    config = _config_from_flags(args)
+    check_supported(config)  # before the model is loaded
+    options = ServerOptions(**{name: getattr(args, name) for name in ServerOptions.__dataclass_fields__})
+    return serve(args.model, config, options)
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous, expert-aware batching",
+                           description="Serve MODEL over HTTP: /v1/completions, /v1/chat/completions (streaming), "
+                                       "/v1/models, /health, /metrics. Needs the serve extra: "
+                                       "pip install 'moe-infer[serve]'.")
+    serve.add_argument("model", metavar="MODEL",
+                       help="a shipped model (tiny-mixtral, tiny-deepseek), a transformers directory or a converted "
+                            "checkpoint")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
+    serve.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL's name)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests per decode forward pass")
+    serve.add_argument("--pool-size", type=int, default=None,
+                       help="requests running at once, prefilling or decoding (default 4 x batch size)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting for a slot; beyond that the server answers 503")
+    serve.add_argument("--scheduler", choices=["expert", "fcfs"], default=None,
+                       help="how running requests are grouped into micro-batches (default: expert with "
+                            "--token-scheduling, fcfs otherwise)")
+    serve.add_argument("--prefill-chunk", type=int, default=512,
+                       help="prompt tokens prefilled per step: a long prompt is cut into chunks so running "
+                            "requests keep decoding")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="context length: prompt + max_tokens (default: the model's max_position_embeddings)")
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGINT/SIGTERM, seconds the requests in flight get to finish before they are cancelled")
+    serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="default: float32, or a converted checkpoint's own dtype")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    _add_config_flags(serve)
+    serve.set_defaults(run=_serve)
 
 
 def _predictor_options(pairs: list[str] | None) -> dict:
@@ -304,20 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: expert with --token-scheduling, fcfs otherwise; with --predictor P (a saved "
                           "pregate predictor) the expert scheduler groups requests by P's prediction of their next token")
     gen.add_argument("--do-sample", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")
+    gen.add_argument("--top-k", type=int, default=None, help="default: the model's generation config (else 50)")
+    gen.add_argument("--top-p", type=float, default=None, help="default: the model's generation config")
     gen.add_argument("--seed", type=int, default=0, help="request i samples with seed + i")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    config_flags = gen.add_argument_group("MoEConfig fields")
-    for name in ("kernel", "gpu_memory", "cpu_memory", "offload_dir", "cache_policy", "predictor", "loader",
-                 "cpu_compute", "placement"):
-        config_flags.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
-    config_flags.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, default=None)
-    config_flags.add_argument("--token-scheduling", dest="token_scheduling", action="store_true", default=None)
-    config_flags.add_argument("--parallel", dest="parallel", default=None, type=lambda v: int(v) if v.isdigit() else v)
+    _add_config_flags(gen)
     gen.set_defaults(run=_generate)
+
+    _add_serve_parser(sub)
 
     predictor = sub.add_parser("predictor", help="train and evaluate routing predictors")
     predictor_sub = predictor.add_subparsers(dest="predictor_command", required=True, metavar="ACTION")

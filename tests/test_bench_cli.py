@@ -1,4 +1,4 @@
-"""`moe-infer bench {kernels,offload,predictors,cache}` (DESIGN section 7): the benchmarks run from
+"""`moe-infer bench {kernels,offload,predictors,cache,serve}` (DESIGN section 7): the benchmarks run from
 the installed package, at tiny sizes here, with their own options and results where --out says."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from moe_infer.benchmarks import BENCHMARKS
 from moe_infer.cli import main
 
 
-def test_bench_help_lists_the_four_benchmarks(capsys):
+def test_bench_help_lists_the_five_benchmarks(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert list(BENCHMARKS) == ["kernels", "offload", "predictors", "cache"]
+    assert list(BENCHMARKS) == ["kernels", "offload", "predictors", "cache", "serve"]
     for name in BENCHMARKS:
         assert f"\n  {name} " in out
 
@@ -36,7 +36,7 @@ def test_unknown_benchmark_is_one_line_exit_2(capsys):
     assert main(["bench", "frobnicate", "--fast"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["moe-infer bench: error: unknown benchmark 'frobnicate'; "
-                     "benchmarks are kernels, offload, predictors, cache"]
+                     "benchmarks are kernels, offload, predictors, cache, serve"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -109,3 +109,30 @@ def test_bench_predictors_at_a_tiny_size(tmp_path, capsys):
             assert 0.0 <= recall <= 1.0
     assert all(row["outputs_equal"] for row in model["executor"]["rows"].values())
     assert (out / "predictors.md").read_text().startswith("# Routing predictors")
+
+
+def test_bench_serve_against_servers_it_starts(tmp_path):
+    """A tiny load: one fcfs server with every expert resident, one under half the expert bytes."""
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "moe_infer", "bench", "serve", "--schedulers", "fcfs", "--budget", "0.5",
+               "--requests", "3", "--rate", "0", "--max-tokens", "3", "--prompt-tokens", "16", "--repeats", "1",
+               "--device", "cpu", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (record,) = [json.loads(line) for line in (out / "serve.jsonl").read_text().splitlines()]
+    assert record["command"].startswith("moe-infer bench serve --schedulers fcfs") and record["device"].startswith("CPU")
+    assert record["expert_bytes"] == 48 * 147456  # tiny-mixtral: 6 MoE layers x 8 experts
+    resident, budgeted = record["rows"]
+    assert (resident["scheduler"], resident["budget_bytes"]) == ("fcfs", None)
+    assert (budgeted["scheduler"], budgeted["budget_bytes"]) == ("fcfs", 24 * 147456)
+    for row in (resident, budgeted):
+        assert row["completed"] == row["requests"] == 3 and not row["errors"] and len(row["runs"]) == 1
+        assert row["runs"][0]["output_tokens"] == 9 and row["output_tokens_per_second"] > 0
+        assert row["ttft_p50_s"] > 0 and row["itl_p50_s"] > 0 and 1 <= row["mean_micro_batch_size"] <= 3
+        assert 1 <= row["distinct_experts_per_micro_batch"] <= 8
+    assert resident["expert_hit_rate"] == 1.0 and resident["expert_bytes_moved"] == 0
+    assert budgeted["expert_hit_rate"] < 1.0 and budgeted["expert_bytes_moved"] > 0
+    assert resident["texts_sha256"] == budgeted["texts_sha256"]  # the budget changes no token
+    markdown = (out / "serve.md").read_text()
+    assert markdown.count("| fcfs | ") == 2 and "3.38 MiB (50%)" in markdown and "| yes |" in markdown
+    assert not (tmp_path / "bench").exists(), "results went to the current directory despite --out"

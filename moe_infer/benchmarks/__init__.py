@@ -14,6 +14,8 @@ BENCHMARKS = {
     "predictors": "recall of every routing predictor on the shipped tiny models, simulator and executor hit rates",
     "cache": "cache policies (lru, lfu, static, expertflow with predictors, belady) in the trace-driven "
              "simulator on a shipped model's held-out text, at several capacities",
+    "serve": "a bounded load test of `moe-infer serve` (servers it starts itself): throughput, TTFT, inter-token "
+             "latency, distinct experts per micro-batch, expert vs fcfs, with and without an expert budget",
 }
 
 
