@@ -9,7 +9,7 @@
 
 Tuned units are (shape, quantization, token count), in that order. For each: the default config
 first, then the search space's shared configs (gate/up = down blocks; BLOCK_M nearest the default's
-first), then the down GEMM's own BLOCK_N / BLOCK_K / warps with the best gate/up fixed; the best
+first; with --quick only BLOCK_M within a factor 2 of it), then the down GEMM's own BLOCK_N / BLOCK_K / warps with the best gate/up fixed; the best
 whole-layer time (`triton.testing.do_bench` median) wins. A config whose output differs from the torch
 reference is rejected, as is one the GPU cannot launch (shared memory, registers). --time-budget is
 shared out over the units still to tune (time a unit leaves is passed on); a unit stops starting
@@ -110,7 +110,8 @@ def shared_space(num_tokens: int, shape, dtype: torch.dtype, quant: QuantScheme 
     if smoke:  # two alternatives to the default, enough to run every step
         return [KernelConfig(16, GemmConfig(32, 32, 1, 4, 2)), KernelConfig(32, GemmConfig(64, 64, 8, 4, 2))]
     rows = max(num_tokens * shape.top_k // shape.num_experts, 1)
-    block_ms = [m for m in (16, 32, 64, 128) if m <= max(16, 4 * rows)]
+    block_ms = [m for m in (16, 32, 64, 128) if m <= max(16, 4 * rows)
+                and (not quick or default.BLOCK_M // 2 <= m <= 2 * default.BLOCK_M)]  # quick: near the default's
     block_ms.sort(key=lambda m: abs(m.bit_length() - default.BLOCK_M.bit_length()))
     block_ns = (64, 128) if quick else (32, 64, 128, 256)
     block_ks = (64, 128) if quick else (32, 64, 128, 256)

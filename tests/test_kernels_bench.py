@@ -5,19 +5,16 @@ interpreter (tests/conftest.py), so that the lent GPU's minutes are not spent fi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from moe_infer.benchmarks.kernels import IMPLEMENTATIONS, main
+from moe_infer.experts.quant import QuantScheme
 from moe_infer.kernels import get_config
 from moe_infer.kernels.benchmarking import SMOKE_GROUP_SIZE, SMOKE_SHAPE, SMOKE_TOKEN_COUNTS
 from moe_infer.kernels.config import KernelConfig, parse_config_table
 from moe_infer.kernels.tuning import main as tune_main
-from moe_infer.experts.quant import QuantScheme
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="rehearsals of the GPU runs, for machines without one")
 PROG = "moe-infer bench kernels"
@@ -80,15 +77,13 @@ def test_bad_options_are_one_line(capsys, tmp_path):
     assert not (tmp_path / "k.jsonl").exists()
 
 
-def test_smoke_without_interpreter_reruns_itself_under_it(tmp_path):
-    """`moe-infer bench kernels --smoke` on a CPU machine, as a user types it (no TRITON_INTERPRET)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def test_smoke_without_interpreter_reruns_itself_under_it(tmp_path, monkeypatch, capfd):
+    """`moe-infer bench kernels --smoke` on a CPU machine as a user types it (no TRITON_INTERPRET): this
+    process defined the kernels for a GPU, so the run happens in a child process under the interpreter."""
+    monkeypatch.delenv("TRITON_INTERPRET")
     out = tmp_path / "kernels.jsonl"
-    command = [sys.executable, "-m", "moe_infer", "bench", "kernels", "--smoke", "--tokens", "1", "--impls", "ours",
-               "--out", str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "running again under TRITON_INTERPRET=1" in result.stderr
+    assert main(["--smoke", "--tokens", "1", "--impls", "ours", "--out", str(out)], prog=PROG) == 0
+    assert "running again under TRITON_INTERPRET=1" in capfd.readouterr().err
     (row,) = read_rows(out)
     assert row["impl"] == "ours" and row["check"]["close"] and row["command"].startswith(f"{PROG} --smoke")
 

@@ -12,7 +12,8 @@ and appended to bench/results/kernels.jsonl (``--out``) as soon as it is measure
 short keeps what it measured. A row holds the median milliseconds (`triton.testing.do_bench`; "ours-graph"
 replays the layer from a CUDA graph), the floor and median / floor, median / grouped_mm's median at the
 same T (grouped_mm runs first), a check of the output against the torch reference (`reference_moe`;
-`reference_moe_quantized` for the quantized rows), and the seconds the row took, compilation included.
+`reference_moe_quantized` for the quantized rows, in fp32 on the same values), and the seconds the
+row took, compilation included.
 Quantized rows' floors count the quantized bytes (values, scales, zero points). Every line names the
 device, the library versions and the command. Rows that would take too long are skipped and recorded
 with the reason: batched_mm when it would copy more than --gather-limit GiB of expert weights (it
@@ -182,10 +183,14 @@ def run(args: argparse.Namespace, command: str) -> list[dict]:
             references: dict[str, torch.Tensor] = {}
 
             def reference(name: str) -> torch.Tensor:
+                """The fp32 ground truth on the same values: bf16 rounding in a bf16 reference would be
+                as large as the error the check looks for, at the largest T."""
                 key = QUANTIZED.get(name, "float")
                 if key not in references:
-                    references[key] = (reference_moe(inputs.hidden, inputs.w13, inputs.w2, *routing) if key == "float"
-                                       else reference_moe_quantized(inputs.hidden, *quantized[name], *routing))
+                    hidden, fp32_routing = inputs.hidden.float(), (routing[0], routing[1].float())
+                    references[key] = (
+                        reference_moe(hidden, inputs.w13.float(), inputs.w2.float(), *fp32_routing) if key == "float"
+                        else reference_moe_quantized(hidden, *quantized[name], *fp32_routing))
                 return references[key]
 
             grouped_mm_ms = None
