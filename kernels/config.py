@@ -182,17 +182,19 @@ DEFAULT_SMEM_LIMIT = 100 * 1024  # bytes: what the defaults may ask for (Ampere'
 
 
 def shared_memory_bytes(config: KernelConfig, dtype: torch.dtype, quant: QuantScheme | None = None) -> int:
-    """Shared memory the larger of the two GEMMs' pipelines asks for: num_stages copies of the input
-    tile [BM, BK] and the weight tiles [BK, BN] (gate and up in the first GEMM; one byte a value
-    when quantized, as loaded), plus the int4 scales and zero points (float32 + uint8) of a tile: one
-    per column when BLOCK_K divides the group size, else one per value. An estimate the tuner prunes with."""
+    """Shared memory the larger of the two GEMMs' pipelines asks for, at most: num_stages copies of
+    the input tile [BM, BK] and of the weight tiles [BK, BN] as loaded (gate and up in the first
+    GEMM; int8 one byte a value, int4 packed two a byte plus its float32 scales, one per column when
+    BLOCK_K divides the group size, else one per value pair). Compiled for sm_90 the defaults use
+    50-100% of it. The estimate the tuner prunes with and the defaults are checked against."""
     element = torch.finfo(dtype).bits // 8
-    weight_element = element if quant is None else 1
 
     def gemm(cfg: GemmConfig, weight_tiles: int) -> int:
-        weight = cfg.BLOCK_K * cfg.BLOCK_N * weight_element
-        if quant is not None and quant.name == "int4":
-            weight += 5 * cfg.BLOCK_N * (1 if quant.group_size % cfg.BLOCK_K == 0 else cfg.BLOCK_K)
+        if quant is None or quant.name == "int8":
+            weight = cfg.BLOCK_K * cfg.BLOCK_N * (element if quant is None else 1)
+        else:
+            scale_rows = 1 if quant.group_size % cfg.BLOCK_K == 0 else cfg.BLOCK_K // 2
+            weight = cfg.BLOCK_K // 2 * cfg.BLOCK_N + 4 * scale_rows * cfg.BLOCK_N
         return cfg.num_stages * (config.BLOCK_M * cfg.BLOCK_K * element + weight_tiles * weight)
 
     return max(gemm(config.gate_up, 2), gemm(config.down, 1))

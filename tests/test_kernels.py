@@ -273,8 +273,9 @@ def test_default_configs_grow_with_rows_and_fit_any_gpu():
                         (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)]
             assert block_ms == sorted(block_ms) and block_ms[0] == 16 and block_ms[-1] == 128, block_ms
             for tokens in (1, 64, 4096, 65536):
-                config = default_config(num_experts, top_k, tokens, dtype)
-                assert shared_memory_bytes(config, dtype) <= DEFAULT_SMEM_LIMIT, (config, dtype)
+                for quant in (None, QuantScheme("int8"), QuantScheme("int4", 128), QuantScheme("int4", 48)):
+                    config = default_config(num_experts, top_k, tokens, dtype, quant)
+                    assert shared_memory_bytes(config, dtype, quant) <= DEFAULT_SMEM_LIMIT, (config, dtype, quant)
 
 
 # gpt_oss: transposed, interleaved, biased experts; deepseek_v3: shared expert, grouped sigmoid routing
