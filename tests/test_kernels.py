@@ -337,9 +337,17 @@ def test_floor_counts_touched_experts_once():
     assert quantized["bytes"] == 3 * 100 + 2 * 5 * 24 * 4
 
 
-def test_no_warnings_under_interpreter():
-    hidden, w13, w2, ids, weights, _, _ = on_device(*make_case(3, 4, 2, 16, 8, torch.float32, seed=8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        if DEVICE == "cpu":
-            fused_moe(hidden, w13, w2, ids, weights)
+def test_an_untuned_shape_warns_once_on_a_gpu_and_never_under_the_interpreter():
+    """E=7, I=24 has no tuned config file: on a GPU the first call warns, naming the file looked for,
+    and later calls do not; the interpreter's speed does not depend on block sizes, so it never warns."""
+    hidden, w13, w2, ids, weights, _, _ = on_device(*make_case(3, 7, 2, 32, 24, torch.float32, seed=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.testing.assert_close(fused_moe(hidden, w13, w2, ids, weights),
+                                       reference_moe(hidden, w13, w2, ids, weights), **TOLERANCES[torch.float32])
+    if DEVICE == "cuda":
+        (warning,) = [w for w in caught if "no tuned kernel config" in str(w.message)]
+        assert "E=7,N=24,device_name=" in str(warning.message) and "dtype=float32.json" in str(warning.message)
+    else:
+        assert [str(w.message) for w in caught] == []
