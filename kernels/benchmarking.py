@@ -98,9 +98,16 @@ def quantized_expert_bytes(weights: tuple[QuantizedWeight, QuantizedWeight]) -> 
     return sum(w.nbytes for w in weights) // weights[0].shape[0]
 
 
+REP_MS = 50  # milliseconds of timed runs per measurement, at least
+MIN_SAMPLES = 10  # timed runs per measurement, at least
+
+
 def time_ms(fn: Callable[[], object], *, cuda_graph: bool = False, device: str = "cuda", reps: int = 3) -> float:
-    """Median milliseconds of `fn`: `triton.testing.do_bench` (or do_bench_cudagraph) on CUDA; on the
-    CPU one warm-up call and the median of `reps` timed calls (rehearsals only)."""
+    """Median milliseconds of `fn`. On CUDA `triton.testing.do_bench` (the L2 cache flushed before each
+    run), repeated for REP_MS or MIN_SAMPLES runs, whichever is longer (a fixed 100 ms spent twice as
+    long on fast calls and gave slow ones 5 samples); with `cuda_graph`, do_bench_cudagraph (calls
+    unrolled into one graph for REP_MS, 10 replays, no L2 flush). On the CPU one warm-up call and the
+    median of `reps` timed calls (rehearsals only)."""
     if device != "cuda":
         if cuda_graph:
             raise ValueError("time_ms: CUDA graphs need CUDA")
@@ -114,8 +121,15 @@ def time_ms(fn: Callable[[], object], *, cuda_graph: bool = False, device: str =
     import triton.testing
 
     if cuda_graph:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench_cudagraph(fn, rep=REP_MS, return_mode="median"))
+    fn()  # compiled and warm before the estimate
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    rep = max(REP_MS, MIN_SAMPLES * start.elapsed_time(end))
+    return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
 
 
 def measure_hbm_bandwidth(device: str = "cuda", nbytes: int = 2**30) -> float:

@@ -45,7 +45,7 @@ SMOKE_RESULTS = Path("bench") / "results" / "kernels-smoke.jsonl"
 IMPLEMENTATIONS = {
     "grouped_mm": "transformers grouped_mm",
     "ours": "moe_infer fused_moe",
-    "ours-graph": "moe_infer fused_moe, replayed from a CUDA graph",
+    "ours-graph": "moe_infer fused_moe, replayed from a CUDA graph (no L2 flush between runs)",
     "w8a16": "moe_infer fused_moe_quantized, int8 experts",
     "w4a16": "moe_infer fused_moe_quantized, int4 experts",
     "batched_mm": "transformers batched_mm",
