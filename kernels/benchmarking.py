@@ -1,17 +1,26 @@
-"""What the kernel benchmark and the tuner share: model shapes, one setup factory for a layer's inputs,
-one timer (`triton.testing.do_bench` median), the measured machine rates and the roofline floor.
+"""What the kernel benchmark and the tuner share: model shapes, one setup factory for a layer's inputs
+(float and quantized weights), one timer (`triton.testing.do_bench` median on CUDA), the measured
+machine rates and the roofline floor.
 
-Shape legend: T tokens, E experts, H hidden, I intermediate, K top-k. GPU only (callers refuse
-without CUDA before importing anything from here that launches).
+Shape legend: T tokens, E experts, H hidden, I intermediate, K top-k. Made for the GPU; on the CPU
+(the `--smoke` rehearsals, kernels in Triton's interpreter) the same functions time with
+`time.perf_counter` and measure the CPU's rates, so the rehearsal runs the same code end to end.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from moe_infer.experts.quant import QuantizedWeight, QuantScheme, quantize
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,12 @@ MODEL_SHAPES = {
     "qwen3-30b-a3b": MoEShape("qwen3-30b-a3b", 128, 2048, 768, 8),
 }
 TOKEN_COUNTS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+# The rehearsals' (--smoke) layer: small enough for Triton's interpreter; with their int4 group of
+# SMOKE_GROUP_SIZE, H = 96 is three groups and I = 48 ends in a short one. T = 72 gives T*K = 144 >
+# one alignment chunk (the three-launch path) and two row blocks for some experts.
+SMOKE_SHAPE = MoEShape("smoke", 4, 96, 48, 2)
+SMOKE_TOKEN_COUNTS = (1, 72)
+SMOKE_GROUP_SIZE = 32
 
 
 @dataclass
@@ -64,37 +79,85 @@ def make_inputs(shape: MoEShape, num_tokens: int, weights: tuple[Tensor, Tensor]
     return LayerInputs(hidden, w13, w2, expert_ids, torch.softmax(top, dim=-1).to(dtype))
 
 
-def time_ms(fn: Callable[[], object], *, cuda_graph: bool = False) -> float:
-    """Median milliseconds of `fn` (triton.testing.do_bench, or do_bench_cudagraph)."""
+def run_interpreted(module: str, argv: list[str], prog: str) -> int:
+    """Run `python -m module argv` again with TRITON_INTERPRET=1 and return its exit status: a
+    --smoke rehearsal on a machine without CUDA, where this process defined the kernels for a GPU
+    (Triton picks the interpreter when a kernel is defined, at import)."""
+    print(f"{prog}: no CUDA: running again under TRITON_INTERPRET=1 (Triton's CPU interpreter)", file=sys.stderr,
+          flush=True)
+    return subprocess.run([sys.executable, "-m", module, *argv], env={**os.environ, "TRITON_INTERPRET": "1"}).returncode
+
+
+def quantize_weights(weights: tuple[Tensor, Tensor], scheme: QuantScheme) -> tuple[QuantizedWeight, QuantizedWeight]:
+    """w13, w2 quantized on their device, round to nearest (no clipping search: speed does not depend on it)."""
+    return tuple(quantize(w, scheme, clip_search=False) for w in weights)  # type: ignore[return-value]
+
+
+def quantized_expert_bytes(weights: tuple[QuantizedWeight, QuantizedWeight]) -> int:
+    """Bytes one expert's quantized w13 and w2 occupy (values, scales and zero points)."""
+    return sum(w.nbytes for w in weights) // weights[0].shape[0]
+
+
+REP_MS = 50  # milliseconds of timed runs per measurement, at least
+MIN_SAMPLES = 10  # timed runs per measurement, at least
+
+
+def time_ms(fn: Callable[[], object], *, cuda_graph: bool = False, device: str = "cuda", reps: int = 3) -> float:
+    """Median milliseconds of `fn`. On CUDA `triton.testing.do_bench` (the L2 cache flushed before each
+    run), repeated for REP_MS or MIN_SAMPLES runs, whichever is longer (a fixed 100 ms spent twice as
+    long on fast calls and gave slow ones 5 samples); with `cuda_graph`, do_bench_cudagraph (calls
+    unrolled into one graph for REP_MS, 10 replays, no L2 flush). On the CPU one warm-up call and the
+    median of `reps` timed calls (rehearsals only)."""
+    if device != "cuda":
+        if cuda_graph:
+            raise ValueError("time_ms: CUDA graphs need CUDA")
+        fn()
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
     import triton.testing
 
     if cuda_graph:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench_cudagraph(fn, rep=REP_MS, return_mode="median"))
+    fn()  # compiled and warm before the estimate
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    rep = max(REP_MS, MIN_SAMPLES * start.elapsed_time(end))
+    return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
 
 
-def measure_hbm_bandwidth(nbytes: int = 2**30) -> float:
+def measure_hbm_bandwidth(device: str = "cuda", nbytes: int = 2**30) -> float:
     """Bytes/s of a device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / (time_ms(lambda: dst.copy_(src)) / 1e3)
+    return 2 * nbytes / (time_ms(lambda: dst.copy_(src), device=device) / 1e3)
 
 
-def measure_matmul_rate(size: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+def measure_matmul_rate(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """FLOP/s of a size^3 matmul."""
-    a = torch.randn((size, size), device="cuda", dtype=dtype)
-    b = torch.randn((size, size), device="cuda", dtype=dtype)
-    return 2 * size**3 / (time_ms(lambda: a @ b) / 1e3)
+    a = torch.randn((size, size), device=device, dtype=dtype)
+    b = torch.randn((size, size), device=device, dtype=dtype)
+    return 2 * size**3 / (time_ms(lambda: a @ b, device=device) / 1e3)
 
 
-def floor_ms(shape: MoEShape, inputs: LayerInputs, bandwidth: float, flop_rate: float) -> dict:
+def floor_ms(shape: MoEShape, inputs: LayerInputs, bandwidth: float, flop_rate: float,
+             expert_bytes: int | None = None) -> dict:
     """Roofline floor of one layer call: max(bytes / bandwidth, FLOPs / rate). Bytes: the weights of the
-    experts this routing touches, read once, plus the input read and the output written."""
+    experts this routing touches, read once (`expert_bytes` each: quantized experts pass theirs; the
+    default is the float experts' size), plus the input read and the output written."""
     dtype = inputs.w13.dtype
     num_tokens = inputs.hidden.shape[0]
     touched = int(torch.unique(inputs.expert_ids).numel())
     element = torch.finfo(dtype).bits // 8
-    nbytes = touched * shape.expert_bytes(dtype) + 2 * num_tokens * shape.hidden_size * element
+    if expert_bytes is None:
+        expert_bytes = shape.expert_bytes(dtype)
+    nbytes = touched * expert_bytes + 2 * num_tokens * shape.hidden_size * element
     flops = 2 * num_tokens * shape.top_k * 3 * shape.hidden_size * shape.intermediate_size
     return {"experts_touched": touched, "bytes": nbytes, "flops": flops,
             "floor_ms": max(nbytes / bandwidth, flops / flop_rate) * 1e3}

@@ -1,4 +1,5 @@
-"""`reference_moe`: the plain-torch ground truth of the `fused_moe` contract (DESIGN section 3).
+"""`reference_moe`: the plain-torch ground truth of the `fused_moe` contract (DESIGN section 3), and
+`reference_moe_quantized`, that of `fused_moe_quantized`.
 
 Shape legend: T tokens, H hidden, I intermediate, E experts, K top-k.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moe_infer.experts.math import Activation, ExpertTensors, as_activation, moe_forward
+from moe_infer.experts.quant import QuantizedWeight, dequantize
 
 
 def reference_moe(hidden: Tensor, w13: Tensor, w2: Tensor, expert_ids: Tensor, expert_weights: Tensor, *,
@@ -27,3 +29,12 @@ def reference_moe(hidden: Tensor, w13: Tensor, w2: Tensor, expert_ids: Tensor, e
         return ExpertTensors(w13[e], w2[e], None if b13 is None else b13[e], None if b2 is None else b2[e])
 
     return moe_forward(hidden, expert_ids, expert_weights, expert, num_experts, as_activation(activation))
+
+
+def reference_moe_quantized(hidden: Tensor, w13: QuantizedWeight, w2: QuantizedWeight, expert_ids: Tensor,
+                            expert_weights: Tensor, *, activation: str | Activation = "silu",
+                            b13: Tensor | None = None, b2: Tensor | None = None) -> Tensor:
+    """`reference_moe` on the weights that quantized w13 [E,2I,H] and w2 [E,H,I] stand for
+    (`quant.dequantize` to hidden's dtype). Returns [T,H] in hidden's dtype."""
+    return reference_moe(hidden, dequantize(w13, hidden.dtype), dequantize(w2, hidden.dtype), expert_ids,
+                         expert_weights, activation=activation, b13=b13, b2=b2)
