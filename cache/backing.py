@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from moe_infer.experts.math import Activation, ExpertTensors
+from moe_infer.errors import ConfigError
 
 
 def tensors_nbytes(t: ExpertTensors) -> int:
@@ -54,7 +55,7 @@ def _dense(x: torch.Tensor) -> bool:
 def copy_expert(dst: ExpertTensors, src: ExpertTensors, *, non_blocking: bool = False) -> None:
     for d, s in ((dst.w13, src.w13), (dst.w2, src.w2), (dst.b13, src.b13), (dst.b2, src.b2)):
         if (d is None) != (s is None):
-            raise ValueError("copy_expert: source and destination disagree on biases")
+            raise ConfigError("copy_expert: source and destination disagree on biases")
         if d is not None:
             d.copy_(s, non_blocking=non_blocking)
 

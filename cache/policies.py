@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from typing import Callable, Hashable, Iterable
+from moe_infer.errors import ConfigError
 
 Key = Hashable
 
@@ -226,5 +227,5 @@ RUNTIME_POLICIES = ("lru", "lfu", "static", "expertflow")
 
 def make_policy(name: str, **options) -> Policy:
     if name not in POLICIES:
-        raise ValueError(f"unknown cache policy {name!r}; valid policies are {', '.join(map(repr, POLICIES))}")
+        raise ConfigError(f"unknown cache policy {name!r}; valid policies are {', '.join(map(repr, POLICIES))}")
     return POLICIES[name](**options)

@@ -14,6 +14,7 @@ import torch
 
 from moe_infer.routing.adapters import Routing
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError
 
 
 class RoutingReplay:
@@ -21,10 +22,10 @@ class RoutingReplay:
         if not isinstance(trace, Trace):
             trace = Trace.load(trace)
         if trace.num_experts != num_experts or trace.top_k != top_k:
-            raise ValueError(f"routing_override: the trace has {trace.num_experts} experts top-{trace.top_k}; "
+            raise ConfigError(f"routing_override: the trace has {trace.num_experts} experts top-{trace.top_k}; "
                              f"the model has {num_experts} experts top-{top_k}")
         if trace.num_layers < len(moe_layers):
-            raise ValueError(f"routing_override: the trace has {trace.num_layers} MoE layers; the model has "
+            raise ConfigError(f"routing_override: the trace has {trace.num_layers} MoE layers; the model has "
                              f"{len(moe_layers)}")
         self.trace = trace
         self.column = {layer_idx: i for i, layer_idx in enumerate(moe_layers)}

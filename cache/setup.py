@@ -15,6 +15,7 @@ from moe_infer.config import MoEConfig
 
 from .backing import Backing, ModuleBacking, StoreBacking
 from .tiered import ExpertCache
+from moe_infer.errors import ConfigError
 
 
 def compute_device(layers) -> torch.device:
@@ -44,24 +45,24 @@ def check_budgets(layers, config: MoEConfig, backing: Backing | None = None):
     if device.type == "cuda":
         budget, host_budget = config.gpu_memory, config.cpu_memory
         if budget is None and host_budget is not None:
-            raise ValueError("cpu_memory on a model that runs on CUDA bounds the pinned host tier behind the GPU "
+            raise ConfigError("cpu_memory on a model that runs on CUDA bounds the pinned host tier behind the GPU "
                              "tier: give gpu_memory too (the GPU tier's budget)")
     else:
         if config.gpu_memory is not None:
-            raise ValueError(f"gpu_memory={config.gpu_memory} but the model runs on {device}; move it to a CUDA "
+            raise ConfigError(f"gpu_memory={config.gpu_memory} but the model runs on {device}; move it to a CUDA "
                              f"device, or give cpu_memory (the CPU tier's budget)")
         budget, host_budget = config.cpu_memory, None
     if budget is not None and config.parallel is not None:
-        raise ValueError("a byte budget for experts (the tiered cache) and parallel cannot be combined in this "
+        raise ConfigError("a byte budget for experts (the tiered cache) and parallel cannot be combined in this "
                          "version: every rank would need its own cache of its own experts")
     if budget is not None and config.loader == "ring" and config.cache_policy != "lru":
-        raise ValueError(f"loader='ring' evicts in ring order; cache_policy={config.cache_policy!r} cannot apply "
+        raise ConfigError(f"loader='ring' evicts in ring order; cache_policy={config.cache_policy!r} cannot apply "
                          f"(leave it at 'lru')")
     largest = max(backing.expert_nbytes(l.layer_idx) if backing is not None else l.expert_source.expert_nbytes()
                   for l in layers)
     for name, value in (("gpu_memory" if device.type == "cuda" else "cpu_memory", budget), ("cpu_memory", host_budget)):
         if value is not None and value < largest:
-            raise ValueError(f"{name}={value}: smaller than one expert ({largest} bytes); give at least {largest}")
+            raise ConfigError(f"{name}={value}: smaller than one expert ({largest} bytes); give at least {largest}")
     return device, budget, host_budget
 
 

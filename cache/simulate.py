@@ -27,6 +27,7 @@ from moe_infer.placement import hot_set
 from moe_infer.trace import Trace
 
 from .policies import POLICIES, BeladyPolicy, ExpertFlowPolicy, Policy, StaticPolicy, make_policy
+from moe_infer.errors import ConfigError
 
 
 @dataclass
@@ -68,7 +69,7 @@ class TraceOracle:
 
     def __init__(self, noise: float = 0.0, seed: int = 0):
         if not 0.0 <= noise <= 1.0:
-            raise ValueError(f"oracle noise={noise!r}: expected a probability in [0, 1]")
+            raise ConfigError(f"oracle noise={noise!r}: expected a probability in [0, 1]")
         self.noise, self.seed = noise, seed
 
     def predict_trace(self, trace: Trace, distance: int) -> np.ndarray:
@@ -109,15 +110,15 @@ def _check(trace: Trace, policy: str, capacity: int, predictor, prefetch_depth: 
     if not isinstance(trace, Trace):
         raise TypeError(f"simulate expects a moe_infer.Trace, got {type(trace).__name__}")
     if policy not in POLICIES:
-        raise ValueError(f"unknown cache policy {policy!r}; valid policies are {', '.join(map(repr, POLICIES))}")
+        raise ConfigError(f"unknown cache policy {policy!r}; valid policies are {', '.join(map(repr, POLICIES))}")
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity={capacity!r}: expected an int >= 1 (expert slots)")
+        raise ConfigError(f"capacity={capacity!r}: expected an int >= 1 (expert slots)")
     if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
-        raise ValueError(f"prefetch_depth={prefetch_depth!r}: expected an int >= 1 (MoE layers ahead)")
+        raise ConfigError(f"prefetch_depth={prefetch_depth!r}: expected an int >= 1 (MoE layers ahead)")
     if policy == "expertflow" and predictor is None:
-        raise ValueError("policy 'expertflow' needs predictor= (an object with predict_trace(trace, distance))")
+        raise ConfigError("policy 'expertflow' needs predictor= (an object with predict_trace(trace, distance))")
     if policy == "belady" and predictor is not None:
-        raise ValueError("belady is the demand-only optimum; it takes no predictor")
+        raise ConfigError("belady is the demand-only optimum; it takes no predictor")
     if predictor is not None and not callable(getattr(predictor, "predict_trace", None)):
         raise TypeError(f"predictor must have predict_trace(trace, distance); got {type(predictor).__name__}")
 
@@ -180,7 +181,7 @@ def simulate(trace: Trace, policy: str, capacity: int, *, per_layer: bool = True
     if predictor is not None:
         scores = np.asarray(predictor.predict_trace(trace, prefetch_depth), dtype=np.float32)
         if scores.shape != (num_tokens, num_layers, num_experts):
-            raise ValueError(f"predictor.predict_trace returned shape {scores.shape}; expected "
+            raise ConfigError(f"predictor.predict_trace returned shape {scores.shape}; expected "
                              f"{(num_tokens, num_layers, num_experts)} [N, L, E]")
 
     sim = _Sim(pol, capacity, per_layer, num_layers)

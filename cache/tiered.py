@@ -37,6 +37,7 @@ from .backing import Backing, empty_like_expert, expert_signature
 from .cpu_compute import CostModel, split_misses
 from .loader import DEMAND, PREDICTED, RING, CopyEngine, Job, LoadQueue, Loader, ring_schedule
 from .policies import ExpertFlowPolicy, Policy, RingPolicy, StaticPolicy, make_policy
+from moe_infer.errors import ConfigError
 
 URGENT = -1  # a forward is waiting for this expert now
 Key = tuple[int, int]  # (decoder-layer index, expert)
@@ -120,11 +121,11 @@ class ExpertCache:
         name = "gpu" if self.device.type == "cuda" else "cpu"
         for tier_name, budget in ((name, budget_bytes), ("cpu", host_budget_bytes)):
             if budget is not None and budget < largest:
-                raise ValueError(f"{tier_name} expert budget of {budget} bytes is smaller than one expert "
+                raise ConfigError(f"{tier_name} expert budget of {budget} bytes is smaller than one expert "
                                  f"({largest} bytes); give at least {largest}")
         if loader == "ring":
             if policy != "lru":
-                raise ValueError(f"loader='ring' evicts in ring order; cache_policy={policy!r} cannot apply "
+                raise ConfigError(f"loader='ring' evicts in ring order; cache_policy={policy!r} cannot apply "
                                  f"(leave it at 'lru')")
             compute_policy: Policy = RingPolicy(self.layer_order)
         else:
@@ -167,7 +168,7 @@ class ExpertCache:
             scores = [float(len(expert_ids) - i) for i in range(len(expert_ids))]
         scores = [float(s) for s in (scores.tolist() if isinstance(scores, Tensor) else scores)]
         if len(scores) != len(expert_ids):
-            raise ValueError(f"prefetch: {len(expert_ids)} expert ids but {len(scores)} scores")
+            raise ConfigError(f"prefetch: {len(expert_ids)} expert ids but {len(scores)} scores")
         if layer_idx not in self.templates:
             raise KeyError(f"prefetch: no MoE layer {layer_idx}; MoE layers are {self.layer_order}")
         wanted = dict(zip(expert_ids, scores))
@@ -188,14 +189,14 @@ class ExpertCache:
         room left for the others; they are loaded now (demand priority) and never evicted for a
         cold expert. Returns the hot keys."""
         if not isinstance(self.tier.policy, StaticPolicy):
-            raise ValueError(f"pin_popular needs cache_policy='static'; this cache runs {self.tier.policy.name!r}")
+            raise ConfigError(f"pin_popular needs cache_policy='static'; this cache runs {self.tier.policy.name!r}")
         from moe_infer.trace import Trace
 
         from moe_infer.placement import expert_load
 
         if isinstance(popularity, Trace):
             if popularity.num_layers != len(self.layer_order):
-                raise ValueError(f"pin_popular: the trace has {popularity.num_layers} MoE layers; this model has "
+                raise ConfigError(f"pin_popular: the trace has {popularity.num_layers} MoE layers; this model has "
                                  f"{len(self.layer_order)}")
             rows = expert_load(popularity)
             popularity = {l: rows[i].tolist() for i, l in enumerate(self.layer_order)}

@@ -28,6 +28,7 @@ from .hub_layouts import INDEX_FILE, ConversionPlan, LayerPlan, SourceCheckpoint
 from .math import ExpertTensors
 from .store import DENSE_FILE, FORMAT, FP8_METHOD, MANIFEST, dtype_name, load_manifest, parse_dtype, verify
 from .tensorfile import CheckpointError, TensorWriter
+from moe_infer.errors import ConfigError
 
 PARTIAL_SUFFIX = ".moe_infer-partial"
 _PARTIAL_MARKER = ".moe_infer_partial"
@@ -43,9 +44,9 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         if self.fp8 not in FP8_MODES:
-            raise ValueError(f"fp8={self.fp8!r}; allowed: {', '.join(FP8_MODES)}")
+            raise ConfigError(f"fp8={self.fp8!r}; allowed: {', '.join(FP8_MODES)}")
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype={self.dtype}; allowed: float32, float16, bfloat16 (or None to keep the source's)")
+            raise ConfigError(f"dtype={self.dtype}; allowed: float32, float16, bfloat16 (or None to keep the source's)")
 
     def as_json(self) -> dict:
         return {"dtype": None if self.dtype is None else dtype_name(self.dtype), "fp8": self.fp8}

@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import Tensor
+from moe_infer.errors import ConfigError
 
 DEFAULT_BLOCK = (128, 128)
 
@@ -26,7 +27,7 @@ def dequantize(weight: Tensor, scale_inv: Tensor, block: tuple[int, int] = DEFAU
     Works one block row at a time, so the fp32 temporary is bm x N, not M x N."""
     rows, cols = weight.shape
     if weight.ndim != 2 or tuple(scale_inv.shape) != scale_shape((rows, cols), block):
-        raise ValueError(f"fp8 dequantize: weight {tuple(weight.shape)} needs weight_scale_inv of shape "
+        raise ConfigError(f"fp8 dequantize: weight {tuple(weight.shape)} needs weight_scale_inv of shape "
                          f"{scale_shape((rows, cols), block)} for blocks {block}, got {tuple(scale_inv.shape)}")
     out = torch.empty((rows, cols), dtype=dtype, device=weight.device)
     bm, bn = block

@@ -13,10 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from .math import Activation, ExpertTensors
-
-
-class UnsupportedExperts(ValueError):
-    """The experts module's layout is not one moe_infer can run."""
+from moe_infer.errors import UnsupportedExperts
 
 
 class ModuleExperts:

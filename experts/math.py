@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from moe_infer.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Activation:
         from transformers.activations import ACT2FN
 
         if self.name != "gpt_oss" and self.name not in ACT2FN:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown activation {self.name!r}; use 'gpt_oss' or a transformers activation name "
                 f"such as {', '.join(sorted(k for k in ACT2FN if isinstance(k, str))[:12])}, ..."
             )
@@ -154,7 +155,7 @@ def moe_forward(
     """
     num_tokens, top_k = expert_ids.shape
     if hidden.ndim != 2 or hidden.shape[0] != num_tokens or expert_weights.shape != expert_ids.shape:
-        raise ValueError(
+        raise ConfigError(
             f"moe_forward: expected hidden [T, H] and expert_ids/expert_weights [T, K] with the same T and K; "
             f"got hidden {tuple(hidden.shape)}, expert_ids {tuple(expert_ids.shape)}, "
             f"expert_weights {tuple(expert_weights.shape)}"

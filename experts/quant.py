@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from moe_infer.errors import ConfigError
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -52,10 +53,10 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         if self.name not in SCHEMES:
-            raise ValueError(f"quantization scheme {self.name!r}: allowed are {', '.join(map(repr, SCHEMES))}")
+            raise ConfigError(f"quantization scheme {self.name!r}: allowed are {', '.join(map(repr, SCHEMES))}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2 \
                 or self.group_size % 2:
-            raise ValueError(f"quantization group_size={self.group_size!r}: expected an even int >= 2 "
+            raise ConfigError(f"quantization group_size={self.group_size!r}: expected an even int >= 2 "
                              f"(default {DEFAULT_GROUP_SIZE})")
 
     @property
@@ -116,7 +117,7 @@ def num_groups(in_features: int, group_size: int) -> int:
 def pack_int4(values: Tensor) -> Tensor:
     """uint8 [..., K] with values 0..15 (K even) -> uint8 [..., K/2]: even k in the low nibble."""
     if values.shape[-1] % 2:
-        raise ValueError(f"pack_int4: the last dimension must be even, got {tuple(values.shape)}")
+        raise ConfigError(f"pack_int4: the last dimension must be even, got {tuple(values.shape)}")
     v = values.to(torch.uint8)
     return v[..., 0::2] | (v[..., 1::2] << 4)
 
@@ -145,7 +146,7 @@ def quantize(weight: Tensor, scheme: QuantScheme | str, *, clip_search: bool = T
     weight's device; the result lives there too."""
     scheme = QuantScheme(scheme) if isinstance(scheme, str) else scheme
     if not weight.is_floating_point() or weight.ndim < 2:
-        raise ValueError(f"quantize: expected a floating weight [..., N, K], got {weight.dtype} {tuple(weight.shape)}")
+        raise ConfigError(f"quantize: expected a floating weight [..., N, K], got {weight.dtype} {tuple(weight.shape)}")
     w = weight.float()
     k = w.shape[-1]
     if scheme.name == "int8":
@@ -153,7 +154,7 @@ def quantize(weight: Tensor, scheme: QuantScheme | str, *, clip_search: bool = T
         q = torch.round(w / scales[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
         return QuantizedWeight(scheme, q, scales, None, k)
     if k % 2:
-        raise ValueError(f"quantize: int4 packs two values per byte and needs an even K; got {tuple(weight.shape)}")
+        raise ConfigError(f"quantize: int4 packs two values per byte and needs an even K; got {tuple(weight.shape)}")
     g = scheme.group_size
     groups = _group_view(w, k, g)  # [..., N, NG, G]
     valid = _group_view(torch.ones_like(w[..., :1, :]), k, g).bool()  # [..., 1, NG, G]: False on padding

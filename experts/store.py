@@ -28,6 +28,7 @@ import torch
 from .fp8 import dequantize, scale_shape
 from .math import Activation, ExpertTensors, as_activation
 from .tensorfile import DTYPES, CheckpointError, as_tensor, empty_buffer, pread_into, read_header
+from moe_infer.errors import ConfigError
 
 FORMAT = "moe_infer.checkpoint/1"
 MANIFEST = "moe_infer.json"
@@ -44,7 +45,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_dtype(name: str, what: str = "dtype") -> torch.dtype:
     if name not in _DTYPE_BY_NAME:
-        raise ValueError(f"{what} {name!r} is not one of {', '.join(sorted(_DTYPE_BY_NAME))}")
+        raise ConfigError(f"{what} {name!r} is not one of {', '.join(sorted(_DTYPE_BY_NAME))}")
     return _DTYPE_BY_NAME[name]
 
 
@@ -274,7 +275,7 @@ class ExpertStore:
         else:
             if out.dtype != torch.uint8 or out.ndim != 1 or out.device.type != "cpu" or out.numel() < entry.nbytes \
                     or not out.is_contiguous():
-                raise ValueError(f"read: out must be a contiguous 1-D uint8 CPU tensor of at least {entry.nbytes} "
+                raise ConfigError(f"read: out must be a contiguous 1-D uint8 CPU tensor of at least {entry.nbytes} "
                                  f"bytes, got {out.dtype} {tuple(out.shape)} on {out.device}")
             buffer = out[:entry.nbytes]
         pread_into(self._fd(entry.file), buffer, entry.offset, os.path.join(self.root, entry.file))

@@ -20,6 +20,7 @@ import torch
 
 from .fp8 import scale_shape
 from .tensorfile import TensorWriter
+from moe_infer.errors import ConfigError
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -65,9 +66,9 @@ _LAYER = re.compile(r"^(.*\blayers\.)(\d+)(\..*)$")
 def preset_config(name: str, layers: int):
     presets = _presets()
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     if layers < 1:
-        raise ValueError(f"layers must be >= 1, got {layers}")
+        raise ConfigError(f"layers must be >= 1, got {layers}")
     return presets[name](layers)
 
 
@@ -119,7 +120,7 @@ def write_synthetic(dst: str, config, *, fp8: bool = False, fp8_block: tuple[int
     (and a `quantization_config` in config.json). `mtp_layer`: add tensors of an extra layer with
     index num_hidden_layers, as DeepSeek-V3's multi-token-prediction layer. Returns a summary."""
     if os.path.exists(dst) and os.listdir(dst):
-        raise ValueError(f"{dst} exists and is not empty")
+        raise ConfigError(f"{dst} exists and is not empty")
     os.makedirs(dst, exist_ok=True)
     tensors = hub_tensors(config)
     if mtp_layer:

@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 
 import torch
+from moe_infer.errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -32,10 +33,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory is missing, truncated, corrupt or inconsistent."""
 
 
 @dataclass(frozen=True)

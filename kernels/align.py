@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import align_kernels as kernels
+from moe_infer.errors import ConfigError
 
 CHUNK = 128  # slots per program of the histogram and scatter kernels
 CHUNK_TILE = 32  # chunk rows per step of the offsets kernel
@@ -54,9 +55,9 @@ def align_block_size(expert_ids: Tensor, num_experts: int, block_m: int) -> Alig
     if expert_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"align_block_size: expert_ids must be int32 or int64, got {expert_ids.dtype}")
     if block_m <= 0 or block_m & (block_m - 1):
-        raise ValueError(f"align_block_size: block_m must be a power of two, got {block_m}")
+        raise ConfigError(f"align_block_size: block_m must be a power of two, got {block_m}")
     if not 0 < num_experts <= 4096:
-        raise ValueError(f"align_block_size: num_experts must be in 1..4096, got {num_experts}")
+        raise ConfigError(f"align_block_size: num_experts must be in 1..4096, got {num_experts}")
     flat_ids = expert_ids.reshape(-1)  # [S], a copy only if expert_ids was not contiguous
     num_slots = flat_ids.numel()
     device = flat_ids.device

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from moe_infer.experts.quant import QuantizedWeight, QuantScheme, quantize
+from moe_infer.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def time_ms(fn: Callable[[], object], *, cuda_graph: bool = False, device: str =
     median of `reps` timed calls (rehearsals only)."""
     if device != "cuda":
         if cuda_graph:
-            raise ValueError("time_ms: CUDA graphs need CUDA")
+            raise ConfigError("time_ms: CUDA graphs need CUDA")
         fn()
         times = []
         for _ in range(reps):

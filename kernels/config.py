@@ -23,6 +23,7 @@ import torch
 
 from moe_infer import envs
 from moe_infer.experts.quant import QuantScheme
+from moe_infer.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 INT4_MIN_BLOCK_K = 32  # the int4 kernels split a K tile into even and odd halves, each >= 16 (tl.dot's minimum)
@@ -43,11 +44,11 @@ class GemmConfig:
         for name in ("BLOCK_N", "BLOCK_K"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
-                raise ValueError(f"kernel config {name}={value!r}: must be a power of two >= 16")
+                raise ConfigError(f"kernel config {name}={value!r}: must be a power of two >= 16")
         for name in ("GROUP_M", "num_warps", "num_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"kernel config {name}={value!r}: must be a positive int")
+                raise ConfigError(f"kernel config {name}={value!r}: must be a positive int")
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class KernelConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.BLOCK_M, int) or self.BLOCK_M < 16 or self.BLOCK_M & (self.BLOCK_M - 1):
-            raise ValueError(f"kernel config BLOCK_M={self.BLOCK_M!r}: must be a power of two >= 16")
+            raise ConfigError(f"kernel config BLOCK_M={self.BLOCK_M!r}: must be a power of two >= 16")
         if self.down is None:
             object.__setattr__(self, "down", self.gate_up)
 
@@ -75,7 +76,7 @@ class KernelConfig:
             gate_up = GemmConfig(**entry)
             down_config = GemmConfig(**{**asdict(gate_up), **down}) if down else gate_up
         except (KeyError, TypeError) as err:
-            raise ValueError(f"kernel config {entry}: {err}; expected keys BLOCK_M, BLOCK_N, BLOCK_K, "
+            raise ConfigError(f"kernel config {entry}: {err}; expected keys BLOCK_M, BLOCK_N, BLOCK_K, "
                              f"GROUP_M, num_warps, num_stages and optionally down") from None
         return cls(block_m, gate_up, down_config)
 
@@ -121,7 +122,7 @@ def load_config_file(path: str) -> dict[int, KernelConfig]:
 def parse_config_table(raw: object, path: str) -> dict[int, KernelConfig]:
     """Token count -> config of a config file's JSON content (metadata keys skipped)."""
     if not isinstance(raw, dict):
-        raise ValueError(f"kernel config file {path}: expected a JSON object keyed by token count")
+        raise ConfigError(f"kernel config file {path}: expected a JSON object keyed by token count")
     return {int(key): KernelConfig.from_dict(value) for key, value in raw.items() if key.isdigit()}
 
 

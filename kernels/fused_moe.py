@@ -28,6 +28,7 @@ from moe_infer.experts.quant import QuantizedWeight, QuantScheme, num_groups
 from . import fused_moe_kernels as kernels
 from .align import align_block_size
 from .config import INT4_MIN_BLOCK_K, KernelConfig, get_config
+from moe_infer.errors import ConfigError
 
 ACTIVATIONS = {"silu": kernels.SILU, "swish": kernels.SILU, "gpt_oss": kernels.GPT_OSS, "gelu": kernels.GELU,
                "gelu_pytorch_tanh": kernels.GELU_TANH, "gelu_new": kernels.GELU_TANH, "relu": kernels.RELU}
@@ -100,21 +101,21 @@ def check_inputs(hidden: Tensor, w13: Tensor | QuantizedWeight, w2: Tensor | Qua
     shapes = (f"got hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, expert_ids "
               f"{tuple(expert_ids.shape)}, expert_weights {tuple(expert_weights.shape)}")
     if hidden.ndim != 2 or len(w13.shape) != 3 or len(w2.shape) != 3 or expert_ids.ndim != 2:
-        raise ValueError(f"{op}: expected hidden [T,H], w13 [E,2I,H], w2 [E,H,I], expert_ids [T,K]; {shapes}")
+        raise ConfigError(f"{op}: expected hidden [T,H], w13 [E,2I,H], w2 [E,H,I], expert_ids [T,K]; {shapes}")
     num_tokens, hidden_size = hidden.shape
     num_experts, intermediate_size = w13.shape[0], w2.shape[2]
     if (w13.shape != (num_experts, 2 * intermediate_size, hidden_size)
             or w2.shape != (num_experts, hidden_size, intermediate_size)
             or expert_ids.shape[0] != num_tokens or expert_weights.shape != expert_ids.shape):
-        raise ValueError(f"{op}: expected hidden [T,H], w13 [E,2I,H], w2 [E,H,I], expert_ids and "
+        raise ConfigError(f"{op}: expected hidden [T,H], w13 [E,2I,H], w2 [E,H,I], expert_ids and "
                          f"expert_weights [T,K] with matching sizes; {shapes}")
     if b13 is not None and b13.shape != (num_experts, 2 * intermediate_size):
-        raise ValueError(f"{op}: b13 must be [E,2I] = {(num_experts, 2 * intermediate_size)}, "
+        raise ConfigError(f"{op}: b13 must be [E,2I] = {(num_experts, 2 * intermediate_size)}, "
                          f"got {tuple(b13.shape)}")
     if b2 is not None and b2.shape != (num_experts, hidden_size):
-        raise ValueError(f"{op}: b2 must be [E,H] = {(num_experts, hidden_size)}, got {tuple(b2.shape)}")
+        raise ConfigError(f"{op}: b2 must be [E,H] = {(num_experts, hidden_size)}, got {tuple(b2.shape)}")
     if (b13 is None) != (b2 is None):
-        raise ValueError(f"{op}: pass both b13 and b2, or neither")
+        raise ConfigError(f"{op}: pass both b13 and b2, or neither")
     if any(b is not None and not b.is_floating_point() for b in (b13, b2)):
         raise TypeError(f"{op}: biases must be floating point, got {b13.dtype} and {b2.dtype}")
     if quantized:
@@ -122,7 +123,7 @@ def check_inputs(hidden: Tensor, w13: Tensor | QuantizedWeight, w2: Tensor | Qua
             raise TypeError(f"{op}: hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
         # fields, not the dataclasses: torch.compile may trace group_size as a symbolic int
         if w13.scheme.name != w2.scheme.name or w13.scheme.group_size != w2.scheme.group_size:
-            raise ValueError(f"{op}: w13 and w2 must share one quantization scheme, got {w13.scheme} and {w2.scheme}")
+            raise ConfigError(f"{op}: w13 and w2 must share one quantization scheme, got {w13.scheme} and {w2.scheme}")
         _check_quantized(op, "w13", w13)
         _check_quantized(op, "w2", w2)
     elif hidden.dtype not in DTYPES or w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
@@ -132,18 +133,18 @@ def check_inputs(hidden: Tensor, w13: Tensor | QuantizedWeight, w2: Tensor | Qua
         raise TypeError(f"{op}: expert_ids must be int32/int64 and expert_weights floating point; got "
                         f"{expert_ids.dtype}, {expert_weights.dtype}")
     if expert_ids.shape[1] > 32 or num_experts > 4096:
-        raise ValueError(f"{op}: supports K <= 32 and E <= 4096; {shapes}")
+        raise ConfigError(f"{op}: supports K <= 32 and E <= 4096; {shapes}")
     if activation.name not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation {activation.name!r} has no fused kernel; supported: "
+        raise ConfigError(f"{op}: activation {activation.name!r} has no fused kernel; supported: "
                          f"{', '.join(sorted(ACTIVATIONS))}")
     weights = [*w13.parts().values(), *w2.parts().values()] if quantized else [w13, w2]
     tensors = [hidden, *weights, expert_ids, expert_weights] + [b for b in (b13, b2) if b is not None]
     devices = {t.device for t in tensors}
     if len(devices) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+        raise ConfigError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     device = hidden.device
     if device.type != "meta" and not triton_runs_on(device):
-        raise ValueError(f"{op}: the Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+        raise ConfigError(f"{op}: the Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
                          f"to run them in Triton's CPU interpreter (slow, for tests), or use reference_moe")
 
 
@@ -151,7 +152,7 @@ def _check_quantized(op: str, name: str, weight: QuantizedWeight) -> None:
     """The tensors of one QuantizedWeight [E, N, K] against the layout of `experts/quant.py`."""
     num_experts, out_features, in_features = weight.shape
     if weight.scheme.name == "int4" and in_features % 2:
-        raise ValueError(f"{op}: {name} is int4 with an odd K={weight.in_features}; int4 packs two values a byte")
+        raise ConfigError(f"{op}: {name} is int4 with an odd K={weight.in_features}; int4 packs two values a byte")
     if weight.scheme.name == "int8":
         expected = {"qweight": (torch.int8, (num_experts, out_features, in_features)),
                     "scales": (torch.float32, (num_experts, out_features))}
@@ -168,7 +169,7 @@ def _check_quantized(op: str, name: str, weight: QuantizedWeight) -> None:
         def show(parts: dict) -> str:
             return ", ".join(f"{role} {str(dtype).removeprefix('torch.')} {list(shape)}"
                              for role, (dtype, shape) in parts.items())
-        raise ValueError(f"{op}: {name} ({weight.scheme.name}"
+        raise ConfigError(f"{op}: {name} ({weight.scheme.name}"
                          f"{'' if weight.scheme.name == 'int8' else f', group {weight.scheme.group_size}'}) of "
                          f"[E,N,K] = {[num_experts, out_features, in_features]} must hold {show(expected)}; "
                          f"got {show(got)}")
@@ -240,7 +241,7 @@ def _launch(hidden: Tensor, w13: Tensor | QuantizedWeight, w2: Tensor | Quantize
         too_small = {name: cfg.BLOCK_K for name, cfg in (("gate_up", config.gate_up), ("down", config.down))
                      if cfg.BLOCK_K < INT4_MIN_BLOCK_K}
         if too_small:
-            raise ValueError(f"fused_moe_quantized: int4 experts need BLOCK_K >= {INT4_MIN_BLOCK_K} (each K tile is "
+            raise ConfigError(f"fused_moe_quantized: int4 experts need BLOCK_K >= {INT4_MIN_BLOCK_K} (each K tile is "
                              f"split into even and odd halves for the two nibbles of a byte); the config has "
                              f"{', '.join(f'{name} BLOCK_K={k}' for name, k in too_small.items())}")
     block_m = config.BLOCK_M

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from moe_infer.experts.math import Activation
 
 from .fused_moe import fused_experts
+from moe_infer.errors import ConfigError
 
 NAME = "moe_infer"
 
@@ -25,13 +26,13 @@ def experts_activation(experts: nn.Module) -> Activation:
 
     name = type(experts).__name__
     if not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
-        raise ValueError(f"experts_implementation='moe_infer' runs gated experts without a post-expert norm; "
+        raise ConfigError(f"experts_implementation='moe_infer' runs gated experts without a post-expert norm; "
                          f"{name} has has_gate={getattr(experts, 'has_gate', True)}, "
                          f"has_post_expert_norm={getattr(experts, 'has_post_expert_norm', False)}")
     if hasattr(experts, "alpha") and hasattr(experts, "limit"):  # GPT-OSS clamped SwiGLU
         return Activation("gpt_oss", alpha=float(experts.alpha), limit=float(experts.limit))
     if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        raise ValueError(f"experts_implementation='moe_infer': {name} has its own _apply_gate, which the fused "
+        raise ConfigError(f"experts_implementation='moe_infer': {name} has its own _apply_gate, which the fused "
                          f"kernels do not implement; use 'grouped_mm'")
     config = getattr(experts, "config", None)
     return Activation(getattr(config, "hidden_act", None) or "silu")

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from moe_infer.experts.math import Activation, ExpertTensors, as_activation, moe_forward
 from moe_infer.experts.quant import QuantizedWeight, dequantize
+from moe_infer.errors import ConfigError
 
 
 def reference_moe(hidden: Tensor, w13: Tensor, w2: Tensor, expert_ids: Tensor, expert_weights: Tensor, *,
@@ -20,7 +21,7 @@ def reference_moe(hidden: Tensor, w13: Tensor, w2: Tensor, expert_ids: Tensor, e
     num_experts = w13.shape[0]
     if w13.ndim != 3 or w2.ndim != 3 or w2.shape[0] != num_experts or w13.shape[1] != 2 * w2.shape[2] \
             or w13.shape[2] != hidden.shape[-1] or w2.shape[1] != hidden.shape[-1]:
-        raise ValueError(
+        raise ConfigError(
             f"reference_moe: expected w13 [E,2I,H] and w2 [E,H,I] matching hidden [T,H]; got hidden "
             f"{tuple(hidden.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
         )

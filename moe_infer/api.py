@@ -18,6 +18,7 @@ from moe_infer.executor import ModelExecutor, check_supported
 from moe_infer.families import UnsupportedModel, find_moe_blocks
 from moe_infer.experts.layout import UnsupportedExperts
 from moe_infer.layer import MoELayer
+from moe_infer.errors import ConfigError
 
 _EXECUTOR_ATTR = "_moe_infer_executor"
 _PROBE_TOKENS = 64
@@ -27,7 +28,7 @@ def executor(model: nn.Module) -> ModelExecutor:
     """The executor behind a wrapped model."""
     ex = getattr(model, _EXECUTOR_ATTR, None)
     if ex is None:
-        raise ValueError(f"{type(model).__name__} is not wrapped; call moe_infer.wrap(model) first")
+        raise ConfigError(f"{type(model).__name__} is not wrapped; call moe_infer.wrap(model) first")
     return ex
 
 
@@ -87,7 +88,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     from moe_infer.loading import expert_store_of
 
     if expert_store_of(model) is not None:
-        raise ValueError(f"unwrap: this {type(model).__name__} was loaded from the converted checkpoint "
+        raise ConfigError(f"unwrap: this {type(model).__name__} was loaded from the converted checkpoint "
                          f"{expert_store_of(model).root}; its experts are read from that store and are not in "
                          f"memory, so there are no original MoE blocks to restore (load the transformers "
                          f"directory with moe_infer.load(path, in_memory=True) to get an unwrappable model)")
@@ -155,7 +156,7 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ValueError(f"load: {path!r} is not a directory")
+        raise ConfigError(f"load: {path!r} is not a directory")
     check_field_names(fields)
     check_supported(MoEConfig().replace(**fields))
     from moe_infer.experts.store import MANIFEST
@@ -163,11 +164,11 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
 
     if os.path.exists(os.path.join(path, MANIFEST)):
         if in_memory:
-            raise ValueError(f"load: {path!r} is a converted checkpoint; in_memory=True applies to plain "
+            raise ConfigError(f"load: {path!r} is a converted checkpoint; in_memory=True applies to plain "
                              f"transformers directories only")
         return load_converted(path, dtype=dtype, device=device, fields=fields)
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise ValueError(f"load: {path!r} has no config.json; expected a transformers model directory or a "
+        raise ConfigError(f"load: {path!r} has no config.json; expected a transformers model directory or a "
                          f"converted checkpoint")
     if in_memory:
         from transformers import AutoModelForCausalLM

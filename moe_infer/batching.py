@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_infer.models import cache_argument, output_cache
+from moe_infer.errors import ConfigError
 
 SCHEDULERS = ("expert", "fcfs")
 
@@ -93,7 +94,7 @@ class RecentRouting:
 
     def __init__(self, num_layers: int, num_experts: int, decay: float = 0.5):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay={decay!r}: expected a number in [0, 1)")
+            raise ConfigError(f"decay={decay!r}: expected a number in [0, 1)")
         self.num_layers, self.num_experts, self.decay = num_layers, num_experts, decay
         self._state: dict[int, np.ndarray] = {}  # request id -> [L, E]
 
@@ -140,7 +141,7 @@ class PredictedRouting:
         self.uses_routing = callable(getattr(predictor, "first_layer_scores", None))
         if not (self.uses_routing or callable(getattr(predictor, "scores", None))) \
                 or "window" not in getattr(predictor, "options", {}):
-            raise ValueError(f"PredictedRouting needs a predictor that routes a token before the first MoE layer "
+            raise ConfigError(f"PredictedRouting needs a predictor that routes a token before the first MoE layer "
                              f"(kind 'pregate' or 'expertflow'), got {kind!r}")
         self.predictor = predictor
         self.num_layers, self.num_experts = predictor.num_layers, predictor.num_experts
@@ -284,10 +285,10 @@ class GroupPlanner:
     def __init__(self, scheduler: str, max_batch_size: int, regroup_threshold: float = 1.0,
                  regroup_interval: int = 1):
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={scheduler!r}: allowed values are {', '.join(map(repr, SCHEDULERS))}")
+            raise ConfigError(f"scheduler={scheduler!r}: allowed values are {', '.join(map(repr, SCHEDULERS))}")
         _check_int("max_batch_size", max_batch_size, 1)
         if not (isinstance(regroup_threshold, (int, float)) and regroup_threshold >= 0):
-            raise ValueError(f"regroup_threshold={regroup_threshold!r}: expected a number >= 0")
+            raise ConfigError(f"regroup_threshold={regroup_threshold!r}: expected a number >= 0")
         _check_int("regroup_interval", regroup_interval, 1)
         self.scheduler, self.max_batch_size, self.regroup_threshold = scheduler, max_batch_size, float(regroup_threshold)
         self.regroup_interval = regroup_interval
@@ -454,7 +455,7 @@ def _check_cache_layers(cache) -> None:
 
     kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
     if kinds:
-        raise ValueError(f"expert-aware batching (generate_many, moe-infer serve) supports models whose KV cache is "
+        raise ConfigError(f"expert-aware batching (generate_many, moe-infer serve) supports models whose KV cache is "
                          f"made of full-attention DynamicLayer layers; this model's cache has {', '.join(sorted(kinds))}")
 
 
@@ -465,7 +466,7 @@ def check_model(model: nn.Module) -> None:
     from transformers import DynamicCache
 
     if not is_wrapped(model):
-        raise ValueError("expert-aware batching (generate_many, moe-infer serve) needs a wrapped model "
+        raise ConfigError("expert-aware batching (generate_many, moe-infer serve) needs a wrapped model "
                          "(moe_infer.wrap(model)): the scheduler observes routing through the MoE layers")
     _check_cache_layers(DynamicCache(config=model.config))
 
@@ -521,7 +522,7 @@ def signature_source(model: nn.Module, scheduler: str, signatures: SignatureSour
 
     ex = executor(model)
     if predictor is not None and signatures is not None:
-        raise ValueError("give signatures or predictor, not both")
+        raise ConfigError("give signatures or predictor, not both")
     if predictor is None and signatures is None and ex.predictor_hook is not None and scheduler == "expert":
         hooked = ex.predictor_hook.predictor  # MoEConfig.predictor, when it can route queued tokens
         predictor = hooked if hooked.kind in ("pregate", "expertflow") else None
@@ -800,16 +801,16 @@ class BatchGenerator:
         from moe_infer.serving.sampling import RequestSampler
 
         if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence):
-            raise ValueError("prompts must be a list of token-id lists (or of strings, with a tokenizer)")
+            raise ConfigError("prompts must be a list of token-id lists (or of strings, with a tokenizer)")
         seeds = [self.seed + i for i in range(len(prompts))] if isinstance(self.seed, int) else list(self.seed)
         if len(seeds) != len(prompts):
-            raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
+            raise ConfigError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
         vocab = self.model.get_input_embeddings().num_embeddings
         requests = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
             ids = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
             if not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt {i}: expected a non-empty list of token ids in [0, {vocab})")
+                raise ConfigError(f"prompt {i}: expected a non-empty list of token ids in [0, {vocab})")
             sampler = RequestSampler(self.model, self.params, ids, seed, tokenizer=self.tokenizer)
             requests.append(PooledRequest(index=i, prompt=ids, sampler=sampler))
         return requests
@@ -868,7 +869,7 @@ def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | str], *, m
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+        raise ConfigError(f"{name}={value!r}: expected an int >= {minimum}")
 
 
 # ----------------------------------------------------------------------------- trace-driven evaluation
@@ -928,7 +929,7 @@ def simulate_schedule(trace, *, max_batch_size: int, scheduler: str, pool_size: 
     if next_token_scores is not None:
         expected = (trace.num_tokens, trace.num_layers, trace.num_experts)
         if np.shape(next_token_scores) != expected:
-            raise ValueError(f"next_token_scores must be [N, L, E] = {list(expected)}, got {list(np.shape(next_token_scores))}")
+            raise ConfigError(f"next_token_scores must be [N, L, E] = {list(expected)}, got {list(np.shape(next_token_scores))}")
         # the top-K experts of each prediction (any score scale)
         predicted_ids = np.argsort(-np.asarray(next_token_scores), axis=2, kind="stable")[:, :, :trace.top_k]
     else:

@@ -1,15 +1,17 @@
 """`moe-infer` command line (also `python -m moe_infer`), DESIGN section 7.
 
-User mistakes (bad arguments, bad files, unsupported models) print one line to stderr and exit
-with status 2, without a traceback.
+User mistakes (bad arguments, bad files, unsupported models: the `moe_infer.errors` types, and a
+path the operating system cannot open) print one line to stderr and exit with status 2, without a
+traceback. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from moe_infer.errors import ConfigError, MissingFile, MoEInferError
 
-USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, KeyError)
+USER_ERRORS = (MoEInferError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -30,7 +32,7 @@ def _profile(args: argparse.Namespace) -> int:
                              router_logits=args.router_logits, chunk_tokens=args.chunk_tokens,
                              progress=not args.no_progress)
     if not args.text and args.prompts is None:
-        raise ValueError("give --text FILE... and/or --prompts JSONL")
+        raise ConfigError("give --text FILE... and/or --prompts JSONL")
     check_inputs_exist(args.text or (), args.prompts)  # before the model is loaded
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     result = record_trace(model, args.out, texts=args.text or (), prompts=args.prompts, tokenizer=tokenizer,
@@ -82,7 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
         check_inputs_exist((), args.prompts)
         prompts += list(read_prompts(args.prompts))
     if not prompts:
-        raise ValueError("give --prompt TEXT (repeatable) and/or --prompts JSONL")
+        raise ConfigError("give --prompt TEXT (repeatable) and/or --prompts JSONL")
     config = _config_from_flags(args)
     check_supported(config)  # before the model is loaded
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -177,7 +179,7 @@ def _predictor_options(pairs: list[str] | None) -> dict:
     for pair in pairs or ():
         name, equals, value = pair.partition("=")
         if not equals or not name:
-            raise ValueError(f"--option {pair!r}: expected NAME=VALUE (e.g. epochs=4, hidden=64)")
+            raise ConfigError(f"--option {pair!r}: expected NAME=VALUE (e.g. epochs=4, hidden=64)")
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
@@ -192,7 +194,7 @@ def _predictor_train(args: argparse.Namespace) -> int:
     from moe_infer.trace import Trace
 
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise FileNotFoundError(f"output folder of {args.out!r} does not exist")
+        raise MissingFile(f"output folder of {args.out!r} does not exist")
     predictor = train(args.kind, Trace.load(args.trace), **_predictor_options(args.option))
     predictor.save(args.out)
     cost = predictor.cost()
@@ -271,7 +273,7 @@ def _simulate(args: argparse.Namespace) -> int:
     try:
         capacities = [int(c) for c in args.capacity.split(",")]
     except ValueError:
-        raise ValueError(f"--capacity {args.capacity!r}: expected expert slots, e.g. 4 or 2,4,6") from None
+        raise ConfigError(f"--capacity {args.capacity!r}: expected expert slots, e.g. 4 or 2,4,6") from None
     trace = Trace.load(args.trace)
     predictor = None
     if args.predictor == "oracle":
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as err:
-        message = str(err).strip("'\"") or type(err).__name__
+        message = str(err) or type(err).__name__
         print(f"moe-infer {args.command}: error: {message}", file=sys.stderr)
         return 2
 

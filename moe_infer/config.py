@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from moe_infer.errors import ConfigError, UnknownField
 
 KERNELS = ("auto", "triton", "torch")
 CACHE_POLICIES = ("lru", "lfu", "expertflow", "static")
@@ -32,10 +33,10 @@ _BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 def parse_bytes(value: int | str, *, name: str = "value") -> int:
     """Return a byte count from an int or a string like "20GiB", "512MB", "1.5 GiB"."""
     if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: expected a byte count (int) or a size string like '20GiB'")
+        raise ConfigError(f"{name}={value!r}: expected a byte count (int) or a size string like '20GiB'")
     if isinstance(value, int):
         if value <= 0:
-            raise ValueError(f"{name}={value!r}: a byte budget must be positive")
+            raise ConfigError(f"{name}={value!r}: a byte budget must be positive")
         return value
     if isinstance(value, str):
         match = _BYTES_RE.match(value)
@@ -43,23 +44,23 @@ def parse_bytes(value: int | str, *, name: str = "value") -> int:
             count = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
             if count > 0:
                 return count
-        raise ValueError(
+        raise ConfigError(
             f"{name}={value!r}: expected a positive size such as 20GiB, 512MB or 1073741824 "
             f"(units: {', '.join(u for u in _UNITS if u)}; case-insensitive)"
         )
-    raise ValueError(f"{name}={value!r}: expected an int or a size string, got {type(value).__name__}")
+    raise ConfigError(f"{name}={value!r}: expected an int or a size string, got {type(value).__name__}")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"MoEConfig.{name}={value!r}: allowed values are {', '.join(map(repr, allowed))}")
+        raise ConfigError(f"MoEConfig.{name}={value!r}: allowed values are {', '.join(map(repr, allowed))}")
 
 
 def _existing_path(name: str, value: Any) -> None:
     if not isinstance(value, (str, os.PathLike)):
-        raise ValueError(f"MoEConfig.{name}={value!r}: expected None or a file path")
+        raise ConfigError(f"MoEConfig.{name}={value!r}: expected None or a file path")
     if not os.path.exists(value):
-        raise ValueError(f"MoEConfig.{name}={value!r}: no such file or directory")
+        raise ConfigError(f"MoEConfig.{name}={value!r}: no such file or directory")
 
 
 @dataclass
@@ -91,31 +92,31 @@ class MoEConfig:
             if value is not None:
                 setattr(self, name, parse_bytes(value, name=f"MoEConfig.{name}"))
         if self.offload_dir is not None and not isinstance(self.offload_dir, (str, os.PathLike)):
-            raise ValueError(f"MoEConfig.offload_dir={self.offload_dir!r}: expected None or a directory path")
+            raise ConfigError(f"MoEConfig.offload_dir={self.offload_dir!r}: expected None or a directory path")
         if self.cache_policy in SIMULATOR_ONLY_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"MoEConfig.cache_policy={self.cache_policy!r}: belady needs the future and exists only "
                 f"in moe_infer.cache.simulate; allowed values are {', '.join(map(repr, CACHE_POLICIES))}"
             )
         _choice("cache_policy", self.cache_policy, CACHE_POLICIES)
         if self.predictor is not None and self.predictor not in PREDICTORS:
             if not isinstance(self.predictor, (str, os.PathLike)) or not os.path.exists(self.predictor):
-                raise ValueError(
+                raise ConfigError(
                     f"MoEConfig.predictor={self.predictor!r}: expected None, one of "
                     f"{', '.join(map(repr, PREDICTORS))}, or the path of a saved predictor"
                 )
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
-            raise ValueError(f"MoEConfig.prefetch_depth={self.prefetch_depth!r}: expected an int >= 0")
+            raise ConfigError(f"MoEConfig.prefetch_depth={self.prefetch_depth!r}: expected an int >= 0")
         _choice("loader", self.loader, LOADERS)
         _choice("cpu_compute", self.cpu_compute, CPU_COMPUTE)
         if not isinstance(self.token_scheduling, bool):
-            raise ValueError(f"MoEConfig.token_scheduling={self.token_scheduling!r}: expected True or False")
+            raise ConfigError(f"MoEConfig.token_scheduling={self.token_scheduling!r}: expected True or False")
         if self.placement is not None:
             _existing_path("placement", self.placement)
         if self.parallel is not None:
             is_int = isinstance(self.parallel, int) and not isinstance(self.parallel, bool)
             if not (self.parallel in PARALLEL_MODES or (is_int and self.parallel >= 0)):
-                raise ValueError(
+                raise ConfigError(
                     f"MoEConfig.parallel={self.parallel!r}: expected None, "
                     f"{', '.join(map(repr, PARALLEL_MODES))} or a sharding factor r >= 0"
                 )
@@ -140,7 +141,7 @@ class MoEConfig:
 def check_field_names(fields: dict[str, Any]) -> None:
     unknown = sorted(set(fields) - set(MoEConfig.field_names()))
     if unknown:
-        raise TypeError(
+        raise UnknownField(
             f"unknown MoEConfig field(s) {', '.join(map(repr, unknown))}; "
             f"fields are {', '.join(MoEConfig.field_names())}"
         )

@@ -20,6 +20,7 @@ from moe_infer.cache.tiered import ExpertCache
 from moe_infer import envs, kernels
 from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
+from moe_infer.errors import ConfigError, NotSupported
 
 # Fields that need machinery this version does not have yet, and what that machinery is.
 _NOT_YET = {
@@ -41,7 +42,7 @@ def check_supported(config: MoEConfig) -> None:
         if value is not getattr(defaults, name) and value != getattr(defaults, name):
             problems.append(f"{name}={value!r} (needs {needs})")
     if problems:
-        raise NotImplementedError(
+        raise NotSupported(
             f"this version of moe_infer cannot run MoEConfig "
             f"{'; '.join(problems)}; only the default value of these fields works in this version"
         )
@@ -153,7 +154,7 @@ class ModelExecutor:
         plan = PlacementPlan.load(config.placement)
         experts = self.layers[0].num_experts
         if list(plan.moe_layers) != self.moe_layer_indices or plan.num_experts != experts:
-            raise ValueError(
+            raise ConfigError(
                 f"MoEConfig.placement={str(config.placement)!r}: the plan places {plan.num_experts} experts on MoE "
                 f"layers {list(plan.moe_layers)}, this model has {experts} experts on MoE layers "
                 f"{self.moe_layer_indices}; plan it from a trace of this model (moe-infer placement)"

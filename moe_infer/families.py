@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from moe_infer.errors import UnsupportedModel
 from moe_infer.routing.adapters import (
     BiasedSoftmaxRouter,
     DeepSeekV2Router,
@@ -159,10 +160,6 @@ class FoundBlock:
     router_attr: str
     spec: FamilySpec
     shared: Callable[[nn.Module, Tensor], Tensor] | None
-
-
-class UnsupportedModel(ValueError):
-    """The model has no sparse MoE block, or one moe_infer does not know how to run exactly."""
 
 
 def _is_candidate(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from moe_infer.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RANDOM_MODEL = "random-mixtral"
@@ -46,7 +47,7 @@ def load_model(name: str, *, device: str | torch.device | None = None,
     from moe_infer import assets
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shipped = list(assets.names())
@@ -56,7 +57,7 @@ def load_model(name: str, *, device: str | torch.device | None = None,
         model, tokenizer = assets.load_model(name, dtype=torch_dtype)
     elif os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
-            raise ValueError(f"model {name!r}: the directory has no config.json; expected a "
+            raise ConfigError(f"model {name!r}: the directory has no config.json; expected a "
                              "transformers model directory")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,7 +66,7 @@ def load_model(name: str, *, device: str | torch.device | None = None,
                             for file in ("tokenizer.json", "tokenizer_config.json"))
         tokenizer = AutoTokenizer.from_pretrained(name) if has_tokenizer else None
     else:
-        raise ValueError(f"model {name!r}: not a shipped model ({', '.join(shipped) or 'none'}), "
+        raise ConfigError(f"model {name!r}: not a shipped model ({', '.join(shipped) or 'none'}), "
                          f"not {RANDOM_MODEL!r}, and not a directory")
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from moe_infer import parallel_cost
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.experts.math import Activation, ExpertTensors, moe_forward
+from moe_infer.errors import ConfigError
 
 MODES = ("auto", "ep", "tp")
 _HISTORY = 256  # per-call records kept for stats()
@@ -74,7 +75,7 @@ def init_distributed(*, backend: str | None = None, timeout: datetime.timedelta 
         raise RuntimeError("MoEConfig.parallel needs torch.distributed, which this torch build does not have")
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise ValueError(
+            raise ConfigError(
                 "MoEConfig.parallel needs a multi-process job: launch with `torchrun --nproc-per-node N script.py` "
                 "or `deepspeed --num_gpus N script.py`, or call torch.distributed.init_process_group() before "
                 "wrapping (RANK and WORLD_SIZE are not set)"
@@ -143,7 +144,7 @@ class ExpertShard:
         over real tensors is cut in place: its module keeps only the slice afterwards."""
         i_size = source.intermediate_size
         if i_size % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"MoEConfig.parallel: the experts' intermediate size {i_size} is not divisible by the world size "
                 f"{world_size}; use a number of ranks that divides {i_size}"
             )
@@ -319,21 +320,21 @@ class ParallelRuntime:
     def set(self, setting: str | int, *, capacity_factor: float | None = None, placement: Placement | None = None) -> None:
         is_int = isinstance(setting, int) and not isinstance(setting, bool)
         if not (setting in MODES or is_int):
-            raise ValueError(f"parallel={setting!r}: expected 'auto', 'ep', 'tp' or a sharding factor r (int)")
+            raise ConfigError(f"parallel={setting!r}: expected 'auto', 'ep', 'tp' or a sharding factor r (int)")
         if is_int:
             valid = parallel_cost.valid_rs(self.world_size, self.world_size)
             if setting not in valid:
-                raise ValueError(
+                raise ConfigError(
                     f"parallel={setting!r}: with {self.world_size} ranks the sharding factor r must be one of {valid} "
                     f"(0 = data parallel, 1 = expert parallel, {self.world_size} = tensor-sliced experts)"
                 )
         if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor={capacity_factor!r}: expected None (dropless) or a number > 0")
+            raise ConfigError(f"capacity_factor={capacity_factor!r}: expected None (dropless) or a number > 0")
         if placement is not None and not callable(getattr(placement, "device_of", None)):
-            raise ValueError(f"placement={placement!r}: expected an object with device_of(layer_idx, expert) -> int")
+            raise ConfigError(f"placement={placement!r}: expected an object with device_of(layer_idx, expert) -> int")
         planned = getattr(placement, "num_devices", self.world_size)
         if planned != self.world_size:
-            raise ValueError(f"placement: the plan is for {planned} devices, this job has {self.world_size} ranks; "
+            raise ConfigError(f"placement: the plan is for {planned} devices, this job has {self.world_size} ranks; "
                              f"plan for {self.world_size} devices (moe-infer placement --devices {self.world_size})")
         self.setting = setting
         self.capacity_factor = capacity_factor
@@ -433,7 +434,7 @@ class ParallelExperts:
         devices = np.array([int(plan.device_of(self.layer_idx, e)) for e in range(self.num_experts)])
         bad = devices[(devices < 0) | (devices >= self.runtime.world_size)]
         if bad.size:
-            raise ValueError(f"placement plan: device_of({self.layer_idx}, ...) returned {int(bad[0])}, not a rank of "
+            raise ConfigError(f"placement plan: device_of({self.layer_idx}, ...) returned {int(bad[0])}, not a rank of "
                              f"this job (0..{self.runtime.world_size - 1})")
         return devices
 
@@ -603,7 +604,7 @@ def build_runtime(layers: list, setting: str | int, *, placement: Placement | No
     for layer in layers:
         valid = runtime.valid_rs(layer.expert_source.intermediate_size)
         if not valid:
-            raise ValueError(
+            raise ConfigError(
                 f"MoEConfig.parallel: MoE layer {layer.layer_idx} has intermediate size "
                 f"{layer.expert_source.intermediate_size}, not divisible by the world size {runtime.world_size}"
             )

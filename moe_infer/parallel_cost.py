@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from moe_infer.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def choose(counts: np.ndarray, shape: LayerShape, links: Links, device: Device,
     world = np.asarray(counts).shape[0]
     rs = candidates if candidates is not None else valid_rs(world, shape.intermediate_size)
     if not rs:
-        raise ValueError(f"no valid sharding factor: intermediate size {shape.intermediate_size} is not "
+        raise ConfigError(f"no valid sharding factor: intermediate size {shape.intermediate_size} is not "
                          f"divisible by the world size {world}")
     estimates = [estimate(r, counts, shape, links, device, devices) for r in rs]
     best = min(estimates, key=lambda est: (est.seconds, -est.r))

@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 
 from moe_infer.files import save_safetensors
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError, MissingFile
 
 FORMAT = "moe_infer.placement/1"
 METHODS = ("auto", "milp", "heuristic", "load", "round-robin")
@@ -121,22 +122,22 @@ class PlacementPlan:
         _check_positive_int("capacity", self.capacity)
         num_layers, num_experts = self.devices.shape if self.devices.ndim == 2 else (None, None)
         if num_layers is None or num_layers != len(self.moe_layers):
-            raise ValueError(f"devices must be [L, E] with L = {len(self.moe_layers)} MoE layers, "
+            raise ConfigError(f"devices must be [L, E] with L = {len(self.moe_layers)} MoE layers, "
                              f"got shape {list(self.devices.shape)}")
         if self.holds.shape != (num_layers, num_experts, self.num_devices):
-            raise ValueError(f"holds must be [L, E, D] = {[num_layers, num_experts, self.num_devices]}, "
+            raise ConfigError(f"holds must be [L, E, D] = {[num_layers, num_experts, self.num_devices]}, "
                              f"got {list(self.holds.shape)}")
         if self.devices.size and (self.devices.min() < 0 or self.devices.max() >= self.num_devices):
-            raise ValueError(f"devices must be in [0, {self.num_devices}), got values in "
+            raise ConfigError(f"devices must be in [0, {self.num_devices}), got values in "
                              f"[{self.devices.min()}, {self.devices.max()}]")
         primary = np.take_along_axis(self.holds, self.devices[..., None], axis=2)
         if not primary.all():
-            raise ValueError("holds must mark the primary device of every expert")
+            raise ConfigError("holds must mark the primary device of every expert")
         slots = self.holds.sum(axis=1).max() if self.holds.size else 0
         if slots > self.capacity:
-            raise ValueError(f"a device holds {slots} experts of one layer, more than capacity={self.capacity}")
+            raise ConfigError(f"a device holds {slots} experts of one layer, more than capacity={self.capacity}")
         if len(set(self.moe_layers)) != len(self.moe_layers):
-            raise ValueError(f"moe_layers has duplicates: {list(self.moe_layers)}")
+            raise ConfigError(f"moe_layers has duplicates: {list(self.moe_layers)}")
         self._position = {layer: index for index, layer in enumerate(self.moe_layers)}
 
     @property
@@ -188,7 +189,7 @@ class PlacementPlan:
 
     def _check_trace(self, trace: Trace) -> None:
         if trace.num_experts != self.num_experts or tuple(trace.moe_layers) != self.moe_layers:
-            raise ValueError(f"trace has {trace.num_experts} experts on MoE layers {list(trace.moe_layers)}, "
+            raise ConfigError(f"trace has {trace.num_experts} experts on MoE layers {list(trace.moe_layers)}, "
                              f"the plan {self.num_experts} on {list(self.moe_layers)}")
 
     # -- files
@@ -216,22 +217,22 @@ class PlacementPlan:
         """Read and validate a plan written by ``save``; every error names ``path``."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such placement plan file")
+            raise MissingFile(f"{path}: no such placement plan file")
         try:
             with safe_open(path, framework="pt") as file:
                 metadata = file.metadata() or {}
                 names = set(file.keys())
                 if metadata.get("format") != FORMAT:
-                    raise ValueError(f"{path}: not a placement plan (format {metadata.get('format')!r}, "
+                    raise ConfigError(f"{path}: not a placement plan (format {metadata.get('format')!r}, "
                                      f"expected {FORMAT!r})")
                 if names != {"devices", "holds"}:
-                    raise ValueError(f"{path}: expected tensors devices and holds, got {sorted(names)}")
+                    raise ConfigError(f"{path}: expected tensors devices and holds, got {sorted(names)}")
                 devices = file.get_tensor("devices")
                 holds = file.get_tensor("holds")
         except SafetensorError as error:
-            raise ValueError(f"{path}: truncated or not a safetensors file ({error})") from error
+            raise ConfigError(f"{path}: truncated or not a safetensors file ({error})") from error
         if devices.dtype != torch.int32 or holds.dtype != torch.uint8:
-            raise ValueError(f"{path}: devices must be int32 and holds uint8, got {devices.dtype} and {holds.dtype}")
+            raise ConfigError(f"{path}: devices must be int32 and holds uint8, got {devices.dtype} and {holds.dtype}")
         try:
             num_experts = int(metadata["num_experts"])
             plan = cls(devices=devices.numpy(), holds=holds.numpy().astype(bool),
@@ -239,9 +240,9 @@ class PlacementPlan:
                        capacity=int(metadata["capacity"]), method=metadata.get("method", ""),
                        model=metadata.get("model", ""), stats=json.loads(metadata.get("stats", "{}")))
         except (KeyError, ValueError, TypeError) as error:
-            raise ValueError(f"{path}: bad placement plan ({error})") from error
+            raise ConfigError(f"{path}: bad placement plan ({error})") from error
         if plan.num_experts != num_experts:
-            raise ValueError(f"{path}: metadata num_experts={num_experts} but devices has {plan.num_experts} columns")
+            raise ConfigError(f"{path}: metadata num_experts={num_experts} but devices has {plan.num_experts} columns")
         return plan
 
     def __repr__(self) -> str:
@@ -272,24 +273,24 @@ def plan(trace: Trace, num_devices: int, *, capacity: int | None = None, method:
     """
     _check_positive_int("num_devices", num_devices)
     if method not in METHODS:
-        raise ValueError(f"method={method!r}: allowed values are {', '.join(map(repr, METHODS))}")
+        raise ConfigError(f"method={method!r}: allowed values are {', '.join(map(repr, METHODS))}")
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
-        raise ValueError(f"replicas={replicas!r}: expected an int >= 0 (extra expert copies per layer)")
+        raise ConfigError(f"replicas={replicas!r}: expected an int >= 0 (extra expert copies per layer)")
     if not (isinstance(load_tolerance, (int, float)) and load_tolerance >= 0):
-        raise ValueError(f"load_tolerance={load_tolerance!r}: expected a number >= 0")
+        raise ConfigError(f"load_tolerance={load_tolerance!r}: expected a number >= 0")
     if trace.num_tokens == 0:
-        raise ValueError("plan needs a trace with at least one token")
+        raise ConfigError("plan needs a trace with at least one token")
     num_experts = trace.num_experts
     slots_needed = num_experts + replicas
     if capacity is None:
         capacity = math.ceil(slots_needed / num_devices)
     _check_positive_int("capacity", capacity)
     if capacity * num_devices < slots_needed:
-        raise ValueError(f"capacity={capacity} expert slots x {num_devices} devices cannot hold {num_experts} "
+        raise ConfigError(f"capacity={capacity} expert slots x {num_devices} devices cannot hold {num_experts} "
                          f"experts + {replicas} replicas per layer; need capacity >= "
                          f"{math.ceil(slots_needed / num_devices)}")
     if replicas > num_experts * (num_devices - 1):
-        raise ValueError(f"replicas={replicas}: at most {num_experts * (num_devices - 1)} extra copies fit "
+        raise ConfigError(f"replicas={replicas}: at most {num_experts * (num_devices - 1)} extra copies fit "
                          f"({num_experts} experts on {num_devices} devices)")
 
     pair_counts = affinity(trace)  # [L-1, E, E]
@@ -305,14 +306,14 @@ def plan(trace: Trace, num_devices: int, *, capacity: int | None = None, method:
     if method == "round-robin":
         devices, used = np.tile(np.arange(num_experts) % num_devices, (trace.num_layers, 1)), "round-robin"
         if capacity < math.ceil(num_experts / num_devices):
-            raise ValueError(f"round-robin needs capacity >= {math.ceil(num_experts / num_devices)}")
+            raise ConfigError(f"round-robin needs capacity >= {math.ceil(num_experts / num_devices)}")
     elif method == "load":
         devices, used = baseline, "load"
     else:
         devices, used = None, ""
         variables = problem.milp_variables()
         if method == "milp" and variables > MILP_MAX_VARIABLES:
-            raise ValueError(f"method='milp': the integer program has {variables} variables, more than "
+            raise ConfigError(f"method='milp': the integer program has {variables} variables, more than "
                              f"{MILP_MAX_VARIABLES}; use method='heuristic' or 'auto'")
         if method in ("milp", "auto") and variables <= MILP_MAX_VARIABLES:
             devices, used = problem.solve_milp(time_limit)
@@ -610,4 +611,4 @@ def _replicate(holds: np.ndarray, pair_counts: np.ndarray, load: np.ndarray, rep
 
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
+        raise ConfigError(f"{name}={value!r}: expected a positive int")

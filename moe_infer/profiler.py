@@ -38,6 +38,7 @@ from moe_infer.experts.tensorfile import DTYPES as SAFETENSORS_DTYPES, build_hea
 from moe_infer.models import DTYPES, decode_tokens, encode_text, load_model  # noqa: F401 (re-exported)
 from moe_infer.models import cache_argument, output_cache
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError, MissingFile
 
 __all__ = [
     "MODES",
@@ -102,7 +103,7 @@ class ProfileOptions:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r}: expected one of {list(MODES)}")
+            raise ConfigError(f"mode={self.mode!r}: expected one of {list(MODES)}")
         for name in ("seq_len", "batch_size", "new_tokens", "chunk_tokens"):
             _check_positive(name, getattr(self, name))
         if self.max_tokens is not None:
@@ -111,7 +112,7 @@ class ProfileOptions:
         for feature in features:
             parse_feature(feature)
         if len(set(features)) != len(features):
-            raise ValueError(f"features={list(features)} names a feature twice")
+            raise ConfigError(f"features={list(features)} names a feature twice")
         object.__setattr__(self, "features", features)
 
     def replace(self, **fields: Any) -> ProfileOptions:
@@ -125,7 +126,7 @@ def parse_feature(feature: str) -> int | None:
     kind, _, layer = feature.partition(":")
     if kind == MOE_INPUT_FEATURE and layer.isdigit():
         return int(layer)
-    raise ValueError(
+    raise ConfigError(
         f"feature {feature!r}: expected {EMBEDDING_FEATURE!r} or '{MOE_INPUT_FEATURE}:<layer>' "
         "with a decoder-layer index of an MoE layer"
     )
@@ -135,7 +136,7 @@ def _check_positive(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ConfigError(f"{name} must be >= 1, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +155,7 @@ def check_inputs_exist(texts: Iterable[str | os.PathLike], prompts: str | os.Pat
     """Fail before any model is loaded when an input file is missing."""
     for path in [*texts, *([] if prompts is None else [prompts])]:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"input file {os.fspath(path)!r} does not exist")
+            raise MissingFile(f"input file {os.fspath(path)!r} does not exist")
 
 
 def text_windows(path: str | os.PathLike, tokenizer, seq_len: int) -> Iterator[list[int]]:
@@ -167,7 +168,7 @@ def text_windows(path: str | os.PathLike, tokenizer, seq_len: int) -> Iterator[l
     prefix = [] if bos is None else [bos]
     body = seq_len - len(prefix)
     if body < 1:
-        raise ValueError(f"seq_len={seq_len} leaves no room for text after the BOS token")
+        raise ConfigError(f"seq_len={seq_len} leaves no room for text after the BOS token")
     pending: list[int] = []
     try:
         with open(path, encoding="utf-8") as file:
@@ -182,7 +183,7 @@ def text_windows(path: str | os.PathLike, tokenizer, seq_len: int) -> Iterator[l
                     yield prefix + pending[:body]
                     del pending[:body]
     except UnicodeDecodeError as error:
-        raise ValueError(f"{os.fspath(path)}: not UTF-8 text ({error})") from None
+        raise ConfigError(f"{os.fspath(path)}: not UTF-8 text ({error})") from None
     if pending:
         yield prefix + pending
 
@@ -197,9 +198,9 @@ def read_prompts(path: str | os.PathLike) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error})") from None
+                raise ConfigError(f"{where}: not valid JSON ({error})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{where}: expected an object {{"prompt": "<text>"}}, got {line.strip()[:80]}')
+                raise ConfigError(f'{where}: expected an object {{"prompt": "<text>"}}, got {line.strip()[:80]}')
             yield record["prompt"]
 
 
@@ -269,7 +270,7 @@ class _RoutingRecorder:
         logits = None
         if self.want_logits:
             if routing.router_logits is None:
-                raise ValueError(f"router logits requested, but the {layer.adapter.name} router adapter of "
+                raise ConfigError(f"router logits requested, but the {layer.adapter.name} router adapter of "
                                  f"layer {layer.layer_idx} gives none")
             logits = routing.router_logits[keep].float()  # [n, E]
         self.routings[self.index[layer.layer_idx]] = (
@@ -314,7 +315,7 @@ def _feature_names(options: ProfileOptions, model: nn.Module, executor) -> dict[
             width = hidden_size
         else:
             if layer_idx not in executor.moe_layer_indices:
-                raise ValueError(f"feature {feature!r}: layer {layer_idx} is not an MoE layer; "
+                raise ConfigError(f"feature {feature!r}: layer {layer_idx} is not an MoE layer; "
                                  f"MoE layers are {executor.moe_layer_indices}")
             width = executor.layer(layer_idx).expert_source.hidden_size
         ranges[feature] = [start, start + width]
@@ -467,7 +468,7 @@ def merge_trace_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike
         raise RuntimeError("safetensors files are little-endian; this host is big-endian")
     parts = [Path(part) for part in parts]
     if not parts:
-        raise ValueError("merge_trace_parts needs at least one part")
+        raise ConfigError("merge_trace_parts needs at least one part")
     out = Path(out)
     shapes: dict[str, list[list[int]]] = {}
     dtypes: dict[str, str] = {}
@@ -477,9 +478,9 @@ def merge_trace_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike
             if metadata is None:
                 metadata = file.metadata()
             elif file.metadata() != metadata:
-                raise ValueError(f"{part}: metadata differs from {parts[0]}")
+                raise ConfigError(f"{part}: metadata differs from {parts[0]}")
             if set(file.keys()) != set(shapes or file.keys()):
-                raise ValueError(f"{part}: tensors {sorted(file.keys())} differ from {sorted(shapes)}")
+                raise ConfigError(f"{part}: tensors {sorted(file.keys())} differ from {sorted(shapes)}")
             for name in file.keys():
                 tensor_slice = file.get_slice(name)
                 shapes.setdefault(name, []).append(list(tensor_slice.get_shape()))
@@ -487,15 +488,15 @@ def merge_trace_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike
     names = [name for name in _TRACE_TENSORS if name in shapes]
     unknown = sorted(set(shapes) - set(names))
     if unknown:
-        raise ValueError(f"{parts[0]}: unknown tensors {unknown}")
+        raise ConfigError(f"{parts[0]}: unknown tensors {unknown}")
 
     specs = []
     for name in names:
         part_shapes = shapes[name]
         if any(shape[1:] != part_shapes[0][1:] for shape in part_shapes):
-            raise ValueError(f"tensor {name}: part shapes {part_shapes} differ past the first axis")
+            raise ConfigError(f"tensor {name}: part shapes {part_shapes} differ past the first axis")
         if dtypes[name] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"unexpected tensor dtype {dtypes[name]} in a trace part")
+            raise ConfigError(f"unexpected tensor dtype {dtypes[name]} in a trace part")
         rows = sum(shape[0] for shape in part_shapes)
         specs.append((name, SAFETENSORS_DTYPES[dtypes[name]], (rows, *part_shapes[0][1:])))
     # sorted: safetensors returns metadata in hash order, and equal traces should be equal bytes
@@ -557,11 +558,11 @@ def record_trace(model: nn.Module, out: str | os.PathLike, *, texts: Sequence[st
         options = options.replace(**fields)
     texts = [os.fspath(path) for path in texts]
     if not texts and prompts is None:
-        raise ValueError("nothing to profile: give text files and/or prompts")
+        raise ConfigError("nothing to profile: give text files and/or prompts")
     check_inputs_exist(texts, prompts if isinstance(prompts, (str, os.PathLike)) else None)
     out = Path(out)
     if not out.parent.is_dir():
-        raise FileNotFoundError(f"output folder {os.fspath(out.parent)!r} does not exist")
+        raise MissingFile(f"output folder {os.fspath(out.parent)!r} does not exist")
 
     we_wrapped = not moe_infer.is_wrapped(model)
     if we_wrapped:
@@ -578,7 +579,7 @@ def record_trace(model: nn.Module, out: str | os.PathLike, *, texts: Sequence[st
         writer = _PartWriter(parts_dir, options.chunk_tokens, trace_fields)
         tokens, sequences = _run(model, executor, recorder, writer, texts, prompts, tokenizer, options)
         if tokens == 0:
-            raise ValueError("the inputs hold no text: no token was recorded")
+            raise ConfigError("the inputs hold no text: no token was recorded")
         parts = writer.finish()
         merge_trace_parts(parts, out)
         _check_written(out, tokens)
@@ -607,7 +608,7 @@ def _run(model, executor, recorder, writer, texts, prompts, tokenizer, options) 
                               options.max_tokens):
             too_large = max(max(ids) for ids in batch)
             if too_large >= vocab_size:
-                raise ValueError(f"token id {too_large} is outside the model's vocabulary of {vocab_size} "
+                raise ConfigError(f"token id {too_large} is outside the model's vocabulary of {vocab_size} "
                                  "(without a tokenizer, text is read as UTF-8 bytes: the vocabulary "
                                  "must hold 256 ids)")
             remaining = None if options.max_tokens is None else options.max_tokens - tokens
@@ -640,7 +641,7 @@ def _trace_fields(model, executor, texts, prompts, options, model_name) -> dict[
     top_ks = {layer.adapter.top_k for layer in layers}
     num_experts = {layer.num_experts for layer in layers}
     if len(top_ks) != 1 or len(num_experts) != 1:
-        raise ValueError(f"a trace needs the same experts and top-k in every MoE layer, got "
+        raise ConfigError(f"a trace needs the same experts and top-k in every MoE layer, got "
                          f"num_experts {sorted(num_experts)} and top_k {sorted(top_ks)}")
     source: dict[str, Any] = {"mode": options.mode, "seq_len": options.seq_len}
     if options.mode == "generate":

@@ -66,6 +66,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moe_infer.files import save_safetensors
+from moe_infer.errors import ConfigError
 
 # Shapes: N tokens, L MoE layers, K top-k (experts per token), E experts, F feature columns,
 # S sequences.
@@ -176,7 +177,7 @@ class Trace:
                 _check_file_header(path, metadata, set(file.keys()))
                 tensors = {name: file.get_tensor(name) for name in file.keys()}
         except SafetensorError as error:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: truncated or not a safetensors trace file ({error})"
             ) from error
         num_experts = _parse_metadata(path, metadata, "num_experts", int)
@@ -198,9 +199,9 @@ class Trace:
                 feature_names=feature_names,
             )
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{path}: {error}") from error
+            raise ConfigError(f"{path}: {error}") from error
         if trace.top_k != top_k:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: metadata top_k={top_k} but expert_ids has shape "
                 f"{list(trace.expert_ids.shape)} (K={trace.top_k})"
             )
@@ -239,17 +240,17 @@ class Trace:
                 if top_k_line is None:
                     top_k_line = (len(experts), line_number)
                 elif len(experts) != top_k_line[0]:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}: {len(experts)} experts, but line {top_k_line[1]} has "
                         f"{top_k_line[0]}; top_k must be the same on every line"
                     )
                 if allowed_layers is not None and layer not in allowed_layers:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}: layer {layer} is not in moe_layers {sorted(allowed_layers)}"
                     )
                 by_layer = routing.setdefault((seq, pos), {})
                 if layer in by_layer:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}: duplicate record for seq {seq} pos {pos} layer {layer} "
                         f"(first on line {by_layer[layer][2]})"
                     )
@@ -257,12 +258,12 @@ class Trace:
                 if token is not None:
                     known_token, known_line = tokens.setdefault((seq, pos), (token, line_number))
                     if token != known_token:
-                        raise ValueError(
+                        raise ConfigError(
                             f"{where}: token {token} for seq {seq} pos {pos}, but line "
                             f"{known_line} says {known_token}"
                         )
         if top_k_line is None:
-            raise ValueError(f"{path}: no routing records")
+            raise ConfigError(f"{path}: no routing records")
 
         layers = (
             tuple(moe_layers)
@@ -277,7 +278,7 @@ class Trace:
             missing = [layer for layer in layers if layer not in by_layer]
             if missing:
                 first_line = min(line for _, _, line in by_layer.values())
-                raise ValueError(
+                raise ConfigError(
                     f"{path}: seq {seq} pos {pos} has no record for layer(s) {missing} "
                     f"(its first record is on line {first_line})"
                 )
@@ -301,7 +302,7 @@ class Trace:
                 source=f"jsonl:{path.name}" if source is None else source,
             )
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from error
+            raise ConfigError(f"{path}: {error}") from error
 
     @classmethod
     def concat(cls, traces: Sequence[Trace]) -> Trace:
@@ -316,12 +317,12 @@ class Trace:
         """
         traces = list(traces)
         if not traces:
-            raise ValueError("concat needs at least one trace, got none")
+            raise ConfigError("concat needs at least one trace, got none")
         first = traces[0]
         for index, trace in enumerate(traces[1:], 1):
             for attribute in ("model", "family", "num_experts", "top_k", "moe_layers"):
                 if getattr(trace, attribute) != getattr(first, attribute):
-                    raise ValueError(
+                    raise ConfigError(
                         f"concat: trace {index} has {attribute}={getattr(trace, attribute)!r}, "
                         f"trace 0 has {getattr(first, attribute)!r}"
                     )
@@ -331,7 +332,7 @@ class Trace:
             ]
             if holders and len(holders) != len(traces):
                 lacking = [index for index in range(len(traces)) if index not in holders]
-                raise ValueError(
+                raise ConfigError(
                     f"concat: {name} is present in traces {holders} but missing in {lacking}; "
                     f"drop it with dataclasses.replace(trace, {name}=None) first"
                 )
@@ -341,7 +342,7 @@ class Trace:
                     first.features.shape[1],
                     first.feature_names,
                 ):
-                    raise ValueError(
+                    raise ConfigError(
                         f"concat: trace {index} has features [N, {trace.features.shape[1]}] "
                         f"named {trace.feature_names}, trace 0 has "
                         f"[N, {first.features.shape[1]}] named {first.feature_names}"
@@ -354,7 +355,7 @@ class Trace:
             if trace.num_tokens:
                 next_free_seq_id = int(offset_seq_ids[-1].max()) + 1
         if next_free_seq_id - 1 > _INT32.max:
-            raise ValueError(f"concat: offset seq_ids reach {next_free_seq_id - 1}, beyond int32")
+            raise ConfigError(f"concat: offset seq_ids reach {next_free_seq_id - 1}, beyond int32")
         tensors = {
             name: torch.cat([getattr(trace, name) for trace in traces])
             for name in _TENSOR_DTYPES
@@ -436,7 +437,7 @@ class Trace:
         present = {seq_id for seq_id, _ in self.sequences()}
         unknown = [seq_id for seq_id in wanted if seq_id not in present]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"select_sequences: seq ids {unknown[:10]} are not in this trace "
                 f"({len(present)} sequences)"
             )
@@ -458,10 +459,10 @@ class Trace:
         the seed and the set of seq ids, not on the storage order or on library versions.
         """
         if not 0.0 < held_out_fraction < 1.0:
-            raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+            raise ConfigError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
         seq_ids = [seq_id for seq_id, _ in self.sequences()]
         if len(seq_ids) < 2:
-            raise ValueError(f"split needs at least 2 sequences, the trace has {len(seq_ids)}")
+            raise ConfigError(f"split needs at least 2 sequences, the trace has {len(seq_ids)}")
         num_held_out = min(max(round(held_out_fraction * len(seq_ids)), 1), len(seq_ids) - 1)
         ranked = sorted(
             seq_ids,
@@ -493,7 +494,7 @@ class Trace:
             raise TypeError(f"moe_layers must hold ints, got {list(layers)!r}")
         layers = tuple(int(layer) for layer in layers)
         if not layers or layers[0] < 0 or any(b <= a for a, b in itertools.pairwise(layers)):
-            raise ValueError(
+            raise ConfigError(
                 "moe_layers must be non-empty, non-negative decoder-layer indices in strictly "
                 f"increasing order, got {list(layers)}"
             )
@@ -507,21 +508,21 @@ class Trace:
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
             if tensor.dtype != dtype:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: expected dtype {_dtype_name(dtype)}, got {_dtype_name(tensor.dtype)}"
                 )
         if self.expert_ids.ndim != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"expert_ids: expected shape [N, L, K], got {list(self.expert_ids.shape)}"
             )
         num_tokens, num_layers, top_k = self.expert_ids.shape
         if num_layers != len(self.moe_layers):
-            raise ValueError(
+            raise ConfigError(
                 f"expert_ids: shape {list(self.expert_ids.shape)} has L={num_layers} layers, "
                 f"but moe_layers lists {len(self.moe_layers)}: {list(self.moe_layers)}"
             )
         if not 1 <= top_k <= self.num_experts:
-            raise ValueError(
+            raise ConfigError(
                 f"expert_ids: shape {list(self.expert_ids.shape)} has K={top_k}, expected "
                 f"1 <= K <= num_experts={self.num_experts}"
             )
@@ -535,7 +536,7 @@ class Trace:
         for name, (shape, legend) in expected_shapes.items():
             tensor = getattr(self, name)
             if tensor is not None and tuple(tensor.shape) != shape:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: expected shape {legend} = {list(shape)} (from expert_ids "
                     f"{list(self.expert_ids.shape)} and num_experts={self.num_experts}), "
                     f"got {list(tensor.shape)}"
@@ -543,7 +544,7 @@ class Trace:
         if self.features is not None and (
             self.features.ndim != 2 or self.features.shape[0] != num_tokens
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"features: expected shape [N, F] with N={num_tokens}, "
                 f"got {list(self.features.shape)}"
             )
@@ -553,7 +554,7 @@ class Trace:
         if self.feature_names is None:
             return
         if self.features is None:
-            raise ValueError("feature_names given without features")
+            raise ConfigError("feature_names given without features")
         if not isinstance(self.feature_names, Mapping):
             raise TypeError(
                 f"feature_names must map names to [start, end) column ranges, "
@@ -569,7 +570,7 @@ class Trace:
                 and all(_is_int(column) for column in columns)
                 and 0 <= columns[0] < columns[1] <= width
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"feature_names: {name!r} -> {columns!r} is not a column range "
                     f"[start, end) with 0 <= start < end <= F={width}"
                 )
@@ -580,7 +581,7 @@ class Trace:
         out_of_range = (self.expert_ids < 0) | (self.expert_ids >= self.num_experts)  # [N, L, K]
         if out_of_range.any():
             token, layer, slot = out_of_range.nonzero()[0].tolist()
-            raise ValueError(
+            raise ConfigError(
                 f"expert_ids: {int(self.expert_ids[token, layer, slot])} at token {token}, "
                 f"layer {layer}, slot {slot} is outside [0, num_experts={self.num_experts})"
             )
@@ -588,14 +589,14 @@ class Trace:
         repeated = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(dim=-1)  # [N, L]
         if repeated.any():
             token, layer = repeated.nonzero()[0].tolist()
-            raise ValueError(
+            raise ConfigError(
                 f"expert_ids: token {token}, layer {layer} chooses an expert twice: "
                 f"{self.expert_ids[token, layer].tolist()}"
             )
         not_finite = ~torch.isfinite(self.expert_weights)  # [N, L, K]
         if not_finite.any():
             token, layer, slot = not_finite.nonzero()[0].tolist()
-            raise ValueError(
+            raise ConfigError(
                 f"expert_weights: {float(self.expert_weights[token, layer, slot])} at token "
                 f"{token}, layer {layer}, slot {slot} is not finite"
             )
@@ -603,7 +604,7 @@ class Trace:
             tensor = getattr(self, name)
             if tensor.numel() and int(tensor.min()) < lowest:
                 token = int((tensor < lowest).nonzero()[0])
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: {int(tensor[token])} at token {token} is below the minimum {lowest}"
                 )
 
@@ -614,7 +615,7 @@ class Trace:
         if len(split_runs):
             run = int(split_runs[0])
             first_start, second_start = starts[order[run]], starts[order[run + 1]]
-            raise ValueError(
+            raise ConfigError(
                 f"seq_ids: sequence {int(run_seq_ids[run])} is not contiguous: it has tokens "
                 f"starting at index {int(first_start)} and again at index {int(second_start)}"
             )
@@ -622,7 +623,7 @@ class Trace:
         not_increasing = same_sequence & (self.positions[1:] <= self.positions[:-1])  # [N - 1]
         if not_increasing.any():
             token = int(not_increasing.nonzero()[0]) + 1
-            raise ValueError(
+            raise ConfigError(
                 f"positions: not strictly increasing within sequence {int(self.seq_ids[token])}: "
                 f"token {token - 1} has position {int(self.positions[token - 1])}, token {token} "
                 f"has position {int(self.positions[token])}"
@@ -637,7 +638,7 @@ def _check_positive_int(name: str, value: object) -> None:
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ConfigError(f"{name} must be >= 1, got {value}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -659,24 +660,24 @@ def _to_file_dtype(name: str, array: torch.Tensor | np.ndarray) -> torch.Tensor:
         return tensor.contiguous()
     if target.is_floating_point:
         if not tensor.dtype.is_floating_point:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: expected floating-point values (stored as {_dtype_name(target)}), "
                 f"got {_dtype_name(tensor.dtype)}"
             )
         cast = tensor.to(target)
         overflowed = torch.isinf(cast) & torch.isfinite(tensor)
         if overflowed.any():
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: values up to {float(tensor[overflowed].abs().max())} overflow "
                 f"{_dtype_name(target)} (max {torch.finfo(target).max})"
             )
         return cast
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: expected integer values (stored as int32), got {_dtype_name(tensor.dtype)}"
         )
     if tensor.numel() and (int(tensor.min()) < _INT32.min or int(tensor.max()) > _INT32.max):
-        raise ValueError(
+        raise ConfigError(
             f"{name}: values in [{int(tensor.min())}, {int(tensor.max())}] do not fit in int32"
         )
     return tensor.to(torch.int32)
@@ -684,29 +685,29 @@ def _to_file_dtype(name: str, array: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def _check_file_header(path: Path, metadata: dict[str, str], names: set[str]) -> None:
     if metadata.get("format") != FORMAT:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: format is {metadata.get('format')!r}, expected {FORMAT!r}; "
             "not a moe_infer trace"
         )
     missing_metadata = [key for key in _REQUIRED_METADATA if key not in metadata]
     if missing_metadata:
-        raise ValueError(f"{path}: metadata lacks {missing_metadata}")
+        raise ConfigError(f"{path}: metadata lacks {missing_metadata}")
     missing_tensors = [name for name in _REQUIRED_TENSOR_DTYPES if name not in names]
     if missing_tensors:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: missing tensor(s) {missing_tensors}; a {FORMAT} file holds "
             f"{list(_REQUIRED_TENSOR_DTYPES)} and optionally {list(_OPTIONAL_TENSOR_DTYPES)}"
         )
     unknown_tensors = sorted(names - _TENSOR_DTYPES.keys())
     if unknown_tensors:
-        raise ValueError(f"{path}: unknown tensor(s) {unknown_tensors} are not part of {FORMAT}")
+        raise ConfigError(f"{path}: unknown tensor(s) {unknown_tensors} are not part of {FORMAT}")
 
 
 def _parse_metadata(path: Path, metadata: dict[str, str], key: str, parse):
     try:
         return parse(metadata[key])
     except ValueError as error:  # json.JSONDecodeError is a ValueError
-        raise ValueError(
+        raise ConfigError(
             f"{path}: metadata {key}={metadata[key]!r} cannot be parsed ({error})"
         ) from error
 
@@ -721,15 +722,15 @@ def _parse_jsonl_record(
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error})") from error
+        raise ConfigError(f"{where}: not valid JSON ({error})") from error
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [key for key in ("seq", "pos", "layer", "experts", "weights") if key not in record]
     if missing:
-        raise ValueError(f"{where}: missing key(s) {missing}")
+        raise ConfigError(f"{where}: missing key(s) {missing}")
     for key in ("seq", "pos", "layer", "token"):
         if key in record and not (_is_int(record[key]) and record[key] >= 0):
-            raise ValueError(f"{where}: {key} must be an int >= 0, got {record[key]!r}")
+            raise ConfigError(f"{where}: {key} must be an int >= 0, got {record[key]!r}")
     experts, weights = record["experts"], record["weights"]
     if not (
         isinstance(experts, list)
@@ -737,7 +738,7 @@ def _parse_jsonl_record(
         and all(_is_int(expert) and 0 <= expert < num_experts for expert in experts)
         and len(set(experts)) == len(experts)
     ):
-        raise ValueError(
+        raise ConfigError(
             f"{where}: experts must be a non-empty list of distinct ints in "
             f"[0, num_experts={num_experts}), got {experts!r}"
         )
@@ -751,7 +752,7 @@ def _parse_jsonl_record(
             for weight in weights
         )
     ):
-        raise ValueError(
+        raise ConfigError(
             f"{where}: weights must be a list of {len(experts)} finite numbers (one per expert), "
             f"got {weights!r}"
         )

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError
 
 __all__ = ["TraceAnalysis", "analyze", "format_markdown", "trace_statistics", "write_plots", "write_report"]
 
@@ -172,9 +173,9 @@ def analyze(trace: Trace, *, max_distance: int = 3, seed: int = 0) -> TraceAnaly
     if not isinstance(trace, Trace):
         raise TypeError(f"analyze expects a moe_infer.Trace, got {type(trace).__name__}")
     if trace.num_tokens == 0:
-        raise ValueError("the trace holds no tokens; there is nothing to measure")
+        raise ConfigError("the trace holds no tokens; there is nothing to measure")
     if not isinstance(max_distance, int) or max_distance < 1:
-        raise ValueError(f"max_distance must be an int >= 1, got {max_distance!r}")
+        raise ConfigError(f"max_distance must be an int >= 1, got {max_distance!r}")
     num_experts, top_k, num_layers = trace.num_experts, trace.top_k, trace.num_layers
     observed = _count(trace.expert_ids, trace.seq_ids, num_experts, max_distance)
     uniform_ids = _uniform_routing(trace.num_tokens, num_layers, top_k, num_experts, seed)

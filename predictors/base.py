@@ -38,11 +38,12 @@ from safetensors import SafetensorError, safe_open
 
 from moe_infer.files import save_safetensors
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError, MissingFile, NotSupported
 
 FORMAT = "moe_infer.predictor/1"
 
 
-class PredictorMismatch(ValueError):
+class PredictorMismatch(ConfigError):
     """A predictor was given a trace (or model) of another model than the one it was trained for."""
 
 
@@ -126,7 +127,7 @@ class Predictor(ABC):
         from what is known ``distance`` MoE layers earlier (module docstring)."""
         self.check_trace(trace)
         if isinstance(distance, bool) or not isinstance(distance, int) or distance < 1:
-            raise ValueError(f"distance={distance!r}: expected an int >= 1 (MoE layers ahead)")
+            raise ConfigError(f"distance={distance!r}: expected an int >= 1 (MoE layers ahead)")
         scores = self._predict(trace, distance)
         assert scores.shape == (trace.num_tokens, self.num_layers, self.num_experts), scores.shape
         return np.ascontiguousarray(scores, dtype=np.float32)
@@ -147,9 +148,9 @@ class Predictor(ABC):
         self.check_trace(trace)
         top_k = self.top_k if top_k is None else top_k
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.num_experts:
-            raise ValueError(f"top_k={top_k!r}: expected an int in [1, num_experts={self.num_experts}]")
+            raise ConfigError(f"top_k={top_k!r}: expected an int in [1, num_experts={self.num_experts}]")
         if isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance < 1:
-            raise ValueError(f"max_distance={max_distance!r}: expected an int >= 1")
+            raise ConfigError(f"max_distance={max_distance!r}: expected an int >= 1")
         result: dict[str, Any] = {"kind": self.kind, "tokens": trace.num_tokens, "top_k": top_k,
                                   "recall": {}, "recall_per_layer": {}, "calibration": {}}
         seconds = 0.0
@@ -180,7 +181,7 @@ class Predictor(ABC):
         """Online prediction at MoE-layer ``position``: ``{target position: scores [T, E]}`` for
         targets ``position + 1 .. position + max_depth`` (``state`` is a
         ``moe_infer.predictors.runtime.CallState``: what the running model revealed so far)."""
-        raise NotImplementedError(f"the {self.kind} predictor has no runtime prediction")
+        raise NotSupported(f"the {self.kind} predictor has no runtime prediction")
 
     # ----------------------------------------------------------------- files
     @abstractmethod
@@ -201,7 +202,7 @@ class Predictor(ABC):
         """Write ``path`` (.safetensors) atomically: a temporary file in the same folder, then a rename."""
         path = Path(path)
         if not path.parent.is_dir():
-            raise FileNotFoundError(f"output folder {os.fspath(path.parent)!r} does not exist")
+            raise MissingFile(f"output folder {os.fspath(path.parent)!r} does not exist")
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.tensors().items()}
         if not tensors:  # safetensors needs at least a header; keep one marker tensor
             tensors = {"_empty": torch.zeros(0)}
@@ -214,29 +215,29 @@ class Predictor(ABC):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"predictor file {os.fspath(path)!r} does not exist")
+            raise MissingFile(f"predictor file {os.fspath(path)!r} does not exist")
         try:
             with safe_open(path, framework="pt") as file:
                 metadata = file.metadata() or {}
                 tensors = {name: file.get_tensor(name) for name in file.keys() if name != "_empty"}
         except SafetensorError as error:
-            raise ValueError(f"{path}: truncated or not a safetensors predictor file ({error})") from None
+            raise ConfigError(f"{path}: truncated or not a safetensors predictor file ({error})") from None
         if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: format is {metadata.get('format')!r}, expected {FORMAT!r}; "
+            raise ConfigError(f"{path}: format is {metadata.get('format')!r}, expected {FORMAT!r}; "
                              "not a moe_infer predictor")
         try:
             kind = metadata["kind"]
             signature = ModelSignature.from_json(json.loads(metadata["signature"]))
             options, training = json.loads(metadata["options"]), json.loads(metadata["training"])
         except (KeyError, ValueError, TypeError) as error:
-            raise ValueError(f"{path}: malformed predictor metadata ({error!r})") from None
+            raise ConfigError(f"{path}: malformed predictor metadata ({error!r})") from None
         klass = predictor_class(kind)
         if cls is not Predictor and not issubclass(klass, cls):
-            raise ValueError(f"{path}: holds a {kind!r} predictor, not a {cls.kind!r} one")
+            raise ConfigError(f"{path}: holds a {kind!r} predictor, not a {cls.kind!r} one")
         try:
             return klass._from_tensors(signature, options, training, tensors)
         except KeyError as error:
-            raise ValueError(f"{path}: the {kind} predictor lacks tensor {error}") from None
+            raise ConfigError(f"{path}: the {kind} predictor lacks tensor {error}") from None
 
     def __repr__(self) -> str:
         s = self.signature

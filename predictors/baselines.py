@@ -17,6 +17,7 @@ from torch import nn
 from moe_infer.predictors.base import ModelSignature, Predictor, source_position
 from moe_infer.predictors.features import (model_moe_inputs, recorded_embeddings, recorded_moe_inputs)
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError
 
 
 class FrequencyPredictor(Predictor):
@@ -148,7 +149,7 @@ class GateLookaheadPredictor(Predictor):
             moe_infer.wrap(self._model)
         layers = moe_infer.executor(self._model).moe_layer_indices
         if tuple(layers) != self.signature.moe_layers:
-            raise ValueError(f"model {self.options['model']!r} has MoE layers {layers}, the predictor "
+            raise ConfigError(f"model {self.options['model']!r} has MoE layers {layers}, the predictor "
                              f"{list(self.signature.moe_layers)}")
         return self._model
 

@@ -33,6 +33,7 @@ from moe_infer.predictors.features import (model_features, multi_hot, previous_r
 from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, loss_targets, mlp, routing_loss,
                                        train_loop)
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError
 
 # hidden 192: trained on 500k tokens, recall at d=4 on tiny-deepseek with attention lookahead is 0.826 against
 # 0.814 at hidden 128 and 0.797 at 80 (scratch runs on the benchmark's traces); about a quarter of a percent of
@@ -143,7 +144,7 @@ class ExpertFlowPredictor(NetPredictor):
         inputs = _Inputs.of(trace, self._model or self.options["model"], self.options["window"],
                             self.options.get("attention_lookahead", False))
         if inputs.hidden.shape[-1] != self.options["hidden_size"]:
-            raise ValueError(f"the trace's MoE inputs have hidden size {inputs.hidden.shape[-1]}, the "
+            raise ConfigError(f"the trace's MoE inputs have hidden size {inputs.hidden.shape[-1]}, the "
                              f"predictor was trained on {self.options['hidden_size']}")
         out = np.empty((trace.num_tokens, self.num_layers, self.num_experts), dtype=np.float32)
         by_source: dict[int, np.ndarray] = {}

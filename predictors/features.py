@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError
 
 PAD_TOKEN = -1  # a window slot before the start of the sequence
 
@@ -147,7 +148,7 @@ def model_features(trace: Trace, model: torch.nn.Module, *, attention_lookahead:
     from moe_infer.predictors.lookahead import AttentionLookahead
 
     if int(trace.token_ids.min()) < 0:
-        raise ValueError("the trace has unknown token ids (-1): hidden states cannot be recomputed; "
+        raise ConfigError("the trace has unknown token ids (-1): hidden states cannot be recomputed; "
                          "record it with `moe-infer profile --features moe_input:...`")
     we_wrapped = not moe_infer.is_wrapped(model)
     if we_wrapped:
@@ -156,7 +157,7 @@ def model_features(trace: Trace, model: torch.nn.Module, *, attention_lookahead:
     lookahead = None
     try:
         if executor.moe_layer_indices != list(trace.moe_layers):
-            raise ValueError(f"the model's MoE layers {executor.moe_layer_indices} are not the trace's "
+            raise ConfigError(f"the model's MoE layers {executor.moe_layer_indices} are not the trace's "
                              f"{list(trace.moe_layers)}")
         num_layers = len(executor.layers)
         macs = 0
@@ -208,7 +209,7 @@ def model_features(trace: Trace, model: torch.nn.Module, *, attention_lookahead:
     # batching and padding in the profiler can flip near-ties; another model disagrees broadly
     agreement = agree / max(trace.num_tokens * trace.num_layers, 1)
     if agreement < 0.99:
-        raise ValueError(f"the model routes only {agreement:.1%} of the trace's (token, layer) pairs as the "
+        raise ConfigError(f"the model routes only {agreement:.1%} of the trace's (token, layer) pairs as the "
                          "trace does: it is not the trace's model")
     return ModelFeatures(torch.cat(parts["hidden"]).numpy(), torch.cat(parts["embeddings"]).numpy(),
                          torch.cat(parts["lookahead"]).numpy() if lookahead is not None else None, macs)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Cache
+from moe_infer.errors import ConfigError
 
 PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm")
 
@@ -48,15 +49,15 @@ class AttentionLookahead:
         self.layers = executor.layers
         indices = executor.moe_layer_indices
         if any(b - a != 1 for a, b in zip(indices, indices[1:])):
-            raise ValueError(f"attention lookahead needs consecutive MoE layers; the model's are {indices}")
+            raise ConfigError(f"attention lookahead needs consecutive MoE layers; the model's are {indices}")
         config = getattr(model, "config", None)
         layer_types = getattr(config, "layer_types", None)
         kinds = {layer_types[i] for i in indices} if layer_types else set()
         if kinds - {"full_attention"} or (not layer_types and getattr(config, "sliding_window", None)):
-            raise ValueError("attention lookahead needs full attention in every MoE layer; the model's MoE layers "
+            raise ConfigError("attention lookahead needs full attention in every MoE layer; the model's MoE layers "
                              f"have {sorted(kinds) or ['sliding_attention']}")
         if getattr(config, "residual_multiplier", 1.0) != 1.0:
-            raise ValueError("attention lookahead needs plain residual connections; the model scales them by "
+            raise ConfigError("attention lookahead needs plain residual connections; the model scales them by "
                              f"residual_multiplier={config.residual_multiplier}")
         self.decoders = []
         for layer in self.layers:
@@ -64,10 +65,10 @@ class AttentionLookahead:
             decoder = model.get_submodule(parent)
             missing = [part for part in PARTS if not hasattr(decoder, part)]
             if missing:
-                raise ValueError(f"attention lookahead needs pre-norm decoder layers with {', '.join(PARTS)}; "
+                raise ConfigError(f"attention lookahead needs pre-norm decoder layers with {', '.join(PARTS)}; "
                                  f"{parent} ({type(decoder).__name__}) has no {', '.join(missing)}")
             if getattr(decoder.self_attn, "sliding_window", None) or hasattr(decoder.self_attn, "indexer"):
-                raise ValueError(f"attention lookahead needs full attention in every MoE layer; {parent}.self_attn "
+                raise ConfigError(f"attention lookahead needs full attention in every MoE layer; {parent}.self_attn "
                                  "attends through a sliding window or a sparse indexer")
             self.decoders.append(decoder)
         self._kwargs: dict[int, dict[str, Any]] = {}  # position -> decoder keyword arguments of this call
@@ -90,7 +91,7 @@ class AttentionLookahead:
         """[T, H]: the estimated MoE input of layer position + 1, from this call's residual stream
         before block ``position`` and the block's input ``hidden`` [T, H]."""
         if position + 1 >= len(self.layers):
-            raise ValueError(f"layer {position} is the last MoE layer: there is no next one to estimate")
+            raise ConfigError(f"layer {position} is the last MoE layer: there is no next one to estimate")
         if position not in self._residual:
             raise RuntimeError(f"attention lookahead saw no call of MoE layer {position}'s decoder layer")
         residual = self._residual[position]
@@ -151,11 +152,11 @@ class ReadOnlyCache:
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         layers = getattr(self._cache, "layers", None)
         if layers is None or layer_idx >= len(layers):
-            raise ValueError(f"attention lookahead cannot read a {type(self._cache).__name__}: it needs a "
+            raise ConfigError(f"attention lookahead cannot read a {type(self._cache).__name__}: it needs a "
                              "transformers DynamicCache")
         layer = layers[layer_idx]
         if type(layer).__name__ != "DynamicLayer":
-            raise ValueError(f"attention lookahead reads full-attention DynamicCache layers only; layer {layer_idx} "
+            raise ConfigError(f"attention lookahead reads full-attention DynamicCache layers only; layer {layer_idx} "
                              f"is a {type(layer).__name__}")
         if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
             return keys, values

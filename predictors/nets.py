@@ -31,6 +31,7 @@ from torch import nn
 from moe_infer.predictors.base import ModelSignature, Predictor
 from moe_infer.predictors.features import group_limit, multi_hot, routing_targets
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError
 
 MAX_WINDOW = 32  # tokens a running model's prediction hook keeps per row (window + lookahead)
 LOSSES = ("membership", "distillation")
@@ -121,7 +122,7 @@ def train_loop(module: nn.Module, num_rows: int, batch_loss: Callable[[np.ndarra
     ``batch_loss(rows)`` returns the loss of the rows (int64 indices). Returns a summary dict.
     """
     if num_rows == 0:
-        raise ValueError("the training trace holds no tokens")
+        raise ConfigError("the training trace holds no tokens")
     with torch.random.fork_rng():  # the caller's random stream is untouched
         torch.manual_seed(seed)
         return _train(module, num_rows, batch_loss, epochs=epochs, batch_size=batch_size,
@@ -165,7 +166,7 @@ def _train(module, num_rows, batch_loss, *, epochs, batch_size, learning_rate, m
 
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+        raise ConfigError(f"{name}={value!r}: expected an int >= 1")
     return value
 
 
@@ -204,24 +205,24 @@ class NetPredictor(Predictor):
         """``options`` over the defaults; unknown names and non-positive sizes are refused."""
         unknown = sorted(set(options) - set(cls.defaults) - set(extra))
         if unknown:
-            raise ValueError(f"unknown {cls.kind} option(s) {unknown}; options are {sorted([*cls.defaults, *extra])}")
+            raise ConfigError(f"unknown {cls.kind} option(s) {unknown}; options are {sorted([*cls.defaults, *extra])}")
         options = {**cls.defaults, **options}
         for name in ("window", "embed_dim", "hidden", "epochs", "batch_size"):
             check_positive_int(name, options[name])
         lookahead = options.get("lookahead", 0)
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
-            raise ValueError(f"lookahead={lookahead!r}: expected an int >= 0 (tokens ahead)")
+            raise ConfigError(f"lookahead={lookahead!r}: expected an int >= 0 (tokens ahead)")
         if options["window"] + lookahead > MAX_WINDOW:
-            raise ValueError(f"window={options['window']} + lookahead={lookahead}: at most {MAX_WINDOW} tokens "
+            raise ConfigError(f"window={options['window']} + lookahead={lookahead}: at most {MAX_WINDOW} tokens "
                              "(what the runtime hook keeps per row)")
         previous_dim = options.get("previous_dim", 0)
         if isinstance(previous_dim, bool) or not isinstance(previous_dim, int) or previous_dim < 0:
-            raise ValueError(f"previous_dim={previous_dim!r}: expected an int >= 0 (0: no previous-token MoE inputs)")
+            raise ConfigError(f"previous_dim={previous_dim!r}: expected an int >= 0 (0: no previous-token MoE inputs)")
         if options.get("loss", "distillation") not in LOSSES:
-            raise ValueError(f"loss={options['loss']!r}: expected one of {list(LOSSES)}")
+            raise ConfigError(f"loss={options['loss']!r}: expected one of {list(LOSSES)}")
         for name in ("group_limit", "attention_lookahead", "skip"):
             if not isinstance(options.get(name, False), bool):
-                raise ValueError(f"{name}={options[name]!r}: expected true or false")
+                raise ConfigError(f"{name}={options[name]!r}: expected true or false")
         return options
 
     @classmethod

@@ -14,6 +14,7 @@ from moe_infer.predictors.baselines import FrequencyPredictor, GateLookaheadPred
 from moe_infer.predictors.expertflow import ExpertFlowPredictor
 from moe_infer.predictors.pregate import PreGatePredictor
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError
 
 PREDICTORS: dict[str, type[Predictor]] = {
     klass.kind: klass
@@ -24,7 +25,7 @@ PREDICTORS: dict[str, type[Predictor]] = {
 
 def predictor_class(kind: str) -> type[Predictor]:
     if kind not in PREDICTORS:
-        raise ValueError(f"unknown predictor kind {kind!r}; kinds are {', '.join(PREDICTORS)}")
+        raise ConfigError(f"unknown predictor kind {kind!r}; kinds are {', '.join(PREDICTORS)}")
     return PREDICTORS[kind]
 
 
@@ -41,12 +42,12 @@ def train(kind: str, trace: Trace, **options: Any) -> Predictor:
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a moe_infer.Trace, got {type(trace).__name__}")
     if trace.num_tokens == 0:
-        raise ValueError("the training trace holds no tokens")
+        raise ConfigError("the training trace holds no tokens")
     try:
         return klass.fit(trace, **options)
     except TypeError as error:
         if "unexpected keyword argument" in str(error):
-            raise ValueError(f"{kind}: {error}") from None
+            raise ConfigError(f"{kind}: {error}") from None
         raise
 
 

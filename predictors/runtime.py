@@ -28,6 +28,7 @@ from torch import nn
 from moe_infer.predictors.base import ModelSignature, Predictor, PredictorMismatch
 from moe_infer.predictors.lookahead import AttentionLookahead
 from moe_infer.predictors.nets import MAX_WINDOW as _MAX_WINDOW
+from moe_infer.errors import ConfigError
 
 Sink = Callable[[int, list, list], Any]
 
@@ -210,9 +211,9 @@ def attach(model: nn.Module, predictor: Predictor | str, *, depth: int = 1, sink
     import moe_infer
 
     if not moe_infer.is_wrapped(model):
-        raise ValueError("attach needs a wrapped model: call moe_infer.wrap(model) first")
+        raise ConfigError("attach needs a wrapped model: call moe_infer.wrap(model) first")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth={depth!r}: expected an int >= 1 (MoE layers ahead)")
+        raise ConfigError(f"depth={depth!r}: expected an int >= 1 (MoE layers ahead)")
     executor = moe_infer.executor(model)
     predictor = checked_predictor(executor, getattr(model.config, "_name_or_path", ""), predictor)
     lookahead = AttentionLookahead(model, executor) if predictor.reads_attention_lookahead else None
@@ -248,7 +249,7 @@ def resolve(spec: Predictor | str, signature: ModelSignature) -> Predictor:
     if isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec):
         return load(spec)
     if spec in PREDICTORS:
-        raise ValueError(f"predictor {spec!r} must be trained first (`moe-infer predictor train --kind {spec} "
+        raise ConfigError(f"predictor {spec!r} must be trained first (`moe-infer predictor train --kind {spec} "
                          "--trace T --out P`); give the path of the saved predictor")
-    raise ValueError(f"predictor {spec!r}: expected a Predictor, the path of a saved predictor, or "
+    raise ConfigError(f"predictor {spec!r}: expected a Predictor, the path of a saved predictor, or "
                      "'gate-lookahead'")

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from moe_infer.errors import ConfigError
 
 
 @dataclass
@@ -134,7 +135,7 @@ class DeepSeekV2Router(RouterAdapter):
                  topk_group: int, scaling: float):
         super().__init__(router, num_experts, top_k)
         if method not in ("greedy", "group_limited_greedy"):
-            raise ValueError(f"DeepSeek-V2 topk_method={method!r}: supported are 'greedy', 'group_limited_greedy'")
+            raise ConfigError(f"DeepSeek-V2 topk_method={method!r}: supported are 'greedy', 'group_limited_greedy'")
         self.weight = weight
         self.method = method
         self.num_groups = num_groups
@@ -180,7 +181,7 @@ class SigmoidBiasRouter(RouterAdapter):
                  gather_as_logits_dtype: bool = False):
         super().__init__(router, num_experts, top_k)
         if logits_mode not in ("fp32", "weight_dtype_then_fp32", "native"):
-            raise ValueError(f"unknown logits_mode {logits_mode!r}")
+            raise ConfigError(f"unknown logits_mode {logits_mode!r}")
         self.weight = weight
         self.bias = bias
         self.logits_mode = logits_mode
@@ -256,7 +257,7 @@ class SparseMixerRouter(RouterAdapter):
 
     def __init__(self, router, num_experts, top_k, *, weight, bias, jitter_eps: float):
         if top_k != 2:
-            raise ValueError(f"PhiMoE sparsemixer routing is defined for top_k=2, got num_experts_per_tok={top_k}")
+            raise ConfigError(f"PhiMoE sparsemixer routing is defined for top_k=2, got num_experts_per_tok={top_k}")
         super().__init__(router, num_experts, top_k)
         self.weight = weight
         self.bias = bias
@@ -286,4 +287,4 @@ def get_adapter_class(name: str) -> type[RouterAdapter]:
     try:
         return ADAPTERS[name]
     except KeyError:
-        raise ValueError(f"unknown router adapter {name!r}; valid names: {', '.join(sorted(ADAPTERS))}") from None
+        raise ConfigError(f"unknown router adapter {name!r}; valid names: {', '.join(sorted(ADAPTERS))}") from None

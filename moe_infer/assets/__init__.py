@@ -20,6 +20,7 @@ demo prefetches with; trained as its model card says).
 from __future__ import annotations
 
 from pathlib import Path
+from moe_infer.errors import ConfigError
 
 _ROOT = Path(__file__).resolve().parent
 
@@ -36,7 +37,7 @@ def path(name: str) -> Path:
     """Directory of the shipped model ``name``; ``ValueError`` listing the valid names if unknown."""
     available = names()
     if not isinstance(name, str) or name not in available:
-        raise ValueError(f"unknown asset {name!r}; available: {', '.join(available) or '(none)'}")
+        raise ConfigError(f"unknown asset {name!r}; available: {', '.join(available) or '(none)'}")
     return _ROOT / name
 
 

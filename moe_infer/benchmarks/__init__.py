@@ -6,6 +6,7 @@ options; ``scripts/bench_NAME.py`` are thin shells over the same ``main``. Resul
 """
 
 from __future__ import annotations
+from moe_infer.errors import ConfigError
 
 BENCHMARKS = {
     "kernels": "one MoE layer on the GPU: fused Triton kernels vs transformers' experts and the roofline (CUDA)",
@@ -22,7 +23,7 @@ BENCHMARKS = {
 def run(name: str, argv: list[str], prog: str | None = None) -> int:
     """Run benchmark ``name`` with its command-line arguments ``argv``; its exit status."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; benchmarks are {', '.join(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark {name!r}; benchmarks are {', '.join(BENCHMARKS)}")
     from importlib import import_module
 
     return import_module(f"moe_infer.benchmarks.{name}").main(argv, prog=prog)

@@ -30,6 +30,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from moe_infer.errors import ConfigError
 
 RESULTS = Path("bench") / "results"  # under the current directory
 DEMAND = ("lru", "lfu", "static", "belady")
@@ -61,12 +62,12 @@ def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
     for name, value in (("--files", args.files), ("--eval-tokens", args.eval_tokens),
                         ("--train-tokens", args.train_tokens), ("--epochs", args.epochs)):
         if value < 1:
-            raise ValueError(f"{name} {value}: expected a positive number")
+            raise ConfigError(f"{name} {value}: expected a positive number")
     if not args.capacities or any(not 0.0 < c <= 1.0 for c in args.capacities):
-        raise ValueError(f"--capacities {args.capacities}: expected fractions in (0, 1] of a layer's experts")
+        raise ConfigError(f"--capacities {args.capacities}: expected fractions in (0, 1] of a layer's experts")
     unknown = [p for p in args.predictors if p != "oracle" and p not in PREDICTORS]
     if unknown:
-        raise ValueError(f"--predictors {' '.join(unknown)}: unknown; predictors are {', '.join(PREDICTORS)}, oracle")
+        raise ConfigError(f"--predictors {' '.join(unknown)}: unknown; predictors are {', '.join(PREDICTORS)}, oracle")
     return args
 
 

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from moe_infer.errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RESULTS = Path("bench") / "results" / "kernels.jsonl"  # under the current directory
@@ -112,7 +113,7 @@ def _parse_caps(items: list[str]) -> dict[str, int]:
     for item in items:
         name, _, value = item.partition("=")
         if name not in IMPLEMENTATIONS or not value.isdigit():
-            raise ValueError(f"--max-tokens takes IMPL=T with IMPL one of {', '.join(IMPLEMENTATIONS)}, got {item!r}")
+            raise ConfigError(f"--max-tokens takes IMPL=T with IMPL one of {', '.join(IMPLEMENTATIONS)}, got {item!r}")
         caps[name] = int(value)
     return caps
 

@@ -49,6 +49,7 @@ from moe_infer.config import parse_bytes
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.models import cache_argument, output_cache
 from moe_infer.trace import Trace
+from moe_infer.errors import ConfigError, MissingFile
 
 SOURCE_TREE = Path(__file__).resolve().parents[2]  # the checkout, when moe_infer is installed from one
 # the shared data folder sits beside the checkout (../shared) or beside the worktrees (../../shared)
@@ -146,7 +147,7 @@ def routing_stats_path(given: str | None) -> Path:
     for path in ROUTING_STATS_CANDIDATES:
         if path.exists():
             return path
-    raise FileNotFoundError(f"routing statistics not found at {', '.join(map(str, ROUTING_STATS_CANDIDATES))}; "
+    raise MissingFile(f"routing statistics not found at {', '.join(map(str, ROUTING_STATS_CANDIDATES))}; "
                             f"give --routing-stats PATH or --routing random")
 
 
@@ -168,7 +169,7 @@ def calibrated_trace(stats_path: Path, num_layers: int, num_experts: int, top_k:
             m[e1, e2] += c
         transitions.append(m / m.sum(axis=1, keepdims=True))
     if num_experts != 8:
-        raise ValueError("calibrated routing is Mixtral's: 8 experts")
+        raise ConfigError("calibrated routing is Mixtral's: 8 experts")
     rng = np.random.default_rng(seed)
     popularity = [counts[int(np.argmin([abs(l * 31 / max(num_layers - 1, 1) - s) for s in sampled]))]
                   for l in range(num_layers)]
@@ -351,7 +352,7 @@ def main(argv=None, prog: str | None = None) -> int:
             routing = calibrated_trace(stats_path, args.layers, args.experts, args.top_k,
                                        4 * (args.prompt_tokens + args.decode_tokens + 8), reuse)
         elif routing_name != "random":
-            raise ValueError(f"--routing {routing_name!r}: random or calibrated")
+            raise ConfigError(f"--routing {routing_name!r}: random or calibrated")
         for name, fields in CONFIGS.items():
             if args.configs != "all" and not any(name.startswith(p) for p in args.configs.split(",")):
                 continue

@@ -41,6 +41,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from moe_infer.errors import ConfigError
 
 RESULTS = Path("bench") / "results"  # under the current directory
 WARMUP_REQUESTS = 2
@@ -72,15 +73,15 @@ def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
     try:
         args.prompt_range = (int(low), int(high or low))
     except ValueError:
-        raise ValueError(f"--prompt-tokens {args.prompt_tokens!r}: expected N or MIN-MAX") from None
+        raise ConfigError(f"--prompt-tokens {args.prompt_tokens!r}: expected N or MIN-MAX") from None
     for name, value in (("--requests", args.requests), ("--max-tokens", args.max_tokens),
                         ("--max-batch-size", args.max_batch_size), ("--pool-size", args.pool_size),
                         ("--threads", args.threads), ("--prompt-tokens", min(args.prompt_range)),
                         ("--repeats", args.repeats)):
         if value < 1:
-            raise ValueError(f"{name} {value}: expected a positive number")
+            raise ConfigError(f"{name} {value}: expected a positive number")
     if args.rate < 0 or not 0 <= args.budget < 1:
-        raise ValueError(f"--rate {args.rate} must be >= 0 and --budget {args.budget} in [0, 1)")
+        raise ConfigError(f"--rate {args.rate} must be >= 0 and --budget {args.budget} in [0, 1)")
     return args
 
 

@@ -46,6 +46,7 @@ from moe_infer.batching import (DecodePool, GroupPlanner, PooledRequest, Schedul
                                 signature_name, signature_source, _check_int)
 from moe_infer.serving.sampling import RequestSampler, SamplingParams
 from moe_infer.serving.text import TextAssembler
+from moe_infer.errors import ConfigError
 
 __all__ = ["Delta", "Engine", "EngineClosed", "EngineRequest", "Failed", "Finished", "Overloaded", "TokenLogprob"]
 
@@ -153,7 +154,7 @@ class Engine:
         config transformers refuses. Reads the model's configuration only: any thread may call it."""
         prompt = [int(t) for t in prompt]
         if not prompt or not all(0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"the prompt must be a non-empty list of token ids in [0, {self.vocab_size})")
+            raise ConfigError(f"the prompt must be a non-empty list of token ids in [0, {self.vocab_size})")
         sampler = RequestSampler(self.model, params, prompt, seed, tokenizer=self.tokenizer, device=self.device)
         return EngineRequest(index=next(self._ids), prompt=prompt, sampler=sampler, sink=sink,
                              text=TextAssembler(self.tokenizer, stop), logprobs=logprobs)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from moe_infer.errors import ConfigError
 
 __all__ = ["SamplingParams", "RequestSampler", "sampling_params"]
 
@@ -58,17 +59,17 @@ def sampling_params(model: nn.Module, **fields: Any) -> SamplingParams:
 
     generation_config = getattr(model, "generation_config", None)
     if generation_config is None:
-        raise ValueError(f"{type(model).__name__} has no generation_config: not a transformers generative model")
+        raise ConfigError(f"{type(model).__name__} has no generation_config: not a transformers generative model")
     config, unused = model._prepare_generation_config(None, **fields)
     if unused:
         raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, sorted(unused)))}: not "
                         f"GenerationConfig fields")
     mode = config.get_generation_mode()
     if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
-        raise ValueError(f"decoding mode {mode.value!r} is not supported here; only greedy search (do_sample=False) "
+        raise ConfigError(f"decoding mode {mode.value!r} is not supported here; only greedy search (do_sample=False) "
                          f"and multinomial sampling (do_sample=True) with num_beams=1")
     if (config.num_return_sequences or 1) != 1:
-        raise ValueError(f"num_return_sequences={config.num_return_sequences}: one sequence per request here "
+        raise ConfigError(f"num_return_sequences={config.num_return_sequences}: one sequence per request here "
                          f"(send the request several times, with other seeds)")
     return SamplingParams(config=config,
                           default_max_length=fields.get("max_length") is None and generation_config.max_length is None,
@@ -95,7 +96,7 @@ class RequestSampler:
         model._prepare_generated_length(config, params.default_max_length, params.default_min_length, "input_ids",
                                         len(prompt), None)
         if config.max_length <= len(prompt):
-            raise ValueError(f"the prompt has {len(prompt)} tokens and max_length is {config.max_length}: no room for "
+            raise ConfigError(f"the prompt has {len(prompt)} tokens and max_length is {config.max_length}: no room for "
                              f"a new token (set max_new_tokens)")
         self.config = config
         self.prompt_length = len(prompt)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_infer.config import MoEConfig
+from moe_infer.errors import ConfigError, MissingFile
 
 __all__ = ["ServerOptions", "check_dependencies", "load_served_model", "serve"]
 DEPENDENCIES = ("fastapi", "uvicorn", "prometheus_client")  # the serve extra
@@ -47,7 +48,7 @@ def check_dependencies() -> None:
 
     missing = [name for name in DEPENDENCIES if find_spec(name) is None]
     if missing:
-        raise ValueError(f"serving needs the serve extra (missing: {', '.join(missing)}): "
+        raise ConfigError(f"serving needs the serve extra (missing: {', '.join(missing)}): "
                          f"pip install 'moe-infer[serve]'")
 
 
@@ -81,7 +82,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     sock.listen(2048)  # connections made before uvicorn runs wait in the backlog
     return sock
 
@@ -98,13 +99,13 @@ def serve(model_name: str, config: MoEConfig, options: ServerOptions) -> int:
     logging.basicConfig(level=options.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     disable_created_metrics()  # the *_created series only repeat the start time
     if options.chat_template is not None and not os.path.isfile(options.chat_template):
-        raise FileNotFoundError(f"--chat-template {options.chat_template!r}: no such file")
+        raise MissingFile(f"--chat-template {options.chat_template!r}: no such file")
     sock = _listen(options.host, options.port)  # before the model loads: a taken port fails at once
     try:
         model, tokenizer = load_served_model(model_name, config, device=options.device, dtype=options.dtype)
         if options.chat_template is not None:
             if tokenizer is None:
-                raise ValueError(f"--chat-template: the model {model_name!r} has no tokenizer to apply it with")
+                raise ConfigError(f"--chat-template: the model {model_name!r} has no tokenizer to apply it with")
             with open(options.chat_template, encoding="utf-8") as file:
                 tokenizer.chat_template = file.read()
         context = options.max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
