@@ -15,6 +15,7 @@ so the command line answers `--help` and argument errors without loading torch o
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -29,7 +30,7 @@ _NAMES = {
     "UnsupportedModel": "moe_infer.families", "supported_families": "moe_infer.families",
     "Trace": "moe_infer.trace",
 }
-# subpackages and modules reachable as attributes of `moe_infer`
+# the public subpackages and modules (any other submodule is reachable as an attribute too)
 _MODULES = ("api", "assets", "batching", "benchmarks", "cache", "config", "corpus", "errors", "executor", "experts",
             "families", "kernels", "models", "parallel", "placement", "predictors", "profiler", "routing", "serving",
             "trace", "trace_stats")
@@ -41,7 +42,7 @@ __all__ = ["MoEConfig", "Trace", "UnsupportedModel", "executor", "generate_many"
 def __getattr__(name: str):
     if name in _NAMES:
         value = getattr(importlib.import_module(_NAMES[name]), name)
-    elif name in _MODULES:
+    elif name in _MODULES or (not name.startswith("_") and importlib.util.find_spec(f"moe_infer.{name}")):
         value = importlib.import_module(f"moe_infer.{name}")
     else:
         raise AttributeError(f"module 'moe_infer' has no attribute {name!r}")
