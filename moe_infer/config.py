@@ -35,7 +35,14 @@ _BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_bytes(value: int | str, *, name: str = "value") -> int:
-    """Return a byte count from an int or a string like "20GiB", "512MB", "1.5 GiB"."""
+    """Return a byte count from an int or a string like "20GiB", "512MB", "1.5 GiB".
+
+    Units as `transformers.utils.hub.convert_file_size_to_int` reads them (KiB/MiB/GiB = 2**10/20/30,
+    KB/MB/GB = 10**3/6/9; tests/test_config.py checks that both agree), which this does not call
+    because it rejects what a budget needs: decimals ("1.5GiB"), TB/TiB, a plain byte count as a
+    string, a space before the unit; it also reads "20Gb" as bits (20 * 10**9 / 8), where a user
+    writing a memory budget means bytes: here the unit is case-insensitive and always bytes.
+    """
     if isinstance(value, bool):
         raise ConfigError(f"{name}={value!r}: expected a byte count (int) or a size string like '20GiB'")
     if isinstance(value, int):

@@ -1,4 +1,4 @@
-"""MoEConfig validation, byte budgets, and what wrap does with fields this version cannot run."""
+"""MoEConfig validation, byte budgets, and what wrap does with fields this machine cannot run."""
 
 import pytest
 import torch
@@ -16,6 +16,17 @@ from moe_infer.config import MoEConfig, parse_bytes
 ])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["20GiB", "3MIB", "7kib", "512MB", "5GB", "64KB", "1mB"])
+def test_parse_bytes_agrees_with_transformers_where_both_read_bytes(text):
+    """transformers.utils.hub.convert_file_size_to_int reads the same units the same way (KiB = 2**10,
+    KB = 10**3); ours also takes decimals, TB / TiB, plain byte counts and spaces, and reads a
+    lower-case "b" as bytes where transformers reads "5Gb" as bits."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    assert parse_bytes(text) == convert_file_size_to_int(text)
+    assert convert_file_size_to_int("8Mb") == 10**6 and parse_bytes("8Mb") == 8 * 10**6  # bits there, bytes here
 
 
 @pytest.mark.parametrize("bad", ["lots", "-1GiB", "0", 0, -5, True, "12 parsecs", 1.5])
