@@ -27,7 +27,7 @@ from .fp8 import DEFAULT_BLOCK, dequantize, scale_shape
 from .hub_layouts import INDEX_FILE, ConversionPlan, LayerPlan, SourceCheckpoint, plan_conversion
 from .math import ExpertTensors
 from .store import DENSE_FILE, FORMAT, FP8_METHOD, MANIFEST, dtype_name, load_manifest, parse_dtype, verify
-from .tensorfile import CheckpointError, TensorWriter
+from .tensorfile import FAST_HASH, CheckpointError, TensorWriter, fast_hasher
 from moe_infer.errors import ConfigError
 
 PARTIAL_SUFFIX = ".moe_infer-partial"
@@ -137,7 +137,10 @@ class _Converter:
             del tensor  # before the next read: one source tensor in memory at a time
             self.progress(self.source.spec(item.key).nbytes)
         writer.close()
-        return {"file": DENSE_FILE, "nbytes": os.path.getsize(path), "sha256": writer.sha256.hexdigest()}
+        entry = {"file": DENSE_FILE, "nbytes": os.path.getsize(path), "sha256": writer.sha256.hexdigest()}
+        if writer.fast is not None:
+            entry[FAST_HASH] = writer.fast.hexdigest()
+        return entry
 
     # -- experts
     def _expert_specs(self, plan: LayerPlan, e: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -197,16 +200,21 @@ class _Converter:
         relative = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
         entries = []
         for e in range(g.num_experts):
-            digest = hashlib.sha256()
+            digest, fast = hashlib.sha256(), fast_hasher()
             nbytes = 0
             offset = writer.offsets[f"e{e}.w13"]
             for kind, block in self._expert_parts(plan, e):
                 data = writer.write(f"e{e}.{kind}", block)
                 digest.update(data)
+                if fast is not None:
+                    fast.update(data)
                 nbytes += len(data)
                 del data, block
-            entries.append({"layer": plan.layer_idx, "expert": e, "file": relative.replace(os.sep, "/"),
-                            "offset": offset, "nbytes": nbytes, "sha256": digest.hexdigest()})
+            entry = {"layer": plan.layer_idx, "expert": e, "file": relative.replace(os.sep, "/"),
+                     "offset": offset, "nbytes": nbytes, "sha256": digest.hexdigest()}
+            if fast is not None:
+                entry[FAST_HASH] = fast.hexdigest()
+            entries.append(entry)
             self.progress(nbytes)
         writer.close()
         return entries

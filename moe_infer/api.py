@@ -145,7 +145,8 @@ def _verify_routing(layer: MoELayer) -> None:
 
 
 def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.device | None = None,
-         in_memory: bool = False, converted_dir: str | os.PathLike | None = None, **fields: Any) -> nn.Module:
+         in_memory: bool = False, converted_dir: str | os.PathLike | None = None, checksums: str = "first",
+         **fields: Any) -> nn.Module:
     """A wrapped model from a converted checkpoint directory or a plain `transformers` directory
     (MoEConfig fields as keywords).
 
@@ -155,6 +156,11 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
     into `converted_dir` (default: `$MOE_INFER_CACHE/converted/<fingerprint>`, see
     `moe_infer.envs`) and loaded from there; with `in_memory=True` it is instead loaded whole with
     `from_pretrained` and wrapped (experts in memory, as `wrap` on a loaded model).
+
+    `checksums` (converted checkpoints): "first" (default) checks each expert's bytes against the
+    manifest the first time they are read from disk and the dense file as it loads; "every" checks
+    every read; "off" skips both (saves the hashing: 0.1-0.3 of a page-cache read with xxh3_64,
+    see bench/results/checksums.md), for files just checked by `verify`.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -168,7 +174,7 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
         if in_memory:
             raise ConfigError(f"load: {path!r} is a converted checkpoint; in_memory=True applies to plain "
                              f"transformers directories only")
-        return load_converted(path, dtype=dtype, device=device, fields=fields)
+        return load_converted(path, dtype=dtype, device=device, fields=fields, checksums=checksums)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ConfigError(f"load: {path!r} has no config.json; expected a transformers model directory or a "
                          f"converted checkpoint")
@@ -184,4 +190,4 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
 
     target = os.fspath(converted_dir) if converted_dir is not None else default_converted_dir(path)
     convert(path, target)
-    return load_converted(target, dtype=dtype, device=device, fields=fields)
+    return load_converted(target, dtype=dtype, device=device, fields=fields, checksums=checksums)

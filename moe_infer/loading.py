@@ -11,7 +11,6 @@ Does not own the checkpoint format (`moe_infer.experts.store`) or conversion (`.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import torch
@@ -61,16 +60,17 @@ def expert_parameter_names(model: nn.Module, blocks) -> set[str]:
 
 
 def load_converted(path: str, *, dtype: Any = "auto", device: str | torch.device | None = None,
-                   fields: dict | None = None) -> nn.Module:
-    """A wrapped model over a converted checkpoint directory (see `moe_infer.load`)."""
+                   fields: dict | None = None, checksums: str = "first") -> nn.Module:
+    """A wrapped model over a converted checkpoint directory (see `moe_infer.load`; `checksums` as
+    `ExpertStore.open`)."""
     from transformers import AutoConfig
 
     from moe_infer.api import wrap
     from moe_infer.experts.store import DENSE_FILE, ExpertStore, StoreExperts
-    from moe_infer.experts.tensorfile import CheckpointError, TensorFile
+    from moe_infer.experts.tensorfile import CheckpointError
     from moe_infer.families import find_moe_blocks
 
-    store = ExpertStore.open(path)
+    store = ExpertStore.open(path, checksums=checksums)
     config = AutoConfig.from_pretrained(path)
     want = None if dtype in ("auto", None) else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     model = skeleton(config, want)
@@ -81,13 +81,11 @@ def load_converted(path: str, *, dtype: Any = "auto", device: str | torch.device
                               f"lists {store.moe_layers}")
     expert_params = expert_parameter_names(model, blocks)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    with TensorFile(os.path.join(path, DENSE_FILE)) as dense:
-        state = {}
-        for name in dense.keys():
-            tensor = dense.read(name)
-            if want is not None and tensor.is_floating_point() and not any(p in name for p in keep_fp32):
-                tensor = tensor.to(want)
-            state[name] = tensor
+    state = {}
+    for name, tensor in store.dense_tensors():  # checked against the manifest once the loop ends
+        if want is not None and tensor.is_floating_point() and not any(p in name for p in keep_fp32):
+            tensor = tensor.to(want)
+        state[name] = tensor
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     unexpected = list(result.unexpected_keys)
