@@ -25,11 +25,11 @@ from torch import nn
 
 from .convert import PARTIAL_SUFFIX, layer_file
 from .math import ExpertTensors
-from .store import FORMAT, MANIFEST, ExpertStore, StoreExperts, dtype_name, load_manifest
-from .tensorfile import TensorWriter
+from .store import FORMAT, MANIFEST, OFFLOAD_SOURCE, ExpertStore, StoreExperts, dtype_name, load_manifest
+from .tensorfile import FAST_HASH, TensorWriter, fast_hasher
 from moe_infer.errors import ConfigError
 
-SOURCE_KIND = "offload"  # manifest["source"]["kind"] of a directory this module wrote
+SOURCE_KIND = OFFLOAD_SOURCE  # manifest["source"]["kind"] of a directory this module wrote
 
 
 def _canonical(source, expert: int) -> list[tuple[str, torch.Tensor]]:
@@ -135,14 +135,19 @@ def _write_layer(path: str, layer) -> list[dict]:
     writer = TensorWriter(path, specs, {"format": "moe_infer.experts", "layer": str(layer.layer_idx)})
     entries = []
     for e in range(layer.num_experts):
-        digest, nbytes = hashlib.sha256(), 0
         offset = writer.offsets[f"e{e}.w13"]
+        digest, fast, nbytes = hashlib.sha256(), fast_hasher(), 0  # fast: what ExpertStore.read checks
         for kind, tensor in _canonical(source, e):  # one expert in memory at a time
             data = writer.write(f"e{e}.{kind}", tensor)
             digest.update(data)
+            if fast is not None:
+                fast.update(data)
             nbytes += len(data)
-        entries.append({"layer": layer.layer_idx, "expert": e, "file": layer_file(layer.layer_idx),
-                        "offset": offset, "nbytes": nbytes, "sha256": digest.hexdigest()})
+        entry = {"layer": layer.layer_idx, "expert": e, "file": layer_file(layer.layer_idx),
+                 "offset": offset, "nbytes": nbytes, "sha256": digest.hexdigest()}
+        if fast is not None:
+            entry[FAST_HASH] = fast.hexdigest()
+        entries.append(entry)
     writer.close()
     return entries
 
