@@ -42,6 +42,9 @@ from moe_infer.errors import ConfigError
 FORMAT = "moe_infer.checkpoint/1"
 MANIFEST = "moe_infer.json"
 DENSE_FILE = "dense.safetensors"
+# manifest["source"]["kind"] of an in-memory model's experts (MoEConfig.offload_dir,
+# moe_infer.experts.offload): no dense files, the model keeps its dense weights in memory
+OFFLOAD_SOURCE = "offload"
 # the tensors one expert may hold, in the order the converter writes them
 EXPERT_TENSORS = ("w13", "w2", "b13", "b2", "w13_scale", "w2_scale")
 FP8_METHOD = "fp8_block"
@@ -265,7 +268,8 @@ class ExpertStore:
                 _require(layouts[layer].parts == layout.parts,
                          f"{root}: expert (layer {layer}, expert {expert}) is laid out differently from expert 0 "
                          f"of its layer")
-        _dense_entries(manifest, root)
+        if manifest["source"].get("kind") != OFFLOAD_SOURCE:  # an offload directory holds experts only
+            _dense_entries(manifest, root)
         return cls(root, manifest, entries, layouts, checksums)
 
     # -- geometry

@@ -79,8 +79,9 @@ def wrap(model: nn.Module, config: MoEConfig | None = None, **fields: Any) -> nn
 def unwrap(model: nn.Module) -> nn.Module:
     """Put the original MoE blocks back; the model then computes exactly what it did before `wrap`.
 
-    Refused for a model loaded from a converted checkpoint: its experts live only in the store
-    (their parameters are on the `meta` device), so the original blocks could not run.
+    Refused for a model loaded from a converted checkpoint or wrapped with `offload_dir`: its experts
+    live only in the store (their parameters are on the `meta` device), so the original blocks
+    could not run.
 
     A model wrapped with `parallel` holds only its rank's slice of every expert; unwrap gathers the
     full weights back (bit-exact) with an all-gather, so every rank of the job must call it."""
@@ -88,10 +89,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     from moe_infer.loading import expert_store_of
 
     if expert_store_of(model) is not None:
-        raise ConfigError(f"unwrap: this {type(model).__name__} was loaded from the converted checkpoint "
-                         f"{expert_store_of(model).root}; its experts are read from that store and are not in "
-                         f"memory, so there are no original MoE blocks to restore (load the transformers "
-                         f"directory with moe_infer.load(path, in_memory=True) to get an unwrappable model)")
+        raise ConfigError(f"unwrap: this {type(model).__name__} reads its experts from the expert store "
+                         f"{expert_store_of(model).root} (a converted checkpoint it was loaded from, or its "
+                         f"MoEConfig.offload_dir); they are not in memory, so there are no original MoE blocks "
+                         f"to restore (load the transformers directory with moe_infer.load(path, "
+                         f"in_memory=True) and no offload_dir to get an unwrappable model)")
     ex.close()
     ex.stop_parallel()  # a parallel model's experts hold one slice per rank: gathered back first
     for layer in ex.layers:

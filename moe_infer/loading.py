@@ -153,10 +153,15 @@ def load_converted(path: str, *, dtype: Any = "auto", device: str | torch.device
         module_source = layer.expert_source
         layer.expert_source = StoreExperts(store, layer.layer_idx, module_source.activation, device=target_device,
                                            dtype=want)
-    object.__setattr__(model, _STORE_ATTR, store)
+    mark_store_backed(model, store)
     if fields:
         wrap(model, **fields)  # budgets: the tiered cache is built over the store (moe_infer.cache.setup)
     return model
+
+
+def mark_store_backed(model: nn.Module, store) -> None:
+    """Record that `model`'s experts are read from `store` and not held in memory (`unwrap` refuses)."""
+    object.__setattr__(model, _STORE_ATTR, store)
 
 
 def expert_store_of(model: nn.Module):
