@@ -441,7 +441,8 @@ def _sha256_file_range(fd: int, offset: int, nbytes: int, chunk: int = 64 << 20)
 
 def verify(root: str | os.PathLike, progress=None) -> dict:
     """Check a converted checkpoint completely: the manifest, every file header, every expert's
-    shapes, dtypes and sha256, and the dense files' checksums. Raises `CheckpointError` on the first
+    shapes, dtypes and sha256, the dense files' checksums, and that config.json builds the model
+    the manifest describes (`moe_infer.loading.check_against_manifest`). Raises `CheckpointError` on the first
     problem; returns a summary dict."""
     root = os.fspath(root)
     store = ExpertStore.open(root)
@@ -468,6 +469,10 @@ def verify(root: str | os.PathLike, progress=None) -> dict:
                 os.close(fd)
             _require(ok, f"{root}: {item['file']}: sha256 mismatch (the file is corrupt; convert again)")
             checked_bytes += size
+        from moe_infer.loading import build_from_config, check_against_manifest
+
+        _, _, blocks = build_from_config(root)
+        check_against_manifest(root, store, blocks)
     finally:
         store.close()
     return {"experts": len(store._entries), "moe_layers": len(store.moe_layers), "bytes": checked_bytes}
