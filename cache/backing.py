@@ -1,8 +1,8 @@
 """Backing sources: where the expert cache reads an expert it does not hold.
 
 A backing source is the outermost tier: the model's own expert weights in host memory
-(`ModuleBacking`, over the layers' `ModuleExperts`) or a converted checkpoint on disk
-(`StoreBacking`, over `moe_infer.experts.store.ExpertStore`, memory-mapped). Both answer the same
+(`ModuleBacking`, over the layers' `ModuleExperts`) or a converted checkpoint or offload directory on disk
+(`StoreBacking`, over `moe_infer.experts.store.ExpertStore`: one positional read per expert, no memory map). Both answer the same
 three questions: how big is an expert of a layer, what does an empty expert of that layer look
 like (to allocate cache buffers), and read expert e of layer l into given buffers.
 

@@ -17,7 +17,11 @@ from moe_infer.errors import ConfigError, UnknownField
 KERNELS = ("auto", "triton", "torch")
 CACHE_POLICIES = ("lru", "lfu", "expertflow", "static")
 SIMULATOR_ONLY_POLICIES = ("belady",)
-PREDICTORS = ("gate-lookahead", "markov", "expertflow", "pregate")
+# Predictor kinds `MoEConfig.predictor` can name without a file: gate-lookahead reuses the model's own
+# routers and needs no training. The learned kinds need a trace to train on, which a config does not
+# have: they are refused here, with what works instead.
+PREDICTORS = ("gate-lookahead",)
+TRAINED_PREDICTORS = ("markov", "expertflow", "pregate", "frequency")
 LOADERS = ("on-demand", "ring")
 CPU_COMPUTE = ("never", "auto", "always")
 PARALLEL_MODES = ("auto", "ep", "tp")
@@ -31,7 +35,14 @@ _BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_bytes(value: int | str, *, name: str = "value") -> int:
-    """Return a byte count from an int or a string like "20GiB", "512MB", "1.5 GiB"."""
+    """Return a byte count from an int or a string like "20GiB", "512MB", "1.5 GiB".
+
+    Units as `transformers.utils.hub.convert_file_size_to_int` reads them (KiB/MiB/GiB = 2**10/20/30,
+    KB/MB/GB = 10**3/6/9; tests/test_config.py checks that both agree), which this does not call
+    because it rejects what a budget needs: decimals ("1.5GiB"), TB/TiB, a plain byte count as a
+    string, a space before the unit; it also reads "20Gb" as bits (20 * 10**9 / 8), where a user
+    writing a memory budget means bytes: here the unit is case-insensitive and always bytes.
+    """
     if isinstance(value, bool):
         raise ConfigError(f"{name}={value!r}: expected a byte count (int) or a size string like '20GiB'")
     if isinstance(value, int):
@@ -79,7 +90,8 @@ class MoEConfig:
         "metavar": "BYTES", "help": "byte budget of the CPU expert tier (pinned host memory beside a GPU tier; "
                                     "on a CPU model the only tier), e.g. 2GiB"})
     offload_dir: str | os.PathLike | None = field(default=None, metadata={
-        "metavar": "DIR", "help": "disk tier for experts (a converted checkpoint is its own disk tier)"})
+        "metavar": "DIR", "help": "a disk tier for an in-memory model: its experts are written there once, then "
+                                  "read from disk (a converted checkpoint is its own disk tier)"})
     cache_policy: str = field(default="lru", metadata={
         "choices": CACHE_POLICIES, "help": "which expert a full tier evicts; static pins a trace's hot set, "
                                            "expertflow shares room between layers by predicted need"})
@@ -94,12 +106,13 @@ class MoEConfig:
         "choices": CPU_COMPUTE, "help": "run a missed expert on the CPU instead of fetching it; auto decides "
                                         "by a cost model measured at start-up"})
     token_scheduling: bool = field(default=False, metadata={
-        "help": "expert-aware batching: group requests whose next tokens use the same experts"})
+        "help": "expert-aware batching: generate and serve group requests whose next tokens use the same "
+                "experts (scheduler expert instead of fcfs); a forward pass computes exactly the same"})
     placement: str | os.PathLike | None = field(default=None, metadata={
         "metavar": "PLAN", "help": "a saved placement plan (moe-infer placement ... --out PLAN)"})
     parallel: str | int | None = field(default=None, metadata={
-        "metavar": "MODE|R", "type": lambda value: int(value) if value.isdigit() else value, "help": f"expert parallelism over torch.distributed ranks: "
-                                     f"{', '.join(PARALLEL_MODES)} or a sharding factor r"})
+        "metavar": "MODE|R", "type": lambda value: int(value) if value.isdigit() else value,
+        "help": f"expert parallelism over torch.distributed ranks: {', '.join(PARALLEL_MODES)} or a sharding factor r"})
     routing_override: Any = field(default=None, repr=False, metadata={"flag": False})  # a Trace: no command-line form
 
     def __post_init__(self) -> None:
@@ -117,11 +130,15 @@ class MoEConfig:
             )
         _choice("cache_policy", self.cache_policy, CACHE_POLICIES)
         if self.predictor is not None and self.predictor not in PREDICTORS:
-            if not isinstance(self.predictor, (str, os.PathLike)) or not os.path.exists(self.predictor):
+            works = "None, 'gate-lookahead' (no training), or the path of a saved predictor file"
+            if self.predictor in TRAINED_PREDICTORS and not os.path.exists(self.predictor):
                 raise ConfigError(
-                    f"MoEConfig.predictor={self.predictor!r}: expected None, one of "
-                    f"{', '.join(map(repr, PREDICTORS))}, or the path of a saved predictor"
+                    f"MoEConfig.predictor={self.predictor!r}: a {self.predictor} predictor must be trained first "
+                    f"(`moe-infer predictor train --kind {self.predictor} --trace T --out P`, or "
+                    f"moe_infer.predictors.train); what works here: {works}"
                 )
+            if not isinstance(self.predictor, (str, os.PathLike)) or not os.path.exists(self.predictor):
+                raise ConfigError(f"MoEConfig.predictor={self.predictor!r}: expected {works}")
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
             raise ConfigError(f"MoEConfig.prefetch_depth={self.prefetch_depth!r}: expected an int >= 0")
         _choice("loader", self.loader, LOADERS)
