@@ -223,3 +223,45 @@ def test_kill_between_publish_and_marker_removal(mixtral, tmp_path):
     assert convert(src, path, verify_after=True)["skipped"]
     assert not os.path.exists(os.path.join(path, ".moe_infer_partial"))
     torch.testing.assert_close(_logits(moe_infer.load(path)), reference, rtol=1e-5, atol=1e-5)
+
+
+# -- bad sources: one named error from convert, nothing written
+
+def _bad_source(mixtral, tmp_path, *, tensors=None, config=None) -> str:
+    """A copy of tiny-mixtral with `tensors(state)` applied to its weights and `config` merged into config.json."""
+    from safetensors.torch import load_file, save_file
+
+    src, _, _ = mixtral
+    path = _copy(src, tmp_path, "bad")
+    weights = os.path.join(path, "model.safetensors")
+    if tensors is not None:
+        state = load_file(weights)
+        tensors(state)
+        save_file(state, weights, metadata={"format": "pt"})
+    if config is not None:
+        with open(os.path.join(path, "config.json")) as f:
+            merged = {**json.load(f), **config}
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(merged, f)
+    return path
+
+
+def _as_int32(state, key="model.layers.3.block_sparse_moe.experts.5.w3.weight"):
+    state[key] = state[key].view(torch.int32)  # another dtype, the same bytes and byte size
+
+
+@pytest.mark.parametrize("tensors, config, message", [
+    (lambda state: state.pop("model.layers.1.self_attn.q_proj.weight"), None,
+     r"lacks 1 weight\(s\) of MixtralForCausalLM: model\.layers\.1\.self_attn\.q_proj\.weight"),
+    (None, {"hidden_size": 64}, r"model\.safetensors: tensor \S+ has shape \[\d+, 128\]"),
+    (None, {"intermediate_size": 64},
+     r"model\.safetensors: tensor model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight has shape \[96, 128\].*"
+     r"the experts of model\.layers\.0\.mlp \(H=128, I=64"),
+    (_as_int32, None, r"model\.safetensors: tensor model\.layers\.3\.block_sparse_moe\.experts\.5\.w3\.weight is int32"),
+], ids=["missing-dense-tensor", "hidden-size", "intermediate-size", "expert-dtype"])
+def test_bad_source_is_refused_by_convert(mixtral, tmp_path, tensors, config, message):
+    src = _bad_source(mixtral, tmp_path, tensors=tensors, config=config)
+    dst = tmp_path / "dst"
+    with pytest.raises(CheckpointError, match=message):
+        convert(src, dst, verify_after=True)
+    assert not os.path.exists(dst) and not os.path.exists(str(dst) + ".moe_infer-partial")
