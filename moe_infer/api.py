@@ -93,6 +93,7 @@ def unwrap(model: nn.Module) -> nn.Module:
                          f"memory, so there are no original MoE blocks to restore (load the transformers "
                          f"directory with moe_infer.load(path, in_memory=True) to get an unwrappable model)")
     ex.close()
+    ex.detach()
     ex.stop_parallel()  # a parallel model's experts hold one slice per rank: gathered back first
     for layer in ex.layers:
         parent_name, _, attr = layer.block_name.rpartition(".")

@@ -113,6 +113,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                  "cpu_compute", "placement"):
         config_flags.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
     config_flags.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, default=None)
+    config_flags.add_argument("--load-timeout", dest="load_timeout", type=float, default=None,
+                              help="seconds a forward waits for one expert's load before it fails")
     config_flags.add_argument("--token-scheduling", dest="token_scheduling", action="store_true", default=None)
     config_flags.add_argument("--parallel", dest="parallel", default=None, type=lambda v: int(v) if v.isdigit() else v)
 

@@ -83,6 +83,7 @@ class MoEConfig:
     token_scheduling: bool = False
     placement: str | os.PathLike | None = None
     parallel: str | int | None = None
+    load_timeout: float = 120.0  # seconds a forward waits for one expert's load before it fails
     routing_override: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +110,10 @@ class MoEConfig:
             raise ConfigError(f"MoEConfig.prefetch_depth={self.prefetch_depth!r}: expected an int >= 0")
         _choice("loader", self.loader, LOADERS)
         _choice("cpu_compute", self.cpu_compute, CPU_COMPUTE)
+        if isinstance(self.load_timeout, bool) or not isinstance(self.load_timeout, (int, float)) \
+                or not self.load_timeout > 0:
+            raise ConfigError(f"MoEConfig.load_timeout={self.load_timeout!r}: expected a number of seconds > 0")
+        self.load_timeout = float(self.load_timeout)
         if not isinstance(self.token_scheduling, bool):
             raise ConfigError(f"MoEConfig.token_scheduling={self.token_scheduling!r}: expected True or False")
         if self.placement is not None:
