@@ -1,4 +1,4 @@
-"""Public entry points: `wrap`, `unwrap`, `executor`, `load` (DESIGN section 3).
+"""Public entry points: `wrap`, `unwrap`, `executor`, `load`.
 
 `wrap` replaces every sparse MoE block of a model, in place, by a `MoELayer` that computes the
 same outputs. Everything that can fail is checked before the first block is replaced, so an

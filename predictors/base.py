@@ -1,4 +1,4 @@
-"""The `Predictor` base class: what every routing predictor shares (DESIGN sections 3-5).
+"""The `Predictor` base class: what every routing predictor shares.
 
 This module owns the predictor contract, the model signature a predictor is bound to (a trace of
 another model is refused), evaluation (recall of the true experts among the predicted top-K per
