@@ -1,7 +1,7 @@
 """Backing sources: where the expert cache reads an expert it does not hold.
 
 A backing source is the outermost tier: the model's own expert weights in host memory
-(`ModuleBacking`, over the layers' `ModuleExperts`) or a converted checkpoint on disk
+(`ModuleBacking`, over the layers' `ModuleExperts`) or a converted checkpoint or offload directory on disk
 (`StoreBacking`, over `moe_infer.experts.store.ExpertStore`, positional reads). Both answer the
 same questions: how big is an expert of a layer, how it lies in a cache slot, write expert e of
 layer l into a slot, and give it (or one of its projections) for a call that runs it uncached.

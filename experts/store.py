@@ -13,6 +13,14 @@ one positional read (`os.preadv`) into one buffer (pinned when asked and CUDA is
 returned tensors are views into that buffer. No memory map: touching mapped pages would count
 the whole file in the process's RSS (see `tensorfile`); with positional reads RSS holds the
 buffers the caller keeps, and nothing else.
+
+Checksums (the manifest's contract): every expert entry has `sha256` (of its byte range) and,
+since the per-read check, `xxh3_64` (16 hex digits; the same bytes); every `dense` entry has
+`sha256` and `xxh3_64` of the whole file. `verify` checks every sha256. `read` checks an expert
+against `xxh3_64` the first time it reads it (`checksums="every"`: every time; `"off"`: never), and
+`dense_tensors` checks each dense file as it streams it. A manifest without `xxh3_64` (written
+before it existed) is still checked, with its sha256: slower (about 1 GB/s instead of 10), never
+skipped. A mismatch is a `CheckpointError` naming the file and the expert; the bytes are not used.
 """
 
 from __future__ import annotations
@@ -27,15 +35,22 @@ import torch
 
 from .fp8 import dequantize, scale_shape
 from .math import Activation, ExpertTensors, as_activation, projection_tensors
-from .tensorfile import DTYPES, CheckpointError, as_tensor, empty_buffer, pread_into, read_header
+from .tensorfile import (DTYPES, FAST_HASH, CheckpointError, TensorFile, as_tensor, empty_buffer, fast_digest,
+                         fast_hasher, pread_into, read_header)
 from moe_infer.errors import ConfigError
 
 FORMAT = "moe_infer.checkpoint/1"
 MANIFEST = "moe_infer.json"
 DENSE_FILE = "dense.safetensors"
+# manifest["source"]["kind"] of an in-memory model's experts (MoEConfig.offload_dir,
+# moe_infer.experts.offload): no dense files, the model keeps its dense weights in memory
+OFFLOAD_SOURCE = "offload"
 # the tensors one expert may hold, in the order the converter writes them
 EXPERT_TENSORS = ("w13", "w2", "b13", "b2", "w13_scale", "w2_scale")
 FP8_METHOD = "fp8_block"
+# when `read` checks an expert's bytes against the manifest: the first time each expert is read
+# (default), on every read, or never (the caller vouches for the files, e.g. right after `verify`)
+CHECKSUM_MODES = ("first", "every", "off")
 _DTYPE_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in DTYPES.values()}
 
 
@@ -68,6 +83,11 @@ class ExpertEntry:
     offset: int
     nbytes: int
     sha256: str
+    xxh3_64: str | None = None  # absent in manifests written before the per-read checksum
+
+
+def _is_hex(value: object, digits: int) -> bool:
+    return isinstance(value, str) and len(value) == digits and all(c in "0123456789abcdef" for c in value)
 
 
 def _require(cond: bool, message: str) -> None:
@@ -111,7 +131,7 @@ def _entries(manifest: dict, root: str) -> dict[tuple[int, int], ExpertEntry]:
     for raw in manifest["experts"]:
         try:
             entry = ExpertEntry(int(raw["layer"]), int(raw["expert"]), raw["file"], int(raw["offset"]),
-                                int(raw["nbytes"]), str(raw["sha256"]))
+                                int(raw["nbytes"]), str(raw["sha256"]), raw.get(FAST_HASH))
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{root}: malformed expert entry {raw!r} (needs layer, expert, file, offset, "
                                   f"nbytes, sha256)") from None
@@ -120,13 +140,26 @@ def _entries(manifest: dict, root: str) -> dict[tuple[int, int], ExpertEntry]:
                  f"{what} is outside moe_layers {sorted(layers)} x experts 0..{manifest['num_experts'] - 1}")
         _require((entry.layer, entry.expert) not in entries, f"{what} is listed twice")
         _require(entry.offset >= 0 and entry.nbytes > 0, f"{what}: offset {entry.offset} / nbytes {entry.nbytes} invalid")
-        _require(len(entry.sha256) == 64 and all(c in "0123456789abcdef" for c in entry.sha256),
-                 f"{what}: sha256 {entry.sha256!r} is not 64 hex digits")
+        _require(_is_hex(entry.sha256, 64), f"{what}: sha256 {entry.sha256!r} is not 64 hex digits")
+        _require(entry.xxh3_64 is None or _is_hex(entry.xxh3_64, 16),
+                 f"{what}: {FAST_HASH} {entry.xxh3_64!r} is not 16 hex digits")
         resolve_inside(root, entry.file, what)
         entries[(entry.layer, entry.expert)] = entry
     missing = len(layers) * manifest["num_experts"] - len(entries)
     _require(missing == 0, f"{root}: the manifest lacks {missing} of the {len(layers)} x {manifest['num_experts']} experts")
     return entries
+
+
+def _dense_entries(manifest: dict, root: str) -> list[dict]:
+    """The manifest's `dense` list, checked: [{"file", "nbytes", "sha256", optional "xxh3_64"}]."""
+    dense = manifest.get("dense")
+    _require(isinstance(dense, list) and dense, f"{root}: the manifest lists no dense files")
+    for item in dense:
+        _require(isinstance(item, dict) and isinstance(item.get("nbytes"), int) and _is_hex(item.get("sha256"), 64)
+                 and (item.get(FAST_HASH) is None or _is_hex(item[FAST_HASH], 16)),
+                 f"{root}: malformed dense entry {item!r} (needs file, nbytes, sha256 and optionally {FAST_HASH})")
+        resolve_inside(root, item.get("file"), f"{root}: dense file")
+    return dense
 
 
 @dataclass(frozen=True)
@@ -194,8 +227,12 @@ class ExpertStore:
     """
 
     def __init__(self, root: str, manifest: dict, entries: dict[tuple[int, int], ExpertEntry],
-                 layouts: dict[int, ExpertLayout]):
+                 layouts: dict[int, ExpertLayout], checksums: str = "first"):
+        if checksums not in CHECKSUM_MODES:
+            raise ConfigError(f"checksums={checksums!r}; allowed: {', '.join(map(repr, CHECKSUM_MODES))}")
         self.root = root
+        self.checksums = checksums
+        self._checked: set[tuple[int, int]] = set()  # experts whose bytes matched their checksum once
         self.manifest = manifest
         self._entries = entries
         self._layouts = layouts
@@ -211,11 +248,13 @@ class ExpertStore:
         self._lock = threading.Lock()
         self.reads = 0  # positional reads of expert bytes, by any caller (cache, CPU worker, StoreExperts)
         self.bytes_read = 0  # and their bytes: what "no second read" is checked against
+        self._kept_projections: dict = {}  # (layer, expert, projection) -> read with the other one (checksum)
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "ExpertStore":
-        """Validate the manifest and every layer file's header against it (no expert bytes are read:
-        checksums are `verify`'s job)."""
+    def open(cls, root: str | os.PathLike, checksums: str = "first") -> "ExpertStore":
+        """Validate the manifest and every layer file's header against it. No expert bytes are read
+        here: `read` checks each expert's checksum when it reads it (`checksums`, one of
+        CHECKSUM_MODES), `verify` checks them all."""
         root = os.fspath(root)
         manifest = load_manifest(root)
         entries = _entries(manifest, root)
@@ -232,7 +271,9 @@ class ExpertStore:
                 _require(layouts[layer].parts == layout.parts,
                          f"{root}: expert (layer {layer}, expert {expert}) is laid out differently from expert 0 "
                          f"of its layer")
-        return cls(root, manifest, entries, layouts)
+        if manifest["source"].get("kind") != OFFLOAD_SOURCE:  # an offload directory holds experts only
+            _dense_entries(manifest, root)
+        return cls(root, manifest, entries, layouts, checksums)
 
     # -- geometry
     def layout(self, layer_idx: int) -> ExpertLayout:
@@ -283,7 +324,15 @@ class ExpertStore:
                                  f"bytes, got {out.dtype} {tuple(out.shape)} on {out.device}")
             buffer = out[:entry.nbytes]
         self._pread(entry, buffer, 0, drop_page_cache)
+        key = (layer_idx, expert)
+        if self._needs_check(key):
+            self._check(entry, buffer)
+            with self._lock:
+                self._checked.add(key)
         return buffer
+
+    def _needs_check(self, key: tuple[int, int]) -> bool:
+        return self.checksums == "every" or (self.checksums == "first" and key not in self._checked)
 
     def _pread(self, entry: ExpertEntry, buffer: torch.Tensor, start: int, drop_page_cache: bool) -> None:
         """Every read of expert bytes goes through here: bytes `start..start + len(buffer)` of the
@@ -297,24 +346,73 @@ class ExpertStore:
             os.posix_fadvise(fd, entry.offset + start, buffer.numel(), os.POSIX_FADV_DONTNEED)
 
     def read_projection(self, layer_idx: int, expert: int, projection: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One projection of an expert, reading only its own bytes: "w13" -> (w13 [2I, H], b13 or
-        None), "w2" -> (w2 [H, I], b2 or None), dequantized when the checkpoint keeps FP8. The two
-        projections of an expert together read its range once (what a source that cannot keep an
-        expert between the two matmuls of a layer call needs)."""
+        """One projection of an expert: "w13" -> (w13 [2I, H], b13 or None), "w2" -> (w2 [H, I], b2 or
+        None), dequantized when the checkpoint keeps FP8. Reads only that projection's bytes, so the
+        two projections of an expert together read its range once (what a source that cannot keep
+        an expert between the two matmuls of a layer call needs). When the expert's checksum is
+        still to be checked, the whole range is read and checked instead, and the other
+        projection's bytes are kept until it is asked for (once), so nothing is read twice."""
         if projection not in ("w13", "w2"):
             raise ConfigError(f"read_projection: projection {projection!r} is not 'w13' or 'w2'")
+        key = (layer_idx, expert)
+        with self._lock:
+            kept = self._kept_projections.pop((*key, projection), None)
+        if kept is not None:
+            return kept
         entry = self.entry(layer_idx, expert)
+        layout = self.layout(layer_idx).parts
+        if self._needs_check(key):
+            raw = self.read_raw(layer_idx, expert)
+            parts = {kind: as_tensor(raw[off:off + torch.Size(shape).numel() * dtype.itemsize], dtype, shape)
+                     for kind, dtype, shape, off in layout}
+            other = "w2" if projection == "w13" else "w13"
+            with self._lock:
+                self._kept_projections[(*key, other)] = self._projection(parts, other)
+            return self._projection(parts, projection)
         wanted = {projection, "b" + projection[1:], projection + "_scale"}
         parts = {}
-        for kind, dtype, shape, off in self.layout(layer_idx).parts:
+        for kind, dtype, shape, off in layout:
             if kind in wanted:
                 raw = empty_buffer(torch.Size(shape).numel() * dtype.itemsize)
                 self._pread(entry, raw, off, False)
                 parts[kind] = as_tensor(raw, dtype, shape)
+        return self._projection(parts, projection)
+
+    def _projection(self, parts: dict, projection: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = parts[projection]
         if self.fp8_block is not None:
             weight = dequantize(weight, parts[projection + "_scale"], self.fp8_block, self.compute_dtype)
         return weight, parts.get("b" + projection[1:])
+
+    def _check(self, entry: ExpertEntry, buffer: torch.Tensor) -> None:
+        data = memoryview(buffer.numpy())
+        fast = fast_digest(data) if entry.xxh3_64 is not None else None
+        if fast is not None:
+            ok, algorithm = fast == entry.xxh3_64, FAST_HASH
+        else:
+            ok, algorithm = hashlib.sha256(data).hexdigest() == entry.sha256, "sha256"
+        if not ok:
+            raise CheckpointError(f"{os.path.join(self.root, entry.file)}: expert (layer {entry.layer}, expert "
+                                  f"{entry.expert}), bytes {entry.offset}..{entry.offset + entry.nbytes}: {algorithm} "
+                                  f"mismatch (the file is corrupt or changed after conversion; convert again)")
+
+    def dense_tensors(self):
+        """Every dense tensor as (name, CPU tensor), file by file. Each file is hashed as it streams
+        (no second read) and checked against the manifest once its last tensor is read: use the
+        tensors only after the loop ends without a `CheckpointError` (unless checksums="off")."""
+        for item in _dense_entries(self.manifest, self.root):
+            path = resolve_inside(self.root, item["file"], f"{self.root}: dense file")
+            fast = fast_hasher() if item.get(FAST_HASH) is not None else None
+            digest = fast if fast is not None else hashlib.sha256()
+            with TensorFile(path) as tensors:
+                _require(tensors.size == item["nbytes"], f"{path}: {tensors.size} bytes, the manifest says "
+                                                         f"{item['nbytes']} (truncated or changed; convert again)")
+                yield from tensors.read_all([digest] if self.checksums != "off" else [])
+            if self.checksums != "off":
+                want = item[FAST_HASH] if fast is not None else item["sha256"]
+                _require(digest.hexdigest() == want, f"{path}: {FAST_HASH if fast is not None else 'sha256'} "
+                                                     f"mismatch (the file is corrupt or changed after conversion; "
+                                                     f"convert again)")
 
     def tensors_from_bytes(self, layer_idx: int, raw: torch.Tensor) -> ExpertTensors:
         """ExpertTensors viewing an expert's stored bytes (dequantized copies when FP8 is kept)."""
@@ -412,7 +510,8 @@ def _sha256_file_range(fd: int, offset: int, nbytes: int, chunk: int = 64 << 20)
 
 def verify(root: str | os.PathLike, progress=None) -> dict:
     """Check a converted checkpoint completely: the manifest, every file header, every expert's
-    shapes, dtypes and sha256, and the dense files' checksums. Raises `CheckpointError` on the first
+    shapes, dtypes and sha256, the dense files' checksums, and that config.json builds the model
+    the manifest describes (`moe_infer.loading.check_against_manifest`). Raises `CheckpointError` on the first
     problem; returns a summary dict."""
     root = os.fspath(root)
     store = ExpertStore.open(root)
@@ -426,9 +525,7 @@ def verify(root: str | os.PathLike, progress=None) -> dict:
             checked_bytes += entry.nbytes
             if progress is not None:
                 progress(entry.nbytes)
-        dense = store.manifest.get("dense", [])
-        _require(isinstance(dense, list) and dense, f"{root}: the manifest lists no dense files")
-        for item in dense:
+        for item in _dense_entries(store.manifest, root):
             path = resolve_inside(root, item.get("file"), f"{root}: dense file")
             read_header(path)
             size = os.path.getsize(path)
@@ -441,6 +538,10 @@ def verify(root: str | os.PathLike, progress=None) -> dict:
                 os.close(fd)
             _require(ok, f"{root}: {item['file']}: sha256 mismatch (the file is corrupt; convert again)")
             checked_bytes += size
+        from moe_infer.loading import build_from_config, check_against_manifest
+
+        _, _, blocks = build_from_config(root)
+        check_against_manifest(root, store, blocks)
     finally:
         store.close()
     return {"experts": len(store._entries), "moe_layers": len(store.moe_layers), "bytes": checked_bytes}

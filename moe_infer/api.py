@@ -1,4 +1,4 @@
-"""Public entry points: `wrap`, `unwrap`, `executor`, `load` (DESIGN section 3).
+"""Public entry points: `wrap`, `unwrap`, `executor`, `load`.
 
 `wrap` replaces every sparse MoE block of a model, in place, by a `MoELayer` that computes the
 same outputs. Everything that can fail is checked before the first block is replaced, so an
@@ -79,8 +79,9 @@ def wrap(model: nn.Module, config: MoEConfig | None = None, **fields: Any) -> nn
 def unwrap(model: nn.Module) -> nn.Module:
     """Put the original MoE blocks back; the model then computes exactly what it did before `wrap`.
 
-    Refused for a model loaded from a converted checkpoint: its experts live only in the store
-    (their parameters are on the `meta` device), so the original blocks could not run.
+    Refused for a model loaded from a converted checkpoint or wrapped with `offload_dir`: its experts
+    live only in the store (their parameters are on the `meta` device), so the original blocks
+    could not run.
 
     A model wrapped with `parallel` holds only its rank's slice of every expert; unwrap gathers the
     full weights back (bit-exact) with an all-gather, so every rank of the job must call it."""
@@ -88,10 +89,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     from moe_infer.loading import expert_store_of
 
     if expert_store_of(model) is not None:
-        raise ConfigError(f"unwrap: this {type(model).__name__} was loaded from the converted checkpoint "
-                         f"{expert_store_of(model).root}; its experts are read from that store and are not in "
-                         f"memory, so there are no original MoE blocks to restore (load the transformers "
-                         f"directory with moe_infer.load(path, in_memory=True) to get an unwrappable model)")
+        raise ConfigError(f"unwrap: this {type(model).__name__} reads its experts from the expert store "
+                         f"{expert_store_of(model).root} (a converted checkpoint it was loaded from, or its "
+                         f"MoEConfig.offload_dir); they are not in memory, so there are no original MoE blocks "
+                         f"to restore (load the transformers directory with moe_infer.load(path, "
+                         f"in_memory=True) and no offload_dir to get an unwrappable model)")
     ex.close()
     ex.detach()
     ex.stop_parallel()  # a parallel model's experts hold one slice per rank: gathered back first
@@ -144,7 +146,8 @@ def _verify_routing(layer: MoELayer) -> None:
 
 
 def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.device | None = None,
-         in_memory: bool = False, converted_dir: str | os.PathLike | None = None, **fields: Any) -> nn.Module:
+         in_memory: bool = False, converted_dir: str | os.PathLike | None = None, checksums: str = "first",
+         **fields: Any) -> nn.Module:
     """A wrapped model from a converted checkpoint directory or a plain `transformers` directory
     (MoEConfig fields as keywords).
 
@@ -154,6 +157,11 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
     into `converted_dir` (default: `$MOE_INFER_CACHE/converted/<fingerprint>`, see
     `moe_infer.envs`) and loaded from there; with `in_memory=True` it is instead loaded whole with
     `from_pretrained` and wrapped (experts in memory, as `wrap` on a loaded model).
+
+    `checksums` (converted checkpoints): "first" (default) checks each expert's bytes against the
+    manifest the first time they are read from disk and the dense file as it loads; "every" checks
+    every read; "off" skips both (saves the hashing: 0.1-0.3 of a page-cache read with xxh3_64,
+    see bench/results/checksums.md), for files just checked by `verify`.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -167,7 +175,7 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
         if in_memory:
             raise ConfigError(f"load: {path!r} is a converted checkpoint; in_memory=True applies to plain "
                              f"transformers directories only")
-        return load_converted(path, dtype=dtype, device=device, fields=fields)
+        return load_converted(path, dtype=dtype, device=device, fields=fields, checksums=checksums)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ConfigError(f"load: {path!r} has no config.json; expected a transformers model directory or a "
                          f"converted checkpoint")
@@ -183,4 +191,4 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
 
     target = os.fspath(converted_dir) if converted_dir is not None else default_converted_dir(path)
     convert(path, target)
-    return load_converted(target, dtype=dtype, device=device, fields=fields)
+    return load_converted(target, dtype=dtype, device=device, fields=fields, checksums=checksums)

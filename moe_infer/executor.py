@@ -8,6 +8,7 @@ saying what is missing), the per-model statistics of DESIGN section 3, and the r
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import weakref
 from typing import Any
@@ -24,30 +25,15 @@ from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
 from moe_infer.errors import ConfigError, NotSupported
 
-# Fields that need machinery this version does not have yet, and what that machinery is.
-_NOT_YET = {
-    "offload_dir": "writing an in-memory model's experts to a disk tier (load a converted checkpoint instead)",
-}
-
-
 def check_supported(config: MoEConfig) -> None:
-    """Raise `NotImplementedError` naming every field set to a value this version cannot run."""
-    problems = []
+    """Raise `NotSupported` (a `NotImplementedError`) when this machine cannot run `config`:
+    `kernel='triton'` without Triton, or without CUDA and without Triton's interpreter."""
     if config.kernel == "triton" and not kernels.HAS_TRITON:
-        problems.append("kernel='triton' (Triton is not installed on this platform; use 'auto' or 'torch')")
-    elif config.kernel == "triton" and not (torch.cuda.is_available() or envs.triton_interpret()):
-        problems.append("kernel='triton' (the fused Triton kernels need a CUDA device, or TRITON_INTERPRET=1 "
-                        "for Triton's CPU interpreter; use 'auto' or 'torch')")
-    defaults = MoEConfig()
-    for name, needs in _NOT_YET.items():
-        value = getattr(config, name)
-        if value is not getattr(defaults, name) and value != getattr(defaults, name):
-            problems.append(f"{name}={value!r} (needs {needs})")
-    if problems:
-        raise NotSupported(
-            f"this version of moe_infer cannot run MoEConfig "
-            f"{'; '.join(problems)}; only the default value of these fields works in this version"
-        )
+        raise NotSupported("this machine cannot run MoEConfig kernel='triton' (Triton is not installed on this "
+                           "platform); use 'auto' or 'torch'")
+    if config.kernel == "triton" and not (torch.cuda.is_available() or envs.triton_interpret()):
+        raise NotSupported("this machine cannot run MoEConfig kernel='triton' (the fused Triton kernels need a CUDA "
+                           "device, or TRITON_INTERPRET=1 for Triton's CPU interpreter); use 'auto' or 'torch'")
 
 
 class ModelExecutor:
@@ -92,6 +78,7 @@ class ModelExecutor:
 
             predictor = checked_predictor(self, self._model_name, config.predictor)
         check_budgets(self.layers, config, self.backing)
+        self._offload(config)
         lookahead = None
         if predictor is not None and predictor.reads_attention_lookahead:
             from moe_infer.predictors.lookahead import AttentionLookahead
@@ -125,6 +112,30 @@ class ModelExecutor:
         for handle in self._lock_handles:
             handle.remove()
         self._lock_handles = []
+
+    def _offload(self, config: MoEConfig) -> None:
+        """MoEConfig.offload_dir: write the in-memory experts there once (`moe_infer.experts.offload`)
+        and read them from it from now on, like a converted checkpoint's. Layers that already read a
+        store (a converted checkpoint, or an earlier offload) keep it: it is their disk tier."""
+        from moe_infer.experts.store import StoreExperts
+
+        stores = [layer.expert_source.store for layer in self.layers if isinstance(layer.expert_source, StoreExperts)]
+        if stores:
+            root = stores[0].root
+            if config.offload_dir is not None and os.path.realpath(config.offload_dir) != os.path.realpath(root):
+                raise ConfigError(f"offload_dir={str(config.offload_dir)!r}: this model's experts are already read "
+                                  f"from {root}, which is its disk tier")
+            return
+        if config.offload_dir is None:
+            return
+        if config.parallel is not None:
+            raise ConfigError("offload_dir and parallel cannot be combined in this version: each rank holds a "
+                              "slice of every expert, not whole experts to write")
+        from moe_infer.experts.offload import offload_layers
+        from moe_infer.loading import mark_store_backed
+
+        store = offload_layers(self.layers, config.offload_dir, self._model_name)
+        mark_store_backed(self._model(), store)  # unwrap refuses: the experts are no longer in memory
 
     def close(self) -> None:
         """Stop the cache's threads and put expert weights moved to host memory back where they were."""

@@ -1,6 +1,6 @@
 """`MoELayer`: the executor of one sparse MoE block, put in the block's place by `wrap`.
 
-Data flow (DESIGN section 4): route (router adapter) -> group the (token, k) pairs by expert ->
+Data flow: route (router adapter) -> group the (token, k) pairs by expert ->
 compute every hit expert once on its rows -> weighted combine in the original token order ->
 shared experts. The layer registers the original block's children under their own names, so
 parameter names, `state_dict`, `.to()` and `output_router_logits` hooks are those of the

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from moe_infer.trace import Trace
-from moe_infer.errors import ConfigError
+from moe_infer.errors import ConfigError, NotSupported
 
 __all__ = ["TraceAnalysis", "analyze", "format_markdown", "trace_statistics", "write_plots", "write_report"]
 
@@ -312,8 +312,11 @@ def write_plots(analysis: TraceAnalysis, directory: str | os.PathLike) -> list[P
 
     Uses matplotlib's Agg canvas directly, so the caller's pyplot backend is left alone.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:  # an optional dependency: only these plots draw anything
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise NotSupported("writing plots needs matplotlib: pip install 'moe-infer[plots]'") from err
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,6 @@ def calibration(scores: np.ndarray, expert_ids: np.ndarray, bins: int = 10) -> d
     ``brier``: mean squared error over every (token, layer, expert); ``ece``: expected calibration
     error over ``bins`` equal-width bins of the score (scores clipped to [0, 1]).
     """
-    from sklearn.metrics import brier_score_loss
-
     used = np.zeros(scores.shape, dtype=bool)  # [N, L, E]
     np.put_along_axis(used, expert_ids.astype(np.int64), True, axis=-1)
     probability = np.clip(scores, 0.0, 1.0).reshape(-1)
@@ -50,4 +48,5 @@ def calibration(scores: np.ndarray, expert_ids: np.ndarray, bins: int = 10) -> d
     sum_probability = np.bincount(bin_ids, weights=probability, minlength=bins)
     sum_used = np.bincount(bin_ids, weights=used, minlength=bins)
     ece = float(np.abs(sum_probability - sum_used).sum() / len(probability))
-    return {"brier": float(brier_score_loss(used, probability)), "ece": ece}
+    brier = float(np.mean(np.square(probability - used)))
+    return {"brier": brier, "ece": ece}

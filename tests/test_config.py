@@ -1,4 +1,4 @@
-"""MoEConfig validation, byte budgets, and what wrap does with fields this version cannot run."""
+"""MoEConfig validation, byte budgets, and what wrap does with fields this machine cannot run."""
 
 import pytest
 import torch
@@ -16,6 +16,17 @@ from moe_infer.config import MoEConfig, parse_bytes
 ])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["20GiB", "3MIB", "7kib", "512MB", "5GB", "64KB", "1mB"])
+def test_parse_bytes_agrees_with_transformers_where_both_read_bytes(text):
+    """transformers.utils.hub.convert_file_size_to_int reads the same units the same way (KiB = 2**10,
+    KB = 10**3); ours also takes decimals, TB / TiB, plain byte counts and spaces, and reads a
+    lower-case "b" as bytes where transformers reads "5Gb" as bits."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    assert parse_bytes(text) == convert_file_size_to_int(text)
+    assert convert_file_size_to_int("8Mb") == 10**6 and parse_bytes("8Mb") == 8 * 10**6  # bits there, bytes here
 
 
 @pytest.mark.parametrize("bad", ["lots", "-1GiB", "0", 0, -5, True, "12 parsecs", 1.5])
@@ -36,6 +47,9 @@ def test_defaults_and_budget_strings_are_normalised():
     ("cache_policy", "belady", "only in moe_infer.cache.simulate"),
     ("cache_policy", "fifo", "MoEConfig.cache_policy='fifo'"),
     ("predictor", "/no/such/predictor.safetensors", "MoEConfig.predictor="),
+    ("predictor", "markov", "a markov predictor must be trained first"),
+    ("predictor", "expertflow", "what works here: None, 'gate-lookahead' (no training), or the path of a saved"),
+    ("predictor", "pregate", "moe-infer predictor train --kind pregate"),
     ("prefetch_depth", -1, "MoEConfig.prefetch_depth=-1"),
     ("prefetch_depth", True, "MoEConfig.prefetch_depth=True"),
     ("loader", "rings", "MoEConfig.loader='rings'"),
@@ -69,18 +83,6 @@ def _tiny_mixtral():
     return MixtralForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("fields, needs", [
-    ({"offload_dir": "/tmp"}, "disk tier"),
-])
-def test_valid_but_unavailable_fields_are_refused_clearly_and_change_nothing(fields, needs):
-    model = _tiny_mixtral()
-    blocks = [m for m in model.modules()]
-    with pytest.raises(NotImplementedError, match=needs):
-        moe_infer.wrap(model, **fields)
-    assert [m for m in model.modules()] == blocks
-    assert not moe_infer.is_wrapped(model)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_triton_kernel_without_cuda_or_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -91,10 +93,19 @@ def test_triton_kernel_without_cuda_or_interpreter_is_refused(monkeypatch):
     assert not moe_infer.is_wrapped(model)
 
 
-def test_token_scheduling_is_accepted():
+def test_token_scheduling_changes_no_forward_call():
+    """The field only picks generate_many's (and the server's) default scheduler (tests/test_batching.py);
+    a forward call and model.generate compute what they did without it."""
     model = _tiny_mixtral()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    moe_infer.wrap(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
     moe_infer.wrap(model, token_scheduling=True)
-    assert moe_infer.executor(model).config.token_scheduling is True
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+        assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0), tokens)
 
 
 def test_rewrap_reconfigures_keeping_other_fields():

@@ -112,8 +112,24 @@ def test_predictions_are_probabilities_of_the_right_shape(planted, planted_predi
         scores = predictor.predict_trace(held_out, 2)
         assert scores.shape == (held_out.num_tokens, len(LAYERS), NUM_EXPERTS) and scores.dtype == np.float32
         assert scores.min() >= 0 and scores.max() <= 1, kind
-        calibration = predictor.evaluate(held_out, max_distance=1)["calibration"][1]
-        assert 0 <= calibration["ece"] <= 1 and 0 <= calibration["brier"] <= 1
+    # the planted path is known from layer 0 on: markov's counted probabilities are sharper than popularity's
+    brier = {kind: planted_predictors[kind].evaluate(held_out, max_distance=1)["calibration"][1]["brier"]
+             for kind in ("frequency", "markov")}
+    assert brier["markov"] < 0.5 * brier["frequency"], brier
+
+
+def test_calibration_scores_match_their_definitions():
+    from moe_infer.predictors.evaluation import calibration
+
+    # 2 tokens, 1 layer, 2 experts, top-1; both tokens use expert 0
+    scores = np.array([[[0.9, 0.1]], [[0.3, 0.7]]], dtype=np.float32)
+    expert_ids = np.array([[[0]], [[0]]])
+    result = calibration(scores, expert_ids)
+    # Brier: ((0.9-1)^2 + 0.1^2 + (0.3-1)^2 + 0.7^2) / 4; ECE: every score alone in its bin,
+    # |0.9-1| + |0.1-0| + |0.3-1| + |0.7-0| over 4 scores
+    assert result["brier"] == pytest.approx(0.25) and result["ece"] == pytest.approx(0.4)
+    perfect = calibration(np.array([[[1.0, 0.0]]]), np.array([[[0]]]))
+    assert perfect == {"brier": 0.0, "ece": 0.0}
 
 
 def test_save_load_round_trip_without_pickle(tmp_path, planted, planted_predictors):

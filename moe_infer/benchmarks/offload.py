@@ -50,6 +50,7 @@ from moe_infer.experts.layout import ModuleExperts
 from moe_infer.models import cache_argument, output_cache
 from moe_infer.trace import Trace
 from moe_infer.errors import ConfigError, MissingFile
+from moe_infer.helpformat import HelpFormatter
 
 SOURCE_TREE = Path(__file__).resolve().parents[2]  # the checkout, when moe_infer is installed from one
 # the shared data folder sits beside the checkout (../shared) or beside the worktrees (../../shared)
@@ -286,7 +287,7 @@ def run_accelerate(model, budget: int, args, device) -> dict | None:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
@@ -303,7 +304,7 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--routing", default="random,calibrated", help="random and/or calibrated")
-    ap.add_argument("--routing-stats", default=None, help="olmoe_repo_routing_stats.json (default: ../shared/data/...)")
+    ap.add_argument("--routing-stats", default=None, help="a routing statistics file in the format of olmoe_repo_routing_stats.json")
     ap.add_argument("--configs", default="all", help="comma-separated config names' prefixes, or all")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=str(RESULTS), help="JSON lines file the results are appended to")
