@@ -100,10 +100,12 @@ def move_experts(layer, device: torch.device, *, pin: bool = False):
     """Move a layer's expert parameters (the backing of the cache) to `device`, in place. With `pin`
     (to the host on a CUDA machine) they become views of one page-locked `HostSlab`, returned:
     pinning each parameter on its own would round each up to a power of two."""
-    params = [p for p in layer.experts.parameters(recurse=False) if p.device != device and not p.is_meta]
+    pin = pin and device.type == "cpu"
+    params = [p for p in layer.experts.parameters(recurse=False) if not p.is_meta and
+              (p.device != device or (pin and not p.is_pinned()))]
     if not params:
         return None
-    if not (pin and device.type == "cpu"):
+    if not pin:
         for param in params:
             param.data = param.data.to(device)
         return None
