@@ -95,6 +95,7 @@ def unwrap(model: nn.Module) -> nn.Module:
                          f"to restore (load the transformers directory with moe_infer.load(path, "
                          f"in_memory=True) and no offload_dir to get an unwrappable model)")
     ex.close()
+    ex.detach()
     ex.stop_parallel()  # a parallel model's experts hold one slice per rank: gathered back first
     for layer in ex.layers:
         parent_name, _, attr = layer.block_name.rpartition(".")

@@ -265,3 +265,88 @@ def test_bad_source_is_refused_by_convert(mixtral, tmp_path, tensors, config, me
     with pytest.raises(CheckpointError, match=message):
         convert(src, dst, verify_after=True)
     assert not os.path.exists(dst) and not os.path.exists(str(dst) + ".moe_infer-partial")
+
+
+# -- predictor files: wrong-shaped or missing tensors, options disagreeing with them
+
+def _edited_predictor(tmp_path, *, tensors=None, options=None) -> str:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "predictor.safetensors")
+    with safe_open(str(moe_infer.assets.predictor_path("tiny-mixtral")), framework="pt") as f:
+        metadata = dict(f.metadata())
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    if tensors is not None:
+        tensors(state)
+    if options is not None:
+        metadata["options"] = json.dumps({**json.loads(metadata["options"]), **options})
+    save_file(state, path, metadata=metadata)
+    return path
+
+
+def _first_weight(state) -> str:
+    return next(name for name in sorted(state) if name.endswith("weight") and state[name].ndim == 2)
+
+
+@pytest.mark.parametrize("tensors, options, message", [
+    (lambda state: state.__setitem__(_first_weight(state), state[_first_weight(state)][:-1].clone()), None,
+     "tensors and options do not fit together .*size mismatch"),
+    (lambda state: state.pop(_first_weight(state)), None, "tensors and options do not fit together .*Missing key"),
+    (None, {"hidden": 17}, "tensors and options do not fit together .*size mismatch"),
+    (None, {"window": 0}, "tensors and options do not fit together"),
+], ids=["wrong-shape", "missing-tensor", "options-vs-tensors", "bad-option"])
+def test_bad_predictor_file_is_a_file_format_error(tmp_path, tensors, options, message):
+    from moe_infer.errors import FileFormatError
+    from moe_infer.predictors import load as load_predictor
+
+    path = _edited_predictor(tmp_path, tensors=tensors, options=options)
+    with pytest.raises(FileFormatError, match=rf"predictor\.safetensors: the expertflow predictor's {message}"):
+        load_predictor(path)
+    with pytest.raises(FileFormatError, match=r"predictor\.safetensors: the expertflow predictor"):
+        moe_infer.load(str(moe_infer.assets.path("tiny-mixtral")), predictor=path, cpu_memory="4MiB")
+
+
+def test_frequency_predictor_with_a_wrong_shaped_table(tmp_path):
+    from moe_infer.errors import FileFormatError
+    from moe_infer.predictors import load as load_predictor
+    from moe_infer.predictors.baselines import FrequencyPredictor
+    from moe_infer.predictors.base import ModelSignature
+
+    signature = ModelSignature.from_json(json.loads(_predictor_metadata()["signature"]))
+    path = str(tmp_path / "frequency.safetensors")
+    FrequencyPredictor(signature, torch.ones(len(signature.moe_layers), signature.num_experts + 1)).save(path)
+    with pytest.raises(FileFormatError, match=r"frequency\.safetensors: .*tensor 'usage' has shape \[6, 9\], "
+                                              r"expected \[6, 8\]"):
+        load_predictor(path)
+
+
+def _predictor_metadata() -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(moe_infer.assets.predictor_path("tiny-mixtral")), framework="pt") as f:
+        return dict(f.metadata())
+
+
+# -- the CLI: the project's errors are one line, anything else is a bug with its traceback
+
+def test_cli_prints_checkpoint_errors_as_one_line_and_bugs_as_tracebacks(mixtral, tmp_path, capsys, monkeypatch):
+    import moe_infer.cli as cli
+
+    _, dst, _ = mixtral
+    path = _copy(dst, tmp_path)
+    entry = _expert_entry(path, 5, 7)
+    _flip_byte(os.path.join(path, entry["file"]), entry["offset"] + 3)
+    assert cli.main(["verify", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moe-infer verify: error:") and "expert 7" in err[0]
+
+    def buggy(directory, progress=None):
+        return {}["experts"]  # a genuine bug: KeyError
+
+    monkeypatch.setattr("moe_infer.experts.store.verify", buggy)
+    with pytest.raises(KeyError):
+        cli.main(["verify", path])
+    monkeypatch.setattr("moe_infer.experts.store.verify", lambda directory, progress=None: len(None))
+    with pytest.raises(TypeError):
+        cli.main(["verify", path])
