@@ -240,3 +240,15 @@ def test_simulate_with_a_predictor_computes_its_predictions_once(tmp_path, capsy
     notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "loading tiny-mixtral once" in notes[0]
     assert captured.out.count("expertflow") >= 2 and captured.out.count("lru") >= 2
+
+
+def test_scripts_write_results_under_the_current_directory(tmp_path):
+    committed = REPO / "bench" / "results" / "parallel_scale_table.md"
+    before = committed.stat().st_mtime_ns if committed.exists() else None
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "parallel_scale_table.py")], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "bench" / "results" / "parallel_scale_table.md").is_file()
+    assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
+    for script in ("bench_convert.py", "bench_checksums.py", "bench_parallel.py", "parallel_scale_table.py"):
+        assert "__file__), \"..\", \"bench\"" not in (REPO / "scripts" / script).read_text(), script
