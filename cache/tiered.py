@@ -187,9 +187,12 @@ class ExpertCache:
         self.queue = LoadQueue(self.cond)
         self.engine = CopyEngine(self.device, self.tier.pool.slot_bytes)
         self.cost_model = cost_model
+        self._fetch_scratch = None  # one expert of device memory, only while the cost model is measured
         if cpu_compute == "auto" and self.device.type == "cuda" and cost_model is None:
             first = self.layer_order[0]
-            self.cost_model = CostModel.measure(self.templates[first], backing.activation(first), self.device)
+            self.cost_model = CostModel.measure(self.templates[first], backing.activation(first), self.device,
+                                                fetch=self.fetch_once)
+            self._fetch_scratch = None
         # experts the budget cannot hold beside the rest of their call, or sent to the CPU, run there
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moe-infer-cpu-experts") \
             if self.device.type == "cuda" or kernel == "triton" else None
@@ -324,6 +327,27 @@ class ExpertCache:
             for tier in (self.tier, self.host_tier):
                 if tier is not None:
                     tier.pool.close()
+
+    def fetch_once(self) -> None:
+        """One fetch of expert 0 of the first layer by the path a miss takes (what the cost model
+        times): page-locked backing -> device directly, otherwise backing -> staging buffer (a disk
+        read for a checkpoint) -> device; into a scratch buffer, synchronised. It touches no cache
+        entry; the staging buffers are the loader's, so it runs at start-up, before the loader."""
+        layer_idx = self.layer_order[0]
+        layout = self.layouts[layer_idx]
+        if self._fetch_scratch is None:
+            self._fetch_scratch = torch.empty(self.tier.pool.slot_bytes, dtype=torch.uint8, device=self.device)
+        scratch = self._fetch_scratch[:layout.nbytes]
+        pinned = self.backing.pinned_source(layer_idx, 0)
+        if pinned is not None and self.host_tier is None:
+            event = self.engine.copy(layout.view(self._fetch_scratch), pinned)
+        else:
+            index, staging = self.engine.staging()
+            self.backing.fill(layer_idx, 0, staging, drop_page_cache=True)
+            event = self.engine.copy(scratch, staging[:layout.nbytes])
+            self.engine.staged(index, event)
+        if event is not None:
+            event.synchronize()
 
     def stats(self) -> dict[str, Any]:
         with self.cond:
