@@ -113,6 +113,9 @@ class MoEConfig:
     parallel: str | int | None = field(default=None, metadata={
         "metavar": "MODE|R", "type": lambda value: int(value) if value.isdigit() else value,
         "help": f"expert parallelism over torch.distributed ranks: {', '.join(PARALLEL_MODES)} or a sharding factor r"})
+    load_timeout: float = field(default=120.0, metadata={
+        "type": float, "metavar": "SECONDS", "help": "how long a forward waits for one expert's load before it "
+                                                     "fails (a hung read fails that forward only)"})
     routing_override: Any = field(default=None, repr=False, metadata={"flag": False})  # a Trace: no command-line form
 
     def __post_init__(self) -> None:
@@ -143,6 +146,10 @@ class MoEConfig:
             raise ConfigError(f"MoEConfig.prefetch_depth={self.prefetch_depth!r}: expected an int >= 0")
         _choice("loader", self.loader, LOADERS)
         _choice("cpu_compute", self.cpu_compute, CPU_COMPUTE)
+        if isinstance(self.load_timeout, bool) or not isinstance(self.load_timeout, (int, float)) \
+                or not self.load_timeout > 0:
+            raise ConfigError(f"MoEConfig.load_timeout={self.load_timeout!r}: expected a number of seconds > 0")
+        self.load_timeout = float(self.load_timeout)
         if not isinstance(self.token_scheduling, bool):
             raise ConfigError(f"MoEConfig.token_scheduling={self.token_scheduling!r}: expected True or False")
         if self.placement is not None:
