@@ -110,7 +110,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The MoEConfig fields as flags (``_config_from_flags`` reads them back)."""
     config_flags = parser.add_argument_group("MoEConfig fields")
     for name in ("kernel", "gpu_memory", "cpu_memory", "offload_dir", "cache_policy", "predictor", "loader",
-                 "cpu_compute", "placement"):
+                 "cpu_compute", "placement", "quantize"):
         config_flags.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
     config_flags.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, default=None)
     config_flags.add_argument("--token-scheduling", dest="token_scheduling", action="store_true", default=None)

@@ -98,6 +98,7 @@ class MoEConfig:
     token_scheduling: bool = False
     placement: str | os.PathLike | None = None
     parallel: str | int | None = None
+    quantize: Any = None  # None | "int8" | "int4" | moe_infer.experts.quant.QuantScheme (stored as a QuantScheme)
     routing_override: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +140,16 @@ class MoEConfig:
                     f"MoEConfig.parallel={self.parallel!r}: expected None, "
                     f"{', '.join(map(repr, PARALLEL_MODES))} or a sharding factor r >= 0"
                 )
+
+        if self.quantize is not None:
+            from moe_infer.experts.quant import SCHEMES, QuantScheme
+
+            if isinstance(self.quantize, str) and self.quantize in SCHEMES:
+                self.quantize = QuantScheme(self.quantize)
+            elif not isinstance(self.quantize, QuantScheme):
+                raise ConfigError(f"MoEConfig.quantize={self.quantize!r}: expected None, "
+                                  f"{', '.join(map(repr, SCHEMES))} or a moe_infer.experts.quant.QuantScheme "
+                                  f"(for another int4 group size)")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

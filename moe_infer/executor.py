@@ -71,6 +71,7 @@ class ModelExecutor:
 
             predictor = checked_predictor(self, self._model_name, config.predictor)
         check_budgets(self.layers, config, self.backing)
+        self._check_quantize(config)
         self._offload(config)
         lookahead = None
         if predictor is not None and predictor.reads_attention_lookahead:
@@ -78,6 +79,7 @@ class ModelExecutor:
 
             lookahead = AttentionLookahead(self._model(), self)  # checks the model; then hooks its layers
         self.close()
+        self._quantize(config.quantize)
         try:
             self.cache = build_cache(self.layers, config, self.backing)
         except BaseException:
@@ -130,6 +132,56 @@ class ModelExecutor:
 
                 for layer in self.layers:
                     move_experts(layer, self._expert_devices[layer.layer_idx])
+
+    @property
+    def quantization(self):
+        """The `QuantScheme` of the experts the layers run (quantized in memory by `quantize=`, or read
+        from a checkpoint converted with `--quantize`), or None for float experts."""
+        source = self.layers[0].expert_source
+        store = getattr(source, "store", None)
+        return store.quant_scheme if store is not None else getattr(source, "scheme", None)
+
+    def _check_quantize(self, config: MoEConfig) -> None:
+        """Refuse a `quantize` this model cannot take (before anything changes)."""
+        current, wanted = self.quantization, config.quantize
+        if wanted is None or wanted == current:
+            if current is not None and config.parallel is not None:
+                raise NotSupported("parallel with quantized experts: the multi-rank path slices float experts only "
+                                   "in this version")
+            return
+        from moe_infer.experts.store import StoreExperts
+
+        if any(isinstance(layer.expert_source, StoreExperts) for layer in self.layers):
+            raise ConfigError(f"quantize={wanted.name!r}: this model reads its experts from a converted checkpoint "
+                              f"(stored as {current.name if current else 'float'}); convert it with "
+                              f"`moe-infer convert SRC DST --quantize {wanted.name}` instead")
+        if current is not None:
+            raise ConfigError(f"quantize={wanted.name!r}: the experts of this model were quantized to {current.name} "
+                              f"(group {current.group_size}) and their float weights released; wrap a freshly "
+                              f"loaded model to quantize it differently")
+        if config.parallel is not None:
+            raise NotSupported("quantize with parallel: the multi-rank path slices float experts only in this version")
+        if config.offload_dir is not None:
+            raise NotSupported("quantize with offload_dir: the disk tier of an in-memory model holds float experts in "
+                               "this version; convert the checkpoint with --quantize instead")
+        if config.gpu_memory is not None or config.cpu_memory is not None:
+            raise NotSupported("quantize with an expert budget (gpu_memory / cpu_memory): the tiered cache moves "
+                               "float experts in this version; quantize without a budget, or load a checkpoint "
+                               "converted with --quantize")
+
+    def _quantize(self, scheme) -> None:
+        """Quantize the routed experts of every layer in memory (once; `_check_quantize` ran)."""
+        if scheme is None or self.quantization is not None:
+            return
+        from moe_infer.experts.layout import ModuleExperts
+        from moe_infer.experts.quantized import QuantizedExperts, free_float_experts
+
+        for layer in self.layers:
+            assert isinstance(layer.expert_source, ModuleExperts), type(layer.expert_source)
+            with torch.no_grad():
+                layer.expert_source = QuantizedExperts.quantize(layer.expert_source, scheme)
+            free_float_experts(layer.experts)
+            self._expert_devices[layer.layer_idx] = layer.expert_source.device
 
     @property
     def kernel(self) -> str:
@@ -253,6 +305,7 @@ class ModelExecutor:
             "cpu_computed_experts": cache["cpu_computed_experts"],
             "stall_seconds": cache["stall_seconds"],
             "kernel": self.kernel,
+            "quantization": None if self.quantization is None else self.quantization.as_json(),
             "parallel": None if self.parallel is None else self.parallel.stats(),
         }
 
