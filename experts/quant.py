@@ -23,6 +23,13 @@ exact zero stays exact) and, with ``clip_search`` (the default), is shrunk by th
 `CLIP_RATIOS` that gives the group's smallest squared reconstruction error (outliers otherwise stretch
 the step of every other weight of the group). int8 uses the row's absolute maximum.
 
+Why our own round-to-nearest + clipping search, not torchao or hqq: both pack for their own kernels
+(torchao's tinygemm tiles, hqq's bit-planes) rather than a layout the store can range-read per
+expert and the Triton kernels read as is, so we would repack anyway; torchao's int4 weight-only
+quantizer is itself round-to-nearest min/max per group (what the search starts from), and hqq's
+half-quadratic optimizer, the part that beats it, costs minutes per Mixtral layer on a CPU. On the
+CPU our layout is repacked in memory into torch's own tinygemm format (`quant_matmul.py`).
+
 The ground truth of every quantized matmul is `dequantize` followed by the float matmul
 (`quantized_linear`); fast paths (fused Triton kernels, torch's CPU weight-only kernels) are tested
 against it.

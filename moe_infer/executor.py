@@ -142,12 +142,17 @@ class ModelExecutor:
         return store.quant_scheme if store is not None else getattr(source, "scheme", None)
 
     def _check_quantize(self, config: MoEConfig) -> None:
-        """Refuse a `quantize` this model cannot take (before anything changes)."""
+        """Refuse a `quantize` this model cannot take, and what quantized experts cannot run with yet
+        (before anything changes)."""
         current, wanted = self.quantization, config.quantize
-        if wanted is None or wanted == current:
-            if current is not None and config.parallel is not None:
+        if wanted is not None or current is not None:
+            if config.parallel is not None:
                 raise NotSupported("parallel with quantized experts: the multi-rank path slices float experts only "
                                    "in this version")
+            if config.gpu_memory is not None or config.cpu_memory is not None:
+                raise NotSupported("an expert budget (gpu_memory / cpu_memory) with quantized experts: the tiered "
+                                   "cache moves float experts in this version; run them without a budget")
+        if wanted is None or wanted == current:
             return
         from moe_infer.experts.store import StoreExperts
 
@@ -159,15 +164,9 @@ class ModelExecutor:
             raise ConfigError(f"quantize={wanted.name!r}: the experts of this model were quantized to {current.name} "
                               f"(group {current.group_size}) and their float weights released; wrap a freshly "
                               f"loaded model to quantize it differently")
-        if config.parallel is not None:
-            raise NotSupported("quantize with parallel: the multi-rank path slices float experts only in this version")
         if config.offload_dir is not None:
             raise NotSupported("quantize with offload_dir: the disk tier of an in-memory model holds float experts in "
                                "this version; convert the checkpoint with --quantize instead")
-        if config.gpu_memory is not None or config.cpu_memory is not None:
-            raise NotSupported("quantize with an expert budget (gpu_memory / cpu_memory): the tiered cache moves "
-                               "float experts in this version; quantize without a budget, or load a checkpoint "
-                               "converted with --quantize")
 
     def _quantize(self, scheme) -> None:
         """Quantize the routed experts of every layer in memory (once; `_check_quantize` ran)."""
