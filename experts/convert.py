@@ -12,7 +12,6 @@ Shape legend: E experts, H hidden, I intermediate (per expert).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -71,26 +70,9 @@ def _text_config(config):
 
 def _build(source: SourceCheckpoint):
     """The meta-device skeleton of the source's model, its MoE blocks, and its config."""
-    from transformers import AutoConfig
+    from moe_infer.loading import build_from_config
 
-    from moe_infer.families import find_moe_blocks
-    from moe_infer.loading import skeleton
-
-    try:
-        config = AutoConfig.from_pretrained(source.root)
-    except (ValueError, KeyError, OSError) as err:
-        raise CheckpointError(f"{source.root}: config.json names an architecture transformers does not know "
-                              f"({str(err).splitlines()[0]})") from None
-    clean = copy.deepcopy(config)
-    if hasattr(clean, "quantization_config"):
-        del clean.quantization_config  # no quantizer: the skeleton's linear layers are plain
-    try:
-        model = skeleton(clean)
-    except ValueError as err:
-        raise CheckpointError(f"{source.root}: no causal-LM model class for {type(config).__name__} "
-                              f"({str(err).splitlines()[0]})") from None
-    blocks = find_moe_blocks(model)  # UnsupportedModel (a ValueError) names the supported families
-    return config, model, blocks
+    return build_from_config(source.root)
 
 
 def _quant_block(config) -> tuple[int, int]:
@@ -291,6 +273,9 @@ def _check_destination(dst: str, fingerprint: str, options: ConvertOptions) -> b
         raise CheckpointError(f"destination {dst} already holds a different conversion (model "
                               f"{source.get('architecture')}, fingerprint {str(source.get('fingerprint'))[:12]}, options "
                               f"{source.get('options')}); delete it or choose another destination")
+    stale_marker = os.path.join(dst, _PARTIAL_MARKER)
+    if os.path.exists(stale_marker):  # a run killed between its rename and the marker's removal
+        os.remove(stale_marker)
     return True
 
 
@@ -400,7 +385,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
         try:
             manifest = _write_checkpoint(partial, src, source, converter, plan, config, model, blocks, fingerprint,
                                          options, fp8_block)
-            os.remove(os.path.join(partial, _PARTIAL_MARKER))
             if verify_after:
                 verify(partial)
         except Exception:
@@ -410,7 +394,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
             raise
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty (checked above)
+        # the marker goes only once the directory is complete and published: a kill at any earlier
+        # point leaves a marked partial directory (removed by the re-run); a kill right after the
+        # rename leaves a complete DST holding the marker, which the re-run recognises and tidies
         os.rename(partial, dst)
+        os.remove(os.path.join(dst, _PARTIAL_MARKER))
         bytes_written = sum(e["nbytes"] for e in manifest["experts"]) + sum(d["nbytes"] for d in manifest["dense"])
         return {"dst": dst, "skipped": False, "bytes_read": source.total_bytes(), "bytes_written": bytes_written,
                 "seconds": time.perf_counter() - start, "moe_layers": manifest["moe_layers"],

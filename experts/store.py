@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from .fp8 import dequantize, scale_shape
-from .math import Activation, ExpertTensors, as_activation
+from .math import Activation, ExpertTensors, as_activation, projection_tensors
 from .quant import DEFAULT_GROUP_SIZE, PART_ROLES, SCHEMES, QuantizedWeight, QuantScheme, part_specs
 from .tensorfile import (DTYPES, FAST_HASH, CheckpointError, TensorFile, as_tensor, empty_buffer, fast_digest,
                          fast_hasher, pread_into, read_header)
@@ -305,6 +305,9 @@ class ExpertStore:
         self.compute_dtype = parse_dtype(quant["compute_dtype"]) if quant else self.dtype
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.reads = 0  # positional reads of expert bytes, by any caller (cache, CPU worker, StoreExperts)
+        self.bytes_read = 0  # and their bytes: what "no second read" is checked against
+        self._kept_projections: dict = {}  # (layer, expert, projection) -> read with the other one (checksum)
 
     @classmethod
     def open(cls, root: str | os.PathLike, checksums: str = "first") -> "ExpertStore":
@@ -365,9 +368,11 @@ class ExpertStore:
             return self._fds[relative]
 
     def read_raw(self, layer_idx: int, expert: int, *, out: torch.Tensor | None = None,
-                 pin: bool = False) -> torch.Tensor:
+                 pin: bool = False, drop_page_cache: bool = False) -> torch.Tensor:
         """The expert's stored bytes (uint8 [nbytes]), read with one positional read into `out`
-        (a 1-D uint8 CPU tensor of at least `stored_nbytes` bytes) or a new buffer."""
+        (a 1-D uint8 CPU tensor of at least `stored_nbytes` bytes) or a new buffer. With
+        `drop_page_cache`, the kernel is told afterwards that the file range is not needed again
+        (the caller keeps its own copy: the page cache must not hold a second one)."""
         entry = self.entry(layer_idx, expert)
         if out is None:
             buffer = empty_buffer(entry.nbytes, pin)
@@ -377,13 +382,74 @@ class ExpertStore:
                 raise ConfigError(f"read: out must be a contiguous 1-D uint8 CPU tensor of at least {entry.nbytes} "
                                  f"bytes, got {out.dtype} {tuple(out.shape)} on {out.device}")
             buffer = out[:entry.nbytes]
-        pread_into(self._fd(entry.file), buffer, entry.offset, os.path.join(self.root, entry.file))
+        self._pread(entry, buffer, 0, drop_page_cache)
         key = (layer_idx, expert)
-        if self.checksums == "every" or (self.checksums == "first" and key not in self._checked):
+        if self._needs_check(key):
             self._check(entry, buffer)
             with self._lock:
                 self._checked.add(key)
         return buffer
+
+    def _needs_check(self, key: tuple[int, int]) -> bool:
+        return self.checksums == "every" or (self.checksums == "first" and key not in self._checked)
+
+    def _pread(self, entry: ExpertEntry, buffer: torch.Tensor, start: int, drop_page_cache: bool) -> None:
+        """Every read of expert bytes goes through here: bytes `start..start + len(buffer)` of the
+        expert's range, counted."""
+        fd = self._fd(entry.file)
+        pread_into(fd, buffer, entry.offset + start, os.path.join(self.root, entry.file))
+        with self._lock:
+            self.reads += 1
+            self.bytes_read += buffer.numel()
+        if drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, entry.offset + start, buffer.numel(), os.POSIX_FADV_DONTNEED)
+
+    def read_projection(self, layer_idx: int, expert: int, projection: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One projection of an expert: "w13" -> (w13 [2I, H], b13 or None), "w2" -> (w2 [H, I], b2 or
+        None), dequantized when the checkpoint keeps FP8. Reads only that projection's bytes, so the
+        two projections of an expert together read its range once (what a source that cannot keep
+        an expert between the two matmuls of a layer call needs). When the expert's checksum is
+        still to be checked, the whole range is read and checked instead, and the other
+        projection's bytes are kept until it is asked for (once), so nothing is read twice."""
+        if projection not in ("w13", "w2"):
+            raise ConfigError(f"read_projection: projection {projection!r} is not 'w13' or 'w2'")
+        key = (layer_idx, expert)
+        with self._lock:
+            kept = self._kept_projections.pop((*key, projection), None)
+        if kept is not None:
+            return kept
+        entry = self.entry(layer_idx, expert)
+        layout = self.layout(layer_idx).parts
+        if self._needs_check(key):
+            raw = self.read_raw(layer_idx, expert)
+            parts = {kind: as_tensor(raw[off:off + torch.Size(shape).numel() * dtype.itemsize], dtype, shape)
+                     for kind, dtype, shape, off in layout}
+            other = "w2" if projection == "w13" else "w13"
+            with self._lock:
+                self._kept_projections[(*key, other)] = self._projection(layer_idx, parts, other)
+            return self._projection(layer_idx, parts, projection)
+        wanted = {projection, "b" + projection[1:], projection + "_scale"}
+        parts = {}
+        for kind, dtype, shape, off in layout:
+            if kind in wanted or kind.startswith(projection + "."):  # int8 / int4: w13.qweight, w13.scales, ...
+                raw = empty_buffer(torch.Size(shape).numel() * dtype.itemsize)
+                self._pread(entry, raw, off, False)
+                parts[kind] = as_tensor(raw, dtype, shape)
+        return self._projection(layer_idx, parts, projection)
+
+    def _projection(self, layer_idx: int, parts: dict, projection: str) -> tuple:
+        """(weight, bias or None) of one projection from its tensors by kind: a `QuantizedWeight` of
+        views for int8 / int4 experts, dequantized for kept FP8, else the stored tensor."""
+        if self.quant_scheme is not None:
+            layout = self.layout(layer_idx)
+            in_features = layout.hidden_size if projection == "w13" else layout.intermediate_size
+            weight = QuantizedWeight(self.quant_scheme, *(parts.get(f"{projection}.{role}") for role in PART_ROLES),
+                                     in_features)
+            return weight, parts.get("b" + projection[1:])
+        weight = parts[projection]
+        if self.fp8_block is not None:
+            weight = dequantize(weight, parts[projection + "_scale"], self.fp8_block, self.compute_dtype)
+        return weight, parts.get("b" + projection[1:])
 
     def _check(self, entry: ExpertEntry, buffer: torch.Tensor) -> None:
         data = memoryview(buffer.numpy())
@@ -420,11 +486,8 @@ class ExpertStore:
         parts = {kind: as_tensor(raw[off:off + torch.Size(shape).numel() * dtype.itemsize], dtype, shape)
                  for kind, dtype, shape, off in self.layout(layer_idx).parts}
         if self.quant_scheme is not None:
-            layout = self.layout(layer_idx)
-            weights = {name: QuantizedWeight(self.quant_scheme, *(parts.get(f"{name}.{role}") for role in PART_ROLES),
-                                             in_features)
-                       for name, in_features in (("w13", layout.hidden_size), ("w2", layout.intermediate_size))}
-            return ExpertTensors(weights["w13"], weights["w2"], parts.get("b13"), parts.get("b2"))
+            (w13, b13), (w2, b2) = (self._projection(layer_idx, parts, name) for name in ("w13", "w2"))
+            return ExpertTensors(w13, w2, b13, b2)
         w13, w2 = parts["w13"], parts["w2"]
         if self.fp8_block is not None:
             w13 = dequantize(w13, parts["w13_scale"], self.fp8_block, self.compute_dtype)
@@ -489,6 +552,21 @@ class StoreExperts:
         """Never: every call reads the expert from disk (`moe_forward` then holds one at a time)."""
         return False
 
+    def projection(self, expert_idx: int, projection: str) -> ExpertTensors:
+        """One projection ("w13" or "w2") of an expert, reading only its bytes (the other fields
+        None): `moe_forward` reads each projection of a non-resident expert when it computes it, so
+        a layer call reads each expert's bytes once, not once per projection."""
+        on_cuda = self.device.type == "cuda"
+        weight, bias = self.store.read_projection(self.layer_idx, expert_idx, projection)
+        if isinstance(weight, QuantizedWeight):  # int8 / int4: moved as stored, the bias cast
+            if self.device.type != "cpu" or (bias is not None and bias.dtype != self.dtype):
+                weight = weight.map(lambda t: t.to(self.device, non_blocking=on_cuda))
+                bias = None if bias is None else bias.to(self.device, self.dtype, non_blocking=on_cuda)
+        elif self.device.type != "cpu" or weight.dtype != self.dtype:
+            move = lambda t: None if t is None else t.to(self.device, self.dtype, non_blocking=on_cuda)  # noqa: E731
+            weight, bias = move(weight), move(bias)
+        return projection_tensors(projection, weight, bias)
+
     def expert_nbytes(self) -> int:
         """Bytes of one expert as this source returns it (int8 / int4 experts: as stored)."""
         if self.store.quant_scheme is not None:
@@ -513,7 +591,8 @@ def _sha256_file_range(fd: int, offset: int, nbytes: int, chunk: int = 64 << 20)
 
 def verify(root: str | os.PathLike, progress=None) -> dict:
     """Check a converted checkpoint completely: the manifest, every file header, every expert's
-    shapes, dtypes and sha256, and the dense files' checksums. Raises `CheckpointError` on the first
+    shapes, dtypes and sha256, the dense files' checksums, and that config.json builds the model
+    the manifest describes (`moe_infer.loading.check_against_manifest`). Raises `CheckpointError` on the first
     problem; returns a summary dict."""
     root = os.fspath(root)
     store = ExpertStore.open(root)
@@ -540,6 +619,10 @@ def verify(root: str | os.PathLike, progress=None) -> dict:
                 os.close(fd)
             _require(ok, f"{root}: {item['file']}: sha256 mismatch (the file is corrupt; convert again)")
             checked_bytes += size
+        from moe_infer.loading import build_from_config, check_against_manifest
+
+        _, _, blocks = build_from_config(root)
+        check_against_manifest(root, store, blocks)
     finally:
         store.close()
     return {"experts": len(store._entries), "moe_layers": len(store.moe_layers), "bytes": checked_bytes}

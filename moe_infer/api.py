@@ -1,4 +1,4 @@
-"""Public entry points: `wrap`, `unwrap`, `executor`, `load` (DESIGN section 3).
+"""Public entry points: `wrap`, `unwrap`, `executor`, `load`.
 
 `wrap` replaces every sparse MoE block of a model, in place, by a `MoELayer` that computes the
 same outputs. Everything that can fail is checked before the first block is replaced, so an
@@ -99,6 +99,7 @@ def unwrap(model: nn.Module) -> nn.Module:
                           f"({ex.quantization.name}) and their float weights released, so there are no original MoE "
                           f"blocks to restore (wrap a freshly loaded model without quantize= to get an unwrappable one)")
     ex.close()
+    ex.detach()
     ex.stop_parallel()  # a parallel model's experts hold one slice per rank: gathered back first
     for layer in ex.layers:
         parent_name, _, attr = layer.block_name.rpartition(".")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from moe_infer.cache.replay import RoutingReplay
-from moe_infer.cache.setup import build_cache, check_budgets
-from moe_infer.cache.tiered import ExpertCache
+from moe_infer.cache.setup import build_cache, check_budgets, compute_device
+from moe_infer.cache.pool import pinned_bytes
+from moe_infer.cache.tiered import ExpertCache, process_memory
 from moe_infer import envs, kernels
 from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
@@ -53,6 +55,11 @@ class ModelExecutor:
         # on its planned rank; one process only records it
         self.placement = self._load_placement(config)
         self._apply(config)
+        # concurrent callers of one wrapped model are serialised: one whole forward at a time (its
+        # layer calls, the predictor's per-call state and the cache's reservations belong together)
+        self.forward_lock = threading.RLock()
+        self._lock_handles = [model.register_forward_pre_hook(self._lock_forward),
+                              model.register_forward_hook(self._unlock_forward, always_call=True)]
         self.parallel = None  # moe_infer.parallel.ParallelRuntime when config.parallel is set
         self._configure_parallel(config)
         for layer in layers:
@@ -81,7 +88,8 @@ class ModelExecutor:
         self.close()
         self._quantize(config.quantize)
         try:
-            self.cache = build_cache(self.layers, config, self.backing)
+            self.cache = build_cache(self.layers, config, self.backing,
+                                     kernel=self.kernel_for(compute_device(self.layers), config))
         except BaseException:
             if lookahead is not None:
                 lookahead.detach()
@@ -94,6 +102,18 @@ class ModelExecutor:
             sink = self.cache.prefetch if self.cache is not None and config.prefetch_depth > 0 else None
             self.predictor_hook = PredictionHook(self, self._embedding, predictor, max(config.prefetch_depth, 1),
                                                  sink, lookahead)
+
+    def _lock_forward(self, module, args) -> None:
+        self.forward_lock.acquire()
+
+    def _unlock_forward(self, module, args, output) -> None:
+        self.forward_lock.release()  # always_call: also when the forward raised
+
+    def detach(self) -> None:
+        """Remove the hooks this executor put on the model (unwrap)."""
+        for handle in self._lock_handles:
+            handle.remove()
+        self._lock_handles = []
 
     def _offload(self, config: MoEConfig) -> None:
         """MoEConfig.offload_dir: write the in-memory experts there once (`moe_infer.experts.offload`)
@@ -126,12 +146,14 @@ class ModelExecutor:
             self.predictor_hook = None
         if self.cache is not None:
             self.cache.close()
-            self.cache = None
+            cache, self.cache = self.cache, None
             if self.backing is None:
                 from moe_infer.cache.setup import move_experts
 
                 for layer in self.layers:
                     move_experts(layer, self._expert_devices[layer.layer_idx])
+            for slab in cache.host_slabs:  # the experts' page-locked host copy, now unused
+                slab.close()
 
     @property
     def quantization(self):
@@ -184,15 +206,20 @@ class ModelExecutor:
 
     @property
     def kernel(self) -> str:
-        """The kernel the layers run ("triton" or "torch"; "mixed" when "auto" finds experts on CUDA in
-        some layers only). A layer whose experts are not all resident (an expert cache) runs torch."""
-        per_layer = {self.kernel_for(layer.expert_source.device) for layer in self.layers}
-        return per_layer.pop() if len(per_layer) == 1 else "mixed"
+        """The kernel the layers computed with since the last `reset_stats()` ("triton" or "torch";
+        "mixed" when both ran), or, before any call, the kernel they will use. The expert cache
+        runs the fused kernels over its slot pool, so a budget does not change the kernel."""
+        ran = {kernel for layer in self.layers for kernel, calls in layer.stats.kernel_calls.items() if calls}
+        if not ran:
+            ran = {self.cache.kernel} if self.cache is not None else \
+                {self.kernel_for(layer.expert_source.device) for layer in self.layers}
+        return ran.pop() if len(ran) == 1 else "mixed"
 
-    def kernel_for(self, device: torch.device) -> str:
-        """The kernel for experts held on `device`: "auto" is Triton on CUDA, torch elsewhere."""
-        if self.config.kernel != "auto":
-            return self.config.kernel
+    def kernel_for(self, device: torch.device, config: MoEConfig | None = None) -> str:
+        """The kernel for experts computed on `device`: "auto" is Triton on CUDA, torch elsewhere."""
+        config = config if config is not None else self.config
+        if config.kernel != "auto":
+            return config.kernel
         return "triton" if device.type == "cuda" and kernels.HAS_TRITON else "torch"
 
     def configure(self, config: MoEConfig) -> None:
@@ -305,6 +332,10 @@ class ModelExecutor:
             "stall_seconds": cache["stall_seconds"],
             "kernel": self.kernel,
             "quantization": None if self.quantization is None else self.quantization.as_json(),
+            "kernel_calls": {kernel: sum(l.stats.kernel_calls.get(kernel, 0) for l in self.layers)
+                             for kernel in ("torch", "triton")},
+            "host_reads": cache.get("host_reads", 0),  # device -> host reads of routing the cache made
+            "memory": cache["memory"] if "memory" in cache else {"pinned_bytes": pinned_bytes(), **process_memory()},
             "parallel": None if self.parallel is None else self.parallel.stats(),
         }
 
