@@ -77,6 +77,21 @@ def content_sha256(path: str, chunk: int = 16 << 20) -> str:
     return value
 
 
+def _inside_checkpoint(root: str, shard: str) -> bool:
+    """Whether shard file `shard` of checkpoint directory `root` stays inside it. In a hub cache
+    snapshot (`models--org--name/snapshots/<rev>/`) the files are links into the repository's own
+    `blobs/` folder, which counts as inside; a link anywhere else does not."""
+    if os.path.isabs(shard) or os.path.normpath(shard).split(os.sep)[0] == "..":
+        return False
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, shard))
+    allowed = [real_root]
+    snapshots = os.path.dirname(real_root)
+    if os.path.basename(snapshots) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(snapshots), "blobs"))
+    return any(os.path.commonpath([folder, real]) == folder for folder in allowed)
+
+
 class SourceCheckpoint:
     """A Hugging Face model directory with safetensors weights, opened for positional reads."""
 
@@ -106,9 +121,9 @@ class SourceCheckpoint:
         try:
             for shard in shard_names:
                 path = os.path.join(root, shard)
-                if os.path.isabs(shard) or os.path.commonpath([os.path.realpath(root), os.path.realpath(path)]) \
-                        != os.path.realpath(root):
-                    raise CheckpointError(f"{index_path}: shard {shard!r} escapes the model directory")
+                if not _inside_checkpoint(root, shard):
+                    where = index_path if weight_map is not None else root
+                    raise CheckpointError(f"{where}: shard {shard!r} escapes the model directory")
                 if not os.path.isfile(path):
                     raise CheckpointError(f"{root}: missing shard {shard} (listed in {INDEX_FILE})")
                 self.files[shard] = TensorFile(path)

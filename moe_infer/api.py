@@ -167,9 +167,13 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
     every read; "off" skips both (saves the hashing: 0.1-0.3 of a page-cache read with xxh3_64,
     see bench/results/checksums.md), for files just checked by `verify`.
     """
+    from moe_infer import hub
+
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ConfigError(f"load: {path!r} is not a directory")
+        if not hub.is_hub_id(path):
+            raise ConfigError(f"load: {path!r} is not a directory (nor a hub id such as 'org/name')")
+        path = hub.resolve(path)  # the hub cache's snapshot, downloaded if it is not there
     check_field_names(fields)
     check_supported(MoEConfig().replace(**fields))
     from moe_infer.experts.store import MANIFEST

@@ -16,6 +16,7 @@ import torch
 
 import moe_infer
 import moe_infer.assets
+from moe_infer import hub
 from moe_infer.families import find_moe_blocks
 from moe_infer.models import decode_tokens, encode_text, load_model
 
@@ -73,8 +74,9 @@ def _timed_generate(model, input_ids, new_tokens: int, pad_token_id: int) -> tup
 @torch.inference_mode()
 def run_demo(model_name: str = "tiny-mixtral", prompt: str = "def main(", new_tokens: int = 64,
              device: str | None = None, dtype: str = "float32") -> DemoResult:
-    _check_moe(model_name)
-    model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    source = hub.resolve(model_name) if hub.is_hub_id(model_name) else model_name
+    _check_moe(source)
+    model, tokenizer = load_model(source, device=device, dtype=dtype)
     device_t = model.device
     input_ids = torch.tensor([encode_text(tokenizer, prompt)], device=device_t)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
@@ -91,7 +93,7 @@ def run_demo(model_name: str = "tiny-mixtral", prompt: str = "def main(", new_to
     text = decode_tokens(tokenizer, out[0].tolist())
     result = DemoResult(model_name, str(device_t), max_diff, text, new_tokens,
                         new_tokens / seconds_wrapped, new_tokens / seconds_unwrapped, stats)
-    shipped = predictor_beside(model_name)
+    shipped = predictor_beside(source)
     ours = {**OURS, "predictor": str(shipped), "prefetch_depth": 1} if shipped is not None else OURS
     _budget_runs(model, input_ids, new_tokens, pad, out, result, ours)
     moe_infer.executor(model).close()
