@@ -175,7 +175,8 @@ class CopyEngine:
     is copied as it is; any other is first written into one of `STAGING_BUFFERS` pinned staging
     buffers (one slab, allocated on first use: the constant that pinned memory may exceed the host
     budget by), so that the next read fills another buffer while earlier copies run. On CPU-only
-    machines nothing here is used (the cache writes its slots directly)."""
+    machines copies are synchronous (the cache writes its slots directly; the cost model's
+    `fetch_once` still runs here)."""
 
     STAGING_BUFFERS = 4
 
@@ -215,7 +216,14 @@ class CopyEngine:
     def copy(self, dst, src, wait_for=None):
         """Copy `src` (host: an uint8 range, or ExpertTensors) into `dst` (the same kind on this
         engine's device) after the CUDA event `wait_for` (the last reader of the memory it
-        overwrites); returns the event that marks the end of the copy."""
+        overwrites); returns the event that marks the end of the copy (None off CUDA: the copy is
+        done when this returns)."""
+        if not self.cuda:
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+            else:
+                copy_expert(dst, src)
+            return None
         with torch.cuda.stream(self.stream):
             if wait_for is not None:
                 self.stream.wait_event(wait_for)

@@ -187,13 +187,16 @@ class ExpertCache:
         self.queue = LoadQueue(self.cond)
         self.engine = CopyEngine(self.device, self.tier.pool.slot_bytes)
         self.cost_model = cost_model
+        self._fetch_scratch = None  # one expert of device memory, only while the cost model is measured
         if cpu_compute == "auto" and self.device.type == "cuda" and cost_model is None:
             first = self.layer_order[0]
-            self.cost_model = CostModel.measure(self.templates[first], backing.activation(first), self.device)
+            self.cost_model = CostModel.measure(self.templates[first], backing.activation(first), self.device,
+                                                fetch=self.fetch_once)
+            self._fetch_scratch = None
         # experts the budget cannot hold beside the rest of their call, or sent to the CPU, run there
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moe-infer-cpu-experts") \
             if self.device.type == "cuda" or kernel == "triton" else None
-        self._slot_maps: dict[int, Tensor] = {}  # layer -> [E] slot of each expert, -1: not in the pool (host)
+        self._launch_configs: dict = {}  # (layer, tokens) -> the fused kernels' KernelConfig
         self.prefetch_counts = {"issued": 0, "used": 0, "wasted": 0, "cancelled": 0}
         self.cpu_computed_experts = 0
         self.stall_seconds = 0.0
@@ -325,6 +328,27 @@ class ExpertCache:
                 if tier is not None:
                     tier.pool.close()
 
+    def fetch_once(self) -> None:
+        """One fetch of expert 0 of the first layer by the path a miss takes (what the cost model
+        times): page-locked backing -> device directly, otherwise backing -> staging buffer (a disk
+        read for a checkpoint) -> device; into a scratch buffer, synchronised. It touches no cache
+        entry; the staging buffers are the loader's, so it runs at start-up, before the loader."""
+        layer_idx = self.layer_order[0]
+        layout = self.layouts[layer_idx]
+        if self._fetch_scratch is None:
+            self._fetch_scratch = torch.empty(self.tier.pool.slot_bytes, dtype=torch.uint8, device=self.device)
+        scratch = self._fetch_scratch[:layout.nbytes]
+        pinned = self.backing.pinned_source(layer_idx, 0)
+        if pinned is not None and self.host_tier is None:
+            event = self.engine.copy(layout.view(self._fetch_scratch), pinned)
+        else:
+            index, staging = self.engine.staging()
+            self.backing.fill(layer_idx, 0, staging, drop_page_cache=True)
+            event = self.engine.copy(scratch, staging[:layout.nbytes])
+            self.engine.staged(index, event)
+        if event is not None:
+            event.synchronize()
+
     def stats(self) -> dict[str, Any]:
         with self.cond:
             tiers = {self.tier.name: self.tier.stats()}
@@ -367,8 +391,11 @@ class ExpertCache:
 
     # -- one layer ---------------------------------------------------------------------------
     def _fused(self, layer_idx: int, hidden: Tensor, routing, held: list[Entry], activation) -> Tensor:
-        """One fused launch pair over the compute pool: expert ids -> slot ids on the device."""
-        from moe_infer.kernels.fused_moe import fused_experts
+        """One fused launch pair over the compute pool: expert ids -> slot ids on the device. The
+        launch config is looked up for the layer's own expert count (the tuned files are keyed by
+        E, and rows per expert are T*K/E, not T*K/S)."""
+        from moe_infer.kernels.config import get_config
+        from moe_infer.kernels.fused_moe import fused_moe_with_config
 
         pool = self.tier.pool
         slot_map = torch.full((self.num_experts[layer_idx],), -1, dtype=torch.int32)
@@ -377,8 +404,16 @@ class ExpertCache:
         slot_map = slot_map.pin_memory() if self.device.type == "cuda" else slot_map
         slots = slot_ids(slot_map.to(hidden.device, non_blocking=True), routing.expert_ids)
         weights = pool.stacked(layer_idx)
-        out = fused_experts(hidden.to(weights.w13.dtype), weights.w13, weights.w2, slots, routing.expert_weights,
-                            activation=activation, b13=weights.b13, b2=weights.b2, interleaved=weights.interleaved)
+        num_tokens, top_k = routing.expert_ids.shape
+        config = self._launch_configs.get((layer_idx, num_tokens))
+        if config is None:  # looked up once per layer and token count (the lookup touches the file system)
+            if len(self._launch_configs) > 4096:
+                self._launch_configs.clear()
+            config = self._launch_configs[(layer_idx, num_tokens)] = get_config(
+                self.num_experts[layer_idx], weights.w2.shape[2], top_k, num_tokens, weights.w13.dtype, hidden.device)
+        out = fused_moe_with_config(hidden.to(weights.w13.dtype), weights.w13, weights.w2, slots,
+                                    routing.expert_weights, config, activation=activation, b13=weights.b13,
+                                    b2=weights.b2, interleaved=weights.interleaved)
         with self.cond:
             self.kernel_calls["triton"] += 1
         return out.to(hidden.dtype)

@@ -244,7 +244,8 @@ def _convert(args: argparse.Namespace) -> int:
         source.close()
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr)
         progress = bar.update
-    summary = convert(args.src, args.dst, dtype=args.dtype, fp8=args.fp8, verify_after=args.verify, progress=progress)
+    summary = convert(args.src, args.dst, dtype=args.dtype, fp8=args.fp8, quantize=args.quantize,
+                      group_size=args.group_size, verify_after=args.verify, progress=progress)
     if progress is not None:
         bar.close()
     if summary["skipped"]:
@@ -462,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cast the weights (default: keep the source dtype; FP8 becomes bfloat16)")
     conv.add_argument("--fp8", default="dequantize", choices=["dequantize", "keep"],
                       help="FP8 expert weights (DeepSeek-V3): dequantize, or keep FP8 with block scales")
+    conv.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                      help="store the routed experts quantized: int8 per output row, or int4 in groups along the "
+                           "input dimension (dense weights and shared experts stay as they are)")
+    conv.add_argument("--group-size", type=int, default=None, metavar="G",
+                      help="int4 group size (default 128)")
     conv.add_argument("--verify", action="store_true", help="check every checksum after writing")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     conv.set_defaults(run=_convert)

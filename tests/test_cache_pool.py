@@ -204,6 +204,26 @@ def test_each_forward_reads_each_expert_it_uses_once(converted_tiny_mixtral, bud
         ex.close()
 
 
+def test_the_cost_model_times_the_fetch_path_the_cache_takes(converted_tiny_mixtral):
+    """`fetch_once` is one miss's path (a store read into a staging buffer, then the copy): the
+    cost model times it instead of a copy from pinned memory (on CPU here, on CUDA at start-up)."""
+    from moe_infer.cache.cpu_compute import CostModel
+
+    model = moe_infer.load(converted_tiny_mixtral, cpu_memory="1MiB")
+    ex = moe_infer.executor(model)
+    try:
+        cache, store = ex.cache, ex.layers[0].expert_source.store
+        before = store.bytes_read
+        first = cache.layer_order[0]
+        cost = CostModel.measure(cache.templates[first], cache.backing.activation(first), cache.device, repeats=3,
+                                 fetch=cache.fetch_once)
+        assert store.bytes_read - before == 4 * store.stored_nbytes(first)  # warm-up + 3 timed fetches
+        assert cost.copy_bytes_per_s > 0 and cost.cpu_per_row_s >= 0
+        assert cache.memory()["staging_bytes"] > 0  # the loader's staging ring was what it used
+    finally:
+        ex.close()
+
+
 # -- CUDA: the GPU tier, page-locked memory, copy streams -----------------------------------------
 @needs_cuda
 def test_default_gpu_config_with_cpu_compute_auto(tiny_model):

@@ -350,3 +350,71 @@ def test_cli_prints_checkpoint_errors_as_one_line_and_bugs_as_tracebacks(mixtral
     monkeypatch.setattr("moe_infer.experts.store.verify", lambda directory, progress=None: len(None))
     with pytest.raises(TypeError):
         cli.main(["verify", path])
+
+
+# -- kills at random points of convert (real processes, real signals)
+
+KILLS = 6  # per run, all at once (one process each): half with --verify; SIGKILL, SIGTERM and SIGINT in turn
+
+
+def _kill_at(command: list[str], point: int, delay: float, sig: int) -> tuple[str, int]:
+    """Run `command`, kill it with `sig` after its `point`-th progress line (or `delay` seconds after
+    its last one when `point` is past the end); returns (where it was killed, exit status)."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    seen, where = 0, "finished"
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        for line in process.stdout:
+            if line.strip() == "progress":
+                seen += 1
+                if seen == point:
+                    where = f"after progress {seen}"
+                    break
+            elif line.strip() == "done":
+                break
+        if where == "finished" and process.poll() is None:
+            time.sleep(delay)
+            where = f"{delay:.3f}s after the last progress line"
+        process.send_signal(sig)
+        return where, process.wait(timeout=120)  # a hang here fails the test instead of stalling it
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_kills_at_random_points_of_convert(mixtral, tmp_path):
+    import random
+    import signal
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_infer.experts.convert import PARTIAL_SUFFIX
+
+    src, _, reference = mixtral
+    seed = int(os.environ.get("MOE_INFER_FAULT_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert_worker.py")
+    progress_lines = 6 * 8 + 57  # tiny-mixtral: one per expert and one per dense tensor
+    signals = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT]
+    runs = []
+    for i in range(KILLS):
+        verify = i % 2 == 1
+        # a point past the end: killed during verify, at the publish, or after it finished
+        runs.append((i, verify, str(tmp_path / f"run{i}"), rng.randint(1, progress_lines + 6), rng.uniform(0, 0.3),
+                     signals[i % 3]))
+    with ThreadPoolExecutor(KILLS) as pool:
+        outcomes = list(pool.map(lambda r: _kill_at([sys.executable, worker, src, r[2], *(["--verify"] if r[1] else [])],
+                                                    r[3], r[4], r[5]), runs))
+    for (i, verify, dst, _, _, sig), (where, status) in zip(runs, outcomes):
+        context = f"seed {seed}, kill {i} ({'--verify, ' if verify else ''}{sig.name} {where}, rc {status})"
+        partial = dst + PARTIAL_SUFFIX
+        # what a kill may leave: nothing, a marked partial directory, or a complete DST (never a bare partial)
+        assert not os.path.exists(partial) or os.path.exists(os.path.join(partial, ".moe_infer_partial")), context
+        assert not os.path.exists(dst) or os.path.exists(os.path.join(dst, MANIFEST)), context
+        convert(src, dst, verify_after=verify)
+        assert not os.path.exists(partial) and not os.path.exists(os.path.join(dst, ".moe_infer_partial")), context
+        torch.testing.assert_close(_logits(moe_infer.load(dst)), reference, rtol=1e-5, atol=1e-5, msg=context)
