@@ -28,10 +28,10 @@ until used; a waiting forward's request is urgent and may, when nothing else can
 reserved entry's place (it is requested again when its turn comes), so the cache makes progress
 with a budget of a single expert.
 
-Concurrency: one forward at a time per model. `MoEConfig` callers of one wrapped model from
-several threads are serialised by the executor's lock around the whole model forward (the layer
+Concurrency: one forward at a time per model. Threads calling one wrapped model are serialised
+by the executor's lock around the whole model forward (`ModelExecutor.forward_lock`: the layer
 calls of one forward, its predictor state and its prefetches belong together); the loader and
-CPU worker threads run beside it.
+CPU worker threads run beside it. `prefetch` and `stats` may be called from any thread.
 
 Shape legend: T tokens, H hidden, K top-k, E experts, S slots.
 """
