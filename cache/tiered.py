@@ -28,10 +28,10 @@ until used; a waiting forward's request is urgent and may, when nothing else can
 reserved entry's place (it is requested again when its turn comes), so the cache makes progress
 with a budget of a single expert.
 
-Concurrency: one forward at a time per model. `MoEConfig` callers of one wrapped model from
-several threads are serialised by the executor's lock around the whole model forward (the layer
+Concurrency: one forward at a time per model. Threads calling one wrapped model are serialised
+by the executor's lock around the whole model forward (`ModelExecutor.forward_lock`: the layer
 calls of one forward, its predictor state and its prefetches belong together); the loader and
-CPU worker threads run beside it.
+CPU worker threads run beside it. `prefetch` and `stats` may be called from any thread.
 
 Shape legend: T tokens, H hidden, K top-k, E experts, S slots.
 """
@@ -196,7 +196,7 @@ class ExpertCache:
         # experts the budget cannot hold beside the rest of their call, or sent to the CPU, run there
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moe-infer-cpu-experts") \
             if self.device.type == "cuda" or kernel == "triton" else None
-        self._slot_maps: dict[int, Tensor] = {}  # layer -> [E] slot of each expert, -1: not in the pool (host)
+        self._launch_configs: dict = {}  # (layer, tokens) -> the fused kernels' KernelConfig
         self.prefetch_counts = {"issued": 0, "used": 0, "wasted": 0, "cancelled": 0}
         self.cpu_computed_experts = 0
         self.stall_seconds = 0.0
@@ -391,8 +391,11 @@ class ExpertCache:
 
     # -- one layer ---------------------------------------------------------------------------
     def _fused(self, layer_idx: int, hidden: Tensor, routing, held: list[Entry], activation) -> Tensor:
-        """One fused launch pair over the compute pool: expert ids -> slot ids on the device."""
-        from moe_infer.kernels.fused_moe import fused_experts
+        """One fused launch pair over the compute pool: expert ids -> slot ids on the device. The
+        launch config is looked up for the layer's own expert count (the tuned files are keyed by
+        E, and rows per expert are T*K/E, not T*K/S)."""
+        from moe_infer.kernels.config import get_config
+        from moe_infer.kernels.fused_moe import fused_moe_with_config
 
         pool = self.tier.pool
         slot_map = torch.full((self.num_experts[layer_idx],), -1, dtype=torch.int32)
@@ -401,8 +404,16 @@ class ExpertCache:
         slot_map = slot_map.pin_memory() if self.device.type == "cuda" else slot_map
         slots = slot_ids(slot_map.to(hidden.device, non_blocking=True), routing.expert_ids)
         weights = pool.stacked(layer_idx)
-        out = fused_experts(hidden.to(weights.w13.dtype), weights.w13, weights.w2, slots, routing.expert_weights,
-                            activation=activation, b13=weights.b13, b2=weights.b2, interleaved=weights.interleaved)
+        num_tokens, top_k = routing.expert_ids.shape
+        config = self._launch_configs.get((layer_idx, num_tokens))
+        if config is None:  # looked up once per layer and token count (the lookup touches the file system)
+            if len(self._launch_configs) > 4096:
+                self._launch_configs.clear()
+            config = self._launch_configs[(layer_idx, num_tokens)] = get_config(
+                self.num_experts[layer_idx], weights.w2.shape[2], top_k, num_tokens, weights.w13.dtype, hidden.device)
+        out = fused_moe_with_config(hidden.to(weights.w13.dtype), weights.w13, weights.w2, slots,
+                                    routing.expert_weights, config, activation=activation, b13=weights.b13,
+                                    b2=weights.b2, interleaved=weights.interleaved)
         with self.cond:
             self.kernel_calls["triton"] += 1
         return out.to(hidden.dtype)

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from moe_infer.errors import ConfigError
 
+from .quant import QuantizedWeight
+from .quant_matmul import quantized_matmul
+
 
 @dataclass(frozen=True)
 class ExpertTensors:
@@ -28,8 +31,8 @@ class ExpertTensors:
     and up alternating: rows 0, 2, 4, ... are gate). `w2` [H, I]. Biases optional.
     """
 
-    w13: Tensor  # [2I, H]
-    w2: Tensor  # [H, I]
+    w13: Tensor | QuantizedWeight  # [2I, H]
+    w2: Tensor | QuantizedWeight  # [H, I]
     b13: Tensor | None = None  # [2I]
     b2: Tensor | None = None  # [H]
     interleaved: bool = False
@@ -92,7 +95,8 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     # The bias is added after the matmul, as `transformers`' experts do (grouped_mm takes no bias):
     # F.linear with a bias is one addmm that rounds once instead of twice, which moved GPT-OSS
     # logits by ~2e-7 in fp32 and ~6e-3 in bf16 (relative to the largest logit).
-    out = F.linear(x, weight)
+    # a QuantizedWeight (experts/quant.py) runs through torch's weight-only kernels where they apply
+    out = F.linear(x, weight) if isinstance(weight, Tensor) else quantized_matmul(x, weight)
     return out if bias is None else out + bias
 
 

@@ -81,7 +81,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     Refused for a model loaded from a converted checkpoint or wrapped with `offload_dir`: its experts
     live only in the store (their parameters are on the `meta` device), so the original blocks
-    could not run.
+    could not run; likewise for a model wrapped with `quantize=` (only the quantized experts remain).
 
     A model wrapped with `parallel` holds only its rank's slice of every expert; unwrap gathers the
     full weights back (bit-exact) with an all-gather, so every rank of the job must call it."""
@@ -94,6 +94,10 @@ def unwrap(model: nn.Module) -> nn.Module:
                          f"MoEConfig.offload_dir); they are not in memory, so there are no original MoE blocks "
                          f"to restore (load the transformers directory with moe_infer.load(path, "
                          f"in_memory=True) and no offload_dir to get an unwrappable model)")
+    if ex.quantization is not None:
+        raise ConfigError(f"unwrap: this {type(model).__name__}'s experts were quantized in memory "
+                          f"({ex.quantization.name}) and their float weights released, so there are no original MoE "
+                          f"blocks to restore (wrap a freshly loaded model without quantize= to get an unwrappable one)")
     ex.close()
     ex.detach()
     ex.stop_parallel()  # a parallel model's experts hold one slice per rank: gathered back first

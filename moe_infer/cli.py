@@ -105,7 +105,23 @@ def _generate(args: argparse.Namespace) -> int:
           f"scheduler{signatures}, mean size {summary['mean_batch_size']:.2f}), "
           f"{summary['distinct_experts_per_micro_batch']:.2f} distinct experts per micro-batch and MoE layer, "
           f"{summary['regroups']} regroups, {summary['tokens_per_second']:.1f} tokens/s")
+    for line in _cache_lines(moe_infer.executor(model).stats()):
+        print(line)
     return 0
+
+
+def _cache_lines(stats: dict) -> list[str]:
+    """One line per budgeted expert tier: hit rate and bytes moved (none without a budget)."""
+    lines = []
+    for tier, counts in stats.get("tiers", {}).items():
+        if counts.get("budget_bytes") is None:
+            continue
+        accesses = counts["hits"] + counts["misses"]
+        rate = f"{counts['hits'] / accesses:.3f}" if accesses else "-"
+        lines.append(f"expert cache, {tier} tier of {counts['budget_bytes'] / 2**20:.2f} MiB: hit rate {rate} "
+                     f"({counts['hits']} hits, {counts['misses']} misses), {counts['bytes_moved'] / 2**20:.1f} MiB "
+                     f"moved, {stats.get('cpu_computed_experts', 0)} experts computed on the CPU")
+    return lines
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -228,7 +244,8 @@ def _convert(args: argparse.Namespace) -> int:
         source.close()
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr)
         progress = bar.update
-    summary = convert(args.src, args.dst, dtype=args.dtype, fp8=args.fp8, verify_after=args.verify, progress=progress)
+    summary = convert(args.src, args.dst, dtype=args.dtype, fp8=args.fp8, quantize=args.quantize,
+                      group_size=args.group_size, verify_after=args.verify, progress=progress)
     if progress is not None:
         bar.close()
     if summary["skipped"]:
@@ -250,6 +267,29 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PredictOnce:
+    """A saved predictor's scores for the trace, computed once for every (policy, capacity) run. A
+    predictor that needs the MoE inputs of every token runs the model over the trace when the trace
+    did not record them (the model is then loaded once, and the reason printed)."""
+
+    def __init__(self, predictor, trace):
+        from moe_infer.predictors.features import recorded_moe_inputs
+
+        self.predictor, self.scores = predictor, {}
+        needs_model = predictor.kind == "gate-lookahead" or (
+            predictor.kind == "expertflow" and (recorded_moe_inputs(trace) is None
+                                                or predictor.options.get("attention_lookahead")))
+        if needs_model:
+            print(f"note: the {predictor.kind} predictor reads every MoE layer's input, which this trace did not "
+                  f"record (profile --features moe_input:...): loading {trace.model} once to compute them",
+                  file=sys.stderr)
+
+    def predict_trace(self, trace, distance: int):
+        if distance not in self.scores:
+            self.scores[distance] = self.predictor.predict_trace(trace, distance)
+        return self.scores[distance]
+
+
 def _simulate(args: argparse.Namespace) -> int:
     import json
 
@@ -268,7 +308,7 @@ def _simulate(args: argparse.Namespace) -> int:
     elif args.predictor is not None:
         from moe_infer import predictors
 
-        predictor = predictors.load(args.predictor)
+        predictor = _PredictOnce(predictors.load(args.predictor), trace)
     results = []
     for capacity in capacities:
         for policy in policies:
@@ -423,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cast the weights (default: keep the source dtype; FP8 becomes bfloat16)")
     conv.add_argument("--fp8", default="dequantize", choices=["dequantize", "keep"],
                       help="FP8 expert weights (DeepSeek-V3): dequantize, or keep FP8 with block scales")
+    conv.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                      help="store the routed experts quantized: int8 per output row, or int4 in groups along the "
+                           "input dimension (dense weights and shared experts stay as they are)")
+    conv.add_argument("--group-size", type=int, default=None, metavar="G",
+                      help="int4 group size (default 128)")
     conv.add_argument("--verify", action="store_true", help="check every checksum after writing")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     conv.set_defaults(run=_convert)

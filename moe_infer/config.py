@@ -116,6 +116,10 @@ class MoEConfig:
     load_timeout: float = field(default=120.0, metadata={
         "type": float, "metavar": "SECONDS", "help": "how long a forward waits for one expert's load before it "
                                                      "fails (a hung read fails that forward only)"})
+    quantize: Any = field(default=None, metadata={
+        "choices": ("int8", "int4"), "help": "quantize the routed experts in memory (weight-only; int4 in groups of "
+                                             "128); stored as a moe_infer.experts.quant.QuantScheme, which also "
+                                             "takes another int4 group size"})
     routing_override: Any = field(default=None, repr=False, metadata={"flag": False})  # a Trace: no command-line form
 
     def __post_init__(self) -> None:
@@ -161,6 +165,16 @@ class MoEConfig:
                     f"MoEConfig.parallel={self.parallel!r}: expected None, "
                     f"{', '.join(map(repr, PARALLEL_MODES))} or a sharding factor r >= 0"
                 )
+
+        if self.quantize is not None:
+            from moe_infer.experts.quant import SCHEMES, QuantScheme
+
+            if isinstance(self.quantize, str) and self.quantize in SCHEMES:
+                self.quantize = QuantScheme(self.quantize)
+            elif not isinstance(self.quantize, QuantScheme):
+                raise ConfigError(f"MoEConfig.quantize={self.quantize!r}: expected None, "
+                                  f"{', '.join(map(repr, SCHEMES))} or a moe_infer.experts.quant.QuantScheme "
+                                  f"(for another int4 group size)")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

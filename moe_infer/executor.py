@@ -78,6 +78,7 @@ class ModelExecutor:
 
             predictor = checked_predictor(self, self._model_name, config.predictor)
         check_budgets(self.layers, config, self.backing)
+        self._check_quantize(config)
         self._offload(config)
         lookahead = None
         if predictor is not None and predictor.reads_attention_lookahead:
@@ -85,6 +86,7 @@ class ModelExecutor:
 
             lookahead = AttentionLookahead(self._model(), self)  # checks the model; then hooks its layers
         self.close()
+        self._quantize(config.quantize)
         try:
             self.cache = build_cache(self.layers, config, self.backing,
                                      kernel=self.kernel_for(compute_device(self.layers), config))
@@ -152,6 +154,55 @@ class ModelExecutor:
                     move_experts(layer, self._expert_devices[layer.layer_idx])
             for slab in cache.host_slabs:  # the experts' page-locked host copy, now unused
                 slab.close()
+
+    @property
+    def quantization(self):
+        """The `QuantScheme` of the experts the layers run (quantized in memory by `quantize=`, or read
+        from a checkpoint converted with `--quantize`), or None for float experts."""
+        source = self.layers[0].expert_source
+        store = getattr(source, "store", None)
+        return store.quant_scheme if store is not None else getattr(source, "scheme", None)
+
+    def _check_quantize(self, config: MoEConfig) -> None:
+        """Refuse a `quantize` this model cannot take, and what quantized experts cannot run with yet
+        (before anything changes)."""
+        current, wanted = self.quantization, config.quantize
+        if wanted is not None or current is not None:
+            if config.parallel is not None:
+                raise NotSupported("parallel with quantized experts: the multi-rank path slices float experts only "
+                                   "in this version")
+            if config.gpu_memory is not None or config.cpu_memory is not None:
+                raise NotSupported("an expert budget (gpu_memory / cpu_memory) with quantized experts: the tiered "
+                                   "cache moves float experts in this version; run them without a budget")
+        if wanted is None or wanted == current:
+            return
+        from moe_infer.experts.store import StoreExperts
+
+        if any(isinstance(layer.expert_source, StoreExperts) for layer in self.layers):
+            raise ConfigError(f"quantize={wanted.name!r}: this model reads its experts from a converted checkpoint "
+                              f"(stored as {current.name if current else 'float'}); convert it with "
+                              f"`moe-infer convert SRC DST --quantize {wanted.name}` instead")
+        if current is not None:
+            raise ConfigError(f"quantize={wanted.name!r}: the experts of this model were quantized to {current.name} "
+                              f"(group {current.group_size}) and their float weights released; wrap a freshly "
+                              f"loaded model to quantize it differently")
+        if config.offload_dir is not None:
+            raise NotSupported("quantize with offload_dir: the disk tier of an in-memory model holds float experts in "
+                               "this version; convert the checkpoint with --quantize instead")
+
+    def _quantize(self, scheme) -> None:
+        """Quantize the routed experts of every layer in memory (once; `_check_quantize` ran)."""
+        if scheme is None or self.quantization is not None:
+            return
+        from moe_infer.experts.layout import ModuleExperts
+        from moe_infer.experts.quantized import QuantizedExperts, free_float_experts
+
+        for layer in self.layers:
+            assert isinstance(layer.expert_source, ModuleExperts), type(layer.expert_source)
+            with torch.no_grad():
+                layer.expert_source = QuantizedExperts.quantize(layer.expert_source, scheme)
+            free_float_experts(layer.experts)
+            self._expert_devices[layer.layer_idx] = layer.expert_source.device
 
     @property
     def kernel(self) -> str:
@@ -280,6 +331,7 @@ class ModelExecutor:
             "cpu_computed_experts": cache["cpu_computed_experts"],
             "stall_seconds": cache["stall_seconds"],
             "kernel": self.kernel,
+            "quantization": None if self.quantization is None else self.quantization.as_json(),
             "kernel_calls": {kernel: sum(l.stats.kernel_calls.get(kernel, 0) for l in self.layers)
                              for kernel in ("torch", "triton")},
             "host_reads": cache.get("host_reads", 0),  # device -> host reads of routing the cache made

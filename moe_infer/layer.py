@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from moe_infer import kernels
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.experts.math import expert_counts, group_by_expert, moe_forward
+from moe_infer.experts.quantized import QuantizedExperts
 from moe_infer.families import FoundBlock
 from moe_infer.routing.adapters import Routing
 
@@ -147,6 +148,11 @@ class MoELayer(nn.Module):
             grouping = group_by_expert(routing.expert_ids, self.num_experts)
             out = self.parallel(hidden, routing.expert_ids, routing.expert_weights)
             self.stats.record(hidden.shape[0], grouping[1], "torch")
+        elif self._runs_fused_kernels() and isinstance(self.expert_source, QuantizedExperts):
+            source = self.expert_source
+            out = kernels.fused_experts(hidden, source.w13, source.w2, routing.expert_ids, routing.expert_weights,
+                                        activation=source.activation, b13=source.b13, b2=source.b2)
+            self.stats.record_on_device(hidden.shape[0], expert_counts(routing.expert_ids, self.num_experts))
         elif self._runs_fused_kernels():
             out = kernels.module_experts_forward(self.expert_source.module, hidden, routing.expert_ids,
                                                  routing.expert_weights, self.expert_source.activation)
@@ -166,8 +172,9 @@ class MoELayer(nn.Module):
 
     def _runs_fused_kernels(self) -> bool:
         """The fused Triton kernels run when the kernel for this layer's device is "triton" and every
-        expert of the layer is resident in the experts module (their stacked weights are the input)."""
-        return (self.executor is not None and isinstance(self.expert_source, ModuleExperts)
+        expert of the layer is resident in the experts module or quantized in memory (their stacked
+        weights are the input)."""
+        return (self.executor is not None and isinstance(self.expert_source, (ModuleExperts, QuantizedExperts))
                 and self.executor.kernel_for(self.expert_source.device) == "triton")
 
     def _feed_router_hooks(self, hidden: Tensor, routing: Routing) -> None:
