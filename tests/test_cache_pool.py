@@ -98,6 +98,20 @@ def test_the_pool_computes_the_layer_the_experts_compute():
 
 
 @needs_triton
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])  # transposed, interleaved, biases; shared experts
+def test_fused_pool_on_other_layouts(tiny_model, family):
+    model = tiny_model(family)
+    ids = tiny_models.token_ids(5, 1, 5)
+    with torch.no_grad():
+        reference = model(ids).logits
+        with tiny_models.wrapped(model, kernel="triton", cpu_memory=6 * tiny_models.expert_bytes(model),
+                                 cpu_compute="never", loader="ring"):
+            torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
+            stats = moe_infer.executor(model).stats()
+    assert stats["kernel"] == "triton" and stats["kernel_calls"]["torch"] == 0
+
+
+@needs_triton
 def test_a_budgeted_model_runs_the_fused_kernels_on_the_pool_and_says_so(tiny_model):
     """kernel="triton" with a cache: every layer call is one fused launch pair over the pool
     (stats' kernel is the kernel that ran: before the pool the cache computed per-expert torch
