@@ -137,6 +137,29 @@ def test_a_budgeted_model_runs_the_fused_kernels_on_the_pool_and_says_so(tiny_mo
 
 
 @needs_triton
+def test_a_fully_resident_layer_reads_nothing_back(tiny_model):
+    """Room for every expert: once warm, a layer call is a fused launch with nothing read back to the
+    host (no synchronisation); hits are still counted, from the counts left on the device."""
+    model = tiny_model("mixtral")
+    ids = tiny_models.token_ids(6, 1, 8)
+    with torch.no_grad():
+        reference = model(ids).logits
+        budget = 16 * tiny_models.expert_bytes(model)  # 2 layers x 8 experts
+        with tiny_models.wrapped(model, kernel="triton", cpu_memory=budget, cpu_compute="never"):
+            ex = moe_infer.executor(model)
+            ex.cache.prefetch(0, list(range(8)))
+            ex.cache.prefetch(1, list(range(8)))
+            model(ids)  # cold: misses read back
+            ex.reset_stats()
+            for _ in range(2):
+                torch.testing.assert_close(model(ids).logits, reference, **TOLERANCE[torch.float32])
+            stats = ex.stats()
+            used = sum(layer.stats.expert_loads for layer in ex.layers)  # experts used, per layer call
+    assert stats["host_reads"] == 0 and stats["kernel_calls"]["triton"] == 2 * len(ex.layers)
+    assert stats["tiers"]["cpu"]["hits"] == used > 0 and stats["tiers"]["cpu"]["misses"] == 0
+
+
+@needs_triton
 def test_fused_pool_with_overflow_to_the_backing(tiny_model):
     """A budget of 1 expert: a call's other experts run from the backing beside the fused launch
     over the one slot; the sum is the layer's output."""
