@@ -2,22 +2,23 @@
 
 A backing source is the outermost tier: the model's own expert weights in host memory
 (`ModuleBacking`, over the layers' `ModuleExperts`) or a converted checkpoint or offload directory on disk
-(`StoreBacking`, over `moe_infer.experts.store.ExpertStore`: one positional read per expert, no memory map). Both answer the same
-three questions: how big is an expert of a layer, what does an empty expert of that layer look
-like (to allocate cache buffers), and read expert e of layer l into given buffers.
+(`StoreBacking`, over `moe_infer.experts.store.ExpertStore`, positional reads). Both answer the
+same questions: how big is an expert of a layer, how it lies in a cache slot, write expert e of
+layer l into a slot, and give it (or one of its projections) for a call that runs it uncached.
 
 Shape legend: H hidden, I intermediate (per expert).
 """
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 
 import torch
 
-from moe_infer.experts.math import Activation, ExpertTensors
+from moe_infer.experts.math import Activation, ExpertTensors, projection_tensors
 from moe_infer.errors import ConfigError
+
+from .pool import SlotLayout
 
 
 def tensors_nbytes(t: ExpertTensors) -> int:
@@ -60,30 +61,20 @@ def copy_expert(dst: ExpertTensors, src: ExpertTensors, *, non_blocking: bool = 
             d.copy_(s, non_blocking=non_blocking)
 
 
-def expert_signature(t: ExpertTensors) -> tuple:
-    """Shapes, strides and dtypes of an expert's tensors: buffers with equal signatures are interchangeable."""
-    return tuple(None if x is None else (tuple(x.shape), x.stride(), x.dtype) for x in (t.w13, t.w2, t.b13, t.b2))
-
-
 class Backing(ABC):
     """The outermost tier of the cache (see the module docstring). Keys are decoder-layer indices.
 
-    Host buffers are the backing's own business (expert-shaped tensors for in-memory weights, one
-    raw byte range for a checkpoint): `host_buffer` allocates one, `read(..., out=buffer)` fills it
-    and returns the expert's tensors (views into it), `buffer_key` says which layers' buffers are
-    interchangeable."""
+    Cache slots are the cache's (`moe_infer.cache.pool`); the backing says how its experts lie in
+    one (`slot_layout`: the compact layout of the template for in-memory weights, the file's own
+    byte layout for a checkpoint, so a read lands in the slot as it is) and writes them (`fill`)."""
 
     @abstractmethod
     def template(self, layer_idx: int) -> ExpertTensors:
         """An expert of `layer_idx` as `read` returns it: shapes, strides, dtypes, biases, layout."""
 
     @abstractmethod
-    def read(self, layer_idx: int, expert: int, out=None) -> ExpertTensors:
-        """Expert `expert` of `layer_idx` as host tensors, written into `out` (a `host_buffer`) when given."""
-
-    @abstractmethod
-    def host_buffer(self, layer_idx: int, *, pin: bool = False):
-        """A host buffer `read` can fill with any expert of `layer_idx` (pinned if `pin`)."""
+    def read(self, layer_idx: int, expert: int) -> ExpertTensors:
+        """Expert `expert` of `layer_idx` as host tensors (views of the backing where it can)."""
 
     @abstractmethod
     def activation(self, layer_idx: int) -> Activation: ...
@@ -91,8 +82,27 @@ class Backing(ABC):
     @abstractmethod
     def num_experts(self, layer_idx: int) -> int: ...
 
-    def buffer_key(self, layer_idx: int):
-        return expert_signature(self.template(layer_idx))
+    def slot_layout(self, layer_idx: int) -> SlotLayout:
+        """How an expert of `layer_idx` lies in a cache slot (`fill` writes that layout)."""
+        return SlotLayout.compact(self.template(layer_idx))
+
+    def fill(self, layer_idx: int, expert: int, raw: torch.Tensor, *, drop_page_cache: bool = False) -> None:
+        """Write expert `expert` of `layer_idx` into `raw` (a host uint8 slot or staging buffer of at
+        least `slot_layout(layer_idx).nbytes` bytes) in the slot layout."""
+        copy_expert(self.slot_layout(layer_idx).view(raw), self.read(layer_idx, expert))
+
+    def pinned_source(self, layer_idx: int, expert: int) -> ExpertTensors | None:
+        """The expert's own tensors when they are already in page-locked host memory (copied to the
+        device without staging), else None."""
+        return None
+
+    def projection(self, layer_idx: int, expert: int, projection: str) -> ExpertTensors:
+        """One projection ("w13" or "w2") of an expert for a call that runs it from the backing,
+        reading only that projection's bytes where reads cost (see `moe_forward`)."""
+        t = self.read(layer_idx, expert)
+        if projection == "w13":
+            return projection_tensors("w13", t.w13, t.b13, t.interleaved)
+        return projection_tensors("w2", t.w2, t.b2, t.interleaved)
 
     def expert_nbytes(self, layer_idx: int) -> int:
         return tensors_nbytes(self.template(layer_idx))
@@ -108,6 +118,7 @@ class ModuleBacking(Backing):
 
     def __init__(self, sources: dict[int, "object"]):
         self.sources = sources
+        self._pinned: dict[int, bool] = {}
 
     def template(self, layer_idx: int) -> ExpertTensors:
         return self.sources[layer_idx](0)
@@ -118,40 +129,49 @@ class ModuleBacking(Backing):
     def num_experts(self, layer_idx: int) -> int:
         return self.sources[layer_idx].num_experts
 
-    def host_buffer(self, layer_idx: int, *, pin: bool = False) -> ExpertTensors:
-        return empty_like_expert(self.template(layer_idx), "cpu", pin=pin)
+    def read(self, layer_idx: int, expert: int) -> ExpertTensors:
+        return self.sources[layer_idx](expert)
 
-    def read(self, layer_idx: int, expert: int, out: ExpertTensors | None = None) -> ExpertTensors:
-        src = self.sources[layer_idx](expert)
-        if out is None:
-            return src
-        copy_expert(out, src)
-        return out
+    def pinned_source(self, layer_idx: int, expert: int) -> ExpertTensors | None:
+        if layer_idx not in self._pinned:
+            w13 = self.template(layer_idx).w13
+            self._pinned[layer_idx] = w13.device.type == "cpu" and torch.cuda.is_available() and w13.is_pinned()
+        return self.read(layer_idx, expert) if self._pinned[layer_idx] else None
 
 
 class StoreBacking(Backing):
     """A converted checkpoint's `ExpertStore`: one positional read of the expert's contiguous byte
-    range, straight into the buffer (cast afterwards when the model runs another dtype)."""
+    range, straight into the slot or staging buffer (its slot layout is the file's byte layout), or
+    cast afterwards when the model runs another dtype. The kernel is told to drop the pages read
+    into a cache tier (the tier holds the copy); the bytes read are counted by the store."""
 
     tier_name = "disk"
 
     def __init__(self, store, activations: dict[int, Activation], dtype: torch.dtype | None = None):
-        self.reads = 0
-        self.bytes_read = 0
-        self._count_lock = threading.Lock()
         self.store = store
         self.activations = activations
         self.dtype = dtype if dtype is not None else store.compute_dtype
         self.cast = self.dtype != store.compute_dtype or store.fp8_block is not None
         self._templates: dict[int, ExpertTensors] = {}
 
+    @property
+    def reads(self) -> int:
+        return self.store.reads
+
+    @property
+    def bytes_read(self) -> int:
+        return self.store.bytes_read
+
     def template(self, layer_idx: int) -> ExpertTensors:
         if layer_idx not in self._templates:
             # shapes, strides and dtypes only (on `meta`): keeping a real expert per layer as the
             # template held a layer count of experts outside every budget (1.3 GB for 4 Mixtral layers)
-            t = self.store.read(layer_idx, 0)
-            self._templates[layer_idx] = ExpertTensors(*(None if x is None else _meta_like(x.to(self.dtype))
-                                                         for x in (t.w13, t.w2, t.b13, t.b2)))
+            layout = self.store.layout(layer_idx)
+            shapes = {kind: (dtype, shape) for kind, dtype, shape, _ in layout.parts}
+            dtype_of = lambda kind: self.dtype if kind in ("w13", "w2") or self.cast else shapes[kind][0]  # noqa: E731
+            self._templates[layer_idx] = ExpertTensors(*(
+                torch.empty(shapes[kind][1], dtype=dtype_of(kind), device="meta") if kind in shapes else None
+                for kind in ("w13", "w2", "b13", "b2")))
         return self._templates[layer_idx]
 
     def activation(self, layer_idx: int) -> Activation:
@@ -160,27 +180,30 @@ class StoreBacking(Backing):
     def num_experts(self, layer_idx: int) -> int:
         return int(self.store.num_experts)
 
-    def buffer_key(self, layer_idx: int):
+    def slot_layout(self, layer_idx: int) -> SlotLayout:
         if self.cast:
-            return super().buffer_key(layer_idx)
-        return ("raw", self.store.stored_nbytes(layer_idx))
+            return super().slot_layout(layer_idx)
+        return SlotLayout.of_bytes([(kind, dtype, tuple(shape), off)
+                                    for kind, dtype, shape, off in self.store.layout(layer_idx).parts])
 
-    def host_buffer(self, layer_idx: int, *, pin: bool = False):
-        if self.cast:
-            return empty_like_expert(self.template(layer_idx), "cpu", pin=pin)
-        return torch.empty(self.store.stored_nbytes(layer_idx), dtype=torch.uint8, pin_memory=pin)
-
-    def read(self, layer_idx: int, expert: int, out=None) -> ExpertTensors:
-        with self._count_lock:  # the loader thread and the CPU-compute worker both read
-            self.reads += 1
-            self.bytes_read += self.store.stored_nbytes(layer_idx)
+    def fill(self, layer_idx: int, expert: int, raw: torch.Tensor, *, drop_page_cache: bool = False) -> None:
         if not self.cast:
-            return self.store.read(layer_idx, expert, out=out)
+            self.store.read_raw(layer_idx, expert, out=raw, drop_page_cache=drop_page_cache)
+            return
         t = self.store.read(layer_idx, expert)
-        if out is None:
-            return ExpertTensors(*(None if x is None else x.to(self.dtype) for x in (t.w13, t.w2, t.b13, t.b2)))
-        copy_expert(out, t)
-        return out
+        copy_expert(self.slot_layout(layer_idx).view(raw), t)
+
+    def read(self, layer_idx: int, expert: int) -> ExpertTensors:
+        t = self.store.read(layer_idx, expert)
+        if not self.cast:
+            return t
+        return ExpertTensors(*(None if x is None else x.to(self.dtype) for x in (t.w13, t.w2, t.b13, t.b2)))
+
+    def projection(self, layer_idx: int, expert: int, projection: str) -> ExpertTensors:
+        weight, bias = self.store.read_projection(layer_idx, expert, projection)
+        if weight.dtype != self.dtype:
+            weight, bias = weight.to(self.dtype), None if bias is None else bias.to(self.dtype)
+        return projection_tensors(projection, weight, bias)
 
     def close(self) -> None:
         """The store belongs to the model (`moe_infer.loading`); it is closed with it, not here."""

@@ -2,7 +2,9 @@
 
 A missed expert can be fetched (its bytes cross the host-to-device link, then it runs on the
 accelerator) or run where its weights already are, on the host CPU (only the activation rows
-cross). `CostModel.measure` times both on this machine at start-up: host-to-device bytes/s, and
+cross). `CostModel.measure` times both on this machine at start-up: the cache's own fetch path
+(`ExpertCache.fetch_once`: a disk read into a staging buffer then the copy, or a direct copy from
+page-locked memory) in bytes/s, and
 CPU seconds of one expert as a function of its rows (fixed + per row). `split_misses` then
 assigns each layer's misses to the two lanes, the link and the CPU cores, so that both work at
 once and the later of the two finishes as early as possible (greedy, largest cost first).
@@ -38,9 +40,11 @@ class CostModel:
 
     @classmethod
     def measure(cls, template: ExpertTensors, activation: Activation, device: torch.device,
-                repeats: int = 3) -> "CostModel":
-        """Time a host -> `device` copy of one expert and the CPU forward of one expert at 1 and 16 rows
-        (medians of `repeats`)."""
+                repeats: int = 3, fetch=None) -> "CostModel":
+        """Time the fetch of one expert and the CPU forward of one expert at 1 and 16 rows (medians of
+        `repeats`). `fetch()` performs one fetch the way the cache will (from its backing, through
+        its staging buffers or straight from page-locked memory, to the device, synchronised); without
+        it, a pinned host -> `device` copy is timed."""
         host = empty_like_expert(template, "cpu", pin=torch.device(device).type == "cuda")
         for x in (host.w13, host.w2, host.b13, host.b2):
             if x is not None:
@@ -51,6 +55,9 @@ class CostModel:
             copy_expert(dst, host, non_blocking=True)
             if dst.w13.device.type == "cuda":
                 torch.cuda.synchronize(dst.w13.device)
+
+        if fetch is not None:
+            copy_once = fetch
 
         def cpu_once(rows: int):
             x = torch.randn(rows, host.w13.shape[1], dtype=host.w13.dtype)

@@ -3,11 +3,11 @@
 - `LoadQueue`: jobs ordered by priority (DEMAND before PREDICTED before RING), first come first
   served within a priority; queued jobs of a (layer, kind) can be cancelled when a newer
   prediction replaces them.
-- `Loader`: one daemon thread that drains the queue through a callback; `close()` stops it and
-  joins it (never leaves a thread behind), whatever the callback is doing.
-- `CopyEngine`: host -> device copies on a dedicated CUDA stream with pinned staging buffers and
-  events, so the compute stream waits only for the weights it uses (no host synchronisation); on
-  CPU-only machines the same calls are plain synchronous copies.
+- `Loader`: one daemon thread that drains the queue through a callback; a thread stuck in a hung
+  read is replaced (`replace`) so later loads go on; `close()` stops it and joins it.
+- `CopyEngine`: host -> device copies on a dedicated CUDA stream, straight from page-locked
+  sources or through a ring of pinned staging buffers, one event per copy, so the compute stream
+  waits only for the weights it uses (no host synchronisation).
 - `ring_schedule`: which upcoming layers the ring loader streams while the current layer computes.
 """
 
@@ -16,12 +16,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-
-from moe_infer.experts.math import ExpertTensors
 
 from .backing import copy_expert
 
@@ -95,6 +94,11 @@ class Loader:
 
     `run_job` must not raise (the cache stores a load's error in the entry that waits for it);
     if it does anyway, the error is kept in `self.error` and every waiter is woken.
+
+    A job that never returns (a hung read) must not stop every later load: `replace()` leaves the
+    stuck thread to finish on its own (it exits as soon as its job returns, running nothing else)
+    and starts a fresh one for the queue; `close()` joins the current thread and waits a little for
+    abandoned ones.
     """
 
     def __init__(self, queue: LoadQueue, cond: threading.Condition, run_job: Callable[[Job], None],
@@ -102,26 +106,52 @@ class Loader:
         self.queue = queue
         self.cond = cond
         self.run_job = run_job
+        self.name = name
         self.stopping = False
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self.thread.start()
+        self.current: tuple[Job, float] | None = None  # the job running now and when it started
+        self.abandoned: list[threading.Thread] = []
+        self._start()
+
+    def _start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+        self.thread.start()  # after the assignment: the thread checks that it is the current one
 
     def _main(self) -> None:
+        me = threading.current_thread()
         try:
             while True:
                 with self.cond:
+                    if me is not self.thread:
+                        return  # replaced while its job hung: the new thread owns the queue
                     job = self.queue.pop()
                     while job is None and not self.stopping:
                         self.cond.wait(timeout=0.5)
                         job = self.queue.pop()
                     if self.stopping:
                         return
+                    self.current = (job, time.monotonic())
                 self.run_job(job)
+                with self.cond:
+                    if me is self.thread:
+                        self.current = None
         except BaseException as err:  # noqa: BLE001 - kept and re-raised in the caller's thread
             with self.cond:
-                self.error = err
+                if me is self.thread:
+                    self.error = err
                 self.cond.notify_all()
+
+    def busy_since(self) -> float | None:
+        """When the running job started (time.monotonic), None when idle (caller holds the condition)."""
+        return None if self.current is None else self.current[1]
+
+    def replace(self) -> None:
+        """Abandon the thread stuck in its job and start a fresh one (caller holds the condition)."""
+        if self.stopping:
+            return
+        self.abandoned.append(self.thread)
+        self.current = None
+        self._start()
 
     @property
     def alive(self) -> bool:
@@ -134,40 +164,83 @@ class Loader:
         self.thread.join(timeout)
         if self.thread.is_alive():
             raise RuntimeError(f"the expert loader thread did not stop within {timeout} s")
+        for thread in self.abandoned:  # stuck in a read that may never return: do not wait long
+            thread.join(1.0)
+        self.abandoned = [t for t in self.abandoned if t.is_alive()]
 
 
 class CopyEngine:
-    """Copies an expert into a tier's buffers. On CUDA targets: a dedicated copy stream, a pinned
-    staging buffer per expert shape (reused), and one event per copy; the consumer makes its own
-    stream wait on that event. Elsewhere: a synchronous copy, and no event."""
+    """Copies experts into a CUDA tier on a dedicated copy stream, one event per copy; the consumer's
+    stream waits on that event only (no host synchronisation). A source that is already page-locked
+    is copied as it is; any other is first written into one of `STAGING_BUFFERS` pinned staging
+    buffers (one slab, allocated on first use: the constant that pinned memory may exceed the host
+    budget by), so that the next read fills another buffer while earlier copies run. On CPU-only
+    machines copies are synchronous (the cache writes its slots directly; the cost model's
+    `fetch_once` still runs here)."""
 
-    def __init__(self, device: torch.device):
+    STAGING_BUFFERS = 4
+
+    def __init__(self, device: torch.device, slot_bytes: int = 0):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        self._staging: dict = {}
+        self.slot_bytes = slot_bytes
+        self._slab = None
+        self._staging_events: list = []
+        self._next = 0
 
-    def staging(self, key, make: Callable[[], object]):
-        """The pinned host buffer for buffers of kind `key` (one per kind, made by `make` on first use;
-        used by the loader thread only)."""
-        if key not in self._staging:
-            self._staging[key] = make()
-        return self._staging[key]
+    @property
+    def staging_bytes(self) -> int:
+        return 0 if self._slab is None else self._slab.nbytes
 
-    def copy(self, dst: ExpertTensors, src: ExpertTensors, wait_for: list | None = None):
-        """Copy `src` (host) into `dst` (this engine's device), after the CUDA events `wait_for` (the
-        last readers of the memory it overwrites); returns the event that marks the end of the copy,
-        or None when the copy is already complete."""
+    def staging(self) -> tuple[int, torch.Tensor]:
+        """(index, uint8 [slot_bytes] pinned buffer) free to be written now: waits for the copy that
+        last read it, which was issued STAGING_BUFFERS loads ago (used by the loader thread only)."""
+        from .pool import HostSlab
+
+        if self._slab is None:
+            self._slab = HostSlab(self.STAGING_BUFFERS * self.slot_bytes, pin=self.cuda)
+            self._staging_events = [None] * self.STAGING_BUFFERS
+        index = self._next
+        self._next = (self._next + 1) % self.STAGING_BUFFERS
+        event = self._staging_events[index]
+        if event is not None:
+            event.synchronize()
+            self._staging_events[index] = None
+        return index, self._slab.tensor[index * self.slot_bytes:(index + 1) * self.slot_bytes]
+
+    def staged(self, index: int, event) -> None:
+        """The copy that reads staging buffer `index` ends with `event`."""
+        self._staging_events[index] = event
+
+    def copy(self, dst, src, wait_for=None):
+        """Copy `src` (host: an uint8 range, or ExpertTensors) into `dst` (the same kind on this
+        engine's device) after the CUDA event `wait_for` (the last reader of the memory it
+        overwrites); returns the event that marks the end of the copy (None off CUDA: the copy is
+        done when this returns)."""
         if not self.cuda:
-            copy_expert(dst, src)
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+            else:
+                copy_expert(dst, src)
             return None
         with torch.cuda.stream(self.stream):
-            for event in wait_for or ():
-                self.stream.wait_event(event)
-            copy_expert(dst, src, non_blocking=True)
+            if wait_for is not None:
+                self.stream.wait_event(wait_for)
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src, non_blocking=True)
+            else:
+                copy_expert(dst, src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
         return event
+
+    def close(self) -> None:
+        if self._slab is not None:
+            if self.cuda:
+                self.stream.synchronize()
+            self._slab.close()
+            self._slab = None
 
 
 def ring_schedule(order: list[int], current: int, sections: int) -> list[int]:

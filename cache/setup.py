@@ -66,24 +66,60 @@ def check_budgets(layers, config: MoEConfig, backing: Backing | None = None):
     return device, budget, host_budget
 
 
-def build_cache(layers, config: MoEConfig, backing: Backing | None = None) -> ExpertCache | None:
+def build_cache(layers, config: MoEConfig, backing: Backing | None = None, kernel: str = "torch") \
+        -> ExpertCache | None:
+    """The cache of `config` (None without a compute-tier budget), computing with `kernel`.
+
+    On CUDA the in-memory model's experts move to host memory (they are the backing): page-locked
+    in one registered slab when no `cpu_memory` is given (copied to the GPU as they are), pageable
+    when `cpu_memory` bounds a pinned host tier (pinned memory then stays within that budget plus
+    the copy engine's staging buffers)."""
     backing = backing if backing is not None else backing_of(layers)
     device, budget, host_budget = check_budgets(layers, config, backing)
     if budget is None:
         return None
+    slabs = []
     if backing is None:
         if device.type == "cuda":
             for layer in layers:
-                move_experts(layer, torch.device("cpu"), pin=True)
+                slabs.append(move_experts(layer, torch.device("cpu"), pin=host_budget is None))
         backing = ModuleBacking({layer.layer_idx: layer.expert_source for layer in layers})
-    return ExpertCache(backing, [layer.layer_idx for layer in layers], device=device, budget_bytes=budget,
-                       host_budget_bytes=host_budget, policy=config.cache_policy, loader=config.loader,
-                       cpu_compute=config.cpu_compute)
+    try:
+        cache = ExpertCache(backing, [layer.layer_idx for layer in layers], device=device, budget_bytes=budget,
+                            host_budget_bytes=host_budget, policy=config.cache_policy, loader=config.loader,
+                            cpu_compute=config.cpu_compute, kernel=kernel, load_timeout=config.load_timeout)
+    except BaseException:
+        for layer in layers:
+            move_experts(layer, device)
+        raise
+    cache.host_slabs = [slab for slab in slabs if slab is not None]  # released with the cache's owner
+    return cache
 
 
-def move_experts(layer, device: torch.device, *, pin: bool = False) -> None:
-    """Move a layer's expert parameters (the backing of the cache) to `device`, in place."""
-    for param in layer.experts.parameters(recurse=False):
-        if param.device != device and not param.is_meta:
-            data = param.data.to(device)
-            param.data = data.pin_memory() if pin and device.type == "cpu" else data
+def move_experts(layer, device: torch.device, *, pin: bool = False):
+    """Move a layer's expert parameters (the backing of the cache) to `device`, in place. With `pin`
+    (to the host on a CUDA machine) they become views of one page-locked `HostSlab`, returned:
+    pinning each parameter on its own would round each up to a power of two."""
+    pin = pin and device.type == "cpu"
+    params = [p for p in layer.experts.parameters(recurse=False) if not p.is_meta and
+              (p.device != device or (pin and not p.is_pinned()))]
+    if not params:
+        return None
+    if not pin:
+        for param in params:
+            param.data = param.data.to(device)
+        return None
+    from .pool import HostSlab
+
+    offsets, total = [], 0
+    for param in params:
+        total = -(-total // 64) * 64
+        offsets.append(total)
+        total += param.numel() * param.element_size()
+    slab = HostSlab(total, pin=True)
+    for param, offset in zip(params, offsets):
+        nbytes = param.numel() * param.element_size()
+        view = slab.tensor[offset:offset + nbytes].view(param.dtype).view(param.shape)
+        view.copy_(param.data)
+        param.data = view
+    return slab

@@ -1,4 +1,4 @@
-"""Trace-driven cache simulator: `simulate(trace, policy, capacity, ...)` (DESIGN section 3).
+"""Trace-driven cache simulator: `simulate(trace, policy, capacity, ...)`.
 
 Semantics: one cache lives for the whole trace; accesses are replayed token by token in trace
 order, MoE layer by MoE layer, the K experts of a token in order. An expert the current token

@@ -12,7 +12,6 @@ Shape legend: E experts, H hidden, I intermediate (per expert).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -26,6 +25,8 @@ import torch
 from .fp8 import DEFAULT_BLOCK, dequantize, scale_shape
 from .hub_layouts import INDEX_FILE, ConversionPlan, LayerPlan, SourceCheckpoint, plan_conversion
 from .math import ExpertTensors
+from .quant import DEFAULT_GROUP_SIZE, QuantizedWeight, QuantScheme, part_specs
+from .quant import quantize as quantize_weight
 from .store import DENSE_FILE, FORMAT, FP8_METHOD, MANIFEST, dtype_name, load_manifest, parse_dtype, verify
 from .tensorfile import FAST_HASH, CheckpointError, TensorWriter, fast_hasher
 from moe_infer.errors import ConfigError
@@ -41,15 +42,22 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", 
 class ConvertOptions:
     dtype: torch.dtype | None = None  # cast floating weights; None keeps the source dtype (FP8 -> bfloat16)
     fp8: str = "dequantize"  # what to do with FP8 expert weights: "dequantize" or "keep" (with their scales)
+    quantize: QuantScheme | None = None  # int8 / int4 routed experts (experts/quant.py); dense weights stay
 
     def __post_init__(self) -> None:
         if self.fp8 not in FP8_MODES:
             raise ConfigError(f"fp8={self.fp8!r}; allowed: {', '.join(FP8_MODES)}")
+        if self.quantize is not None and self.fp8 == "keep":
+            raise ConfigError("quantize and fp8='keep' exclude each other: FP8 experts are dequantized, then "
+                              "quantized (leave fp8 at 'dequantize')")
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ConfigError(f"dtype={self.dtype}; allowed: float32, float16, bfloat16 (or None to keep the source's)")
 
     def as_json(self) -> dict:
-        return {"dtype": None if self.dtype is None else dtype_name(self.dtype), "fp8": self.fp8}
+        options = {"dtype": None if self.dtype is None else dtype_name(self.dtype), "fp8": self.fp8}
+        if self.quantize is not None:  # absent otherwise, so that earlier float conversions are still reused
+            options["quantize"] = self.quantize.as_json()
+        return options
 
 
 def layer_file(layer_idx: int) -> str:
@@ -62,26 +70,9 @@ def _text_config(config):
 
 def _build(source: SourceCheckpoint):
     """The meta-device skeleton of the source's model, its MoE blocks, and its config."""
-    from transformers import AutoConfig
+    from moe_infer.loading import build_from_config
 
-    from moe_infer.families import find_moe_blocks
-    from moe_infer.loading import skeleton
-
-    try:
-        config = AutoConfig.from_pretrained(source.root)
-    except (ValueError, KeyError, OSError) as err:
-        raise CheckpointError(f"{source.root}: config.json names an architecture transformers does not know "
-                              f"({str(err).splitlines()[0]})") from None
-    clean = copy.deepcopy(config)
-    if hasattr(clean, "quantization_config"):
-        del clean.quantization_config  # no quantizer: the skeleton's linear layers are plain
-    try:
-        model = skeleton(clean)
-    except ValueError as err:
-        raise CheckpointError(f"{source.root}: no causal-LM model class for {type(config).__name__} "
-                              f"({str(err).splitlines()[0]})") from None
-    blocks = find_moe_blocks(model)  # UnsupportedModel (a ValueError) names the supported families
-    return config, model, blocks
+    return build_from_config(source.root)
 
 
 def _quant_block(config) -> tuple[int, int]:
@@ -147,7 +138,11 @@ class _Converter:
         g = plan.geometry
         h, i = g.hidden_size, g.intermediate_size
         weight_dtype = self.expert_dtype(plan)
-        specs = [(f"e{e}.w13", weight_dtype, (2 * i, h)), (f"e{e}.w2", weight_dtype, (h, i))]
+        if self.options.quantize is not None:
+            specs = [(f"e{e}.{name}.{role}", dtype, shape) for name, (n, k) in (("w13", (2 * i, h)), ("w2", (h, i)))
+                     for role, (dtype, shape) in part_specs(self.options.quantize, n, k).items()]
+        else:
+            specs = [(f"e{e}.w13", weight_dtype, (2 * i, h)), (f"e{e}.w2", weight_dtype, (h, i))]
         if g.has_bias:
             bias_dtype = self.options.dtype or self.source.spec(plan.fused["gate_up_proj_bias"]).dtype
             specs += [(f"e{e}.b13", bias_dtype, (2 * i,)), (f"e{e}.b2", bias_dtype, (h,))]
@@ -193,6 +188,25 @@ class _Converter:
             yield "w13_scale", self.source.read(roles["up_scale"]).float()
             yield "w2_scale", self.source.read(roles["down_scale"]).float()
 
+    def _quantized_parts(self, plan: LayerPlan, e: int):
+        """`_expert_parts` with w13 and w2 quantized (`--quantize`), in the file order of
+        `store.QUANTIZED_TENSORS`: each row block is quantized as it arrives (rows are quantized
+        independently, so gate and up rows give the same bytes as their concatenation), and only the
+        quantized blocks wait for the tensors before them."""
+        quantized: dict[str, list[QuantizedWeight]] = {"w13": [], "w2": []}
+        biases = []
+        for kind, block in self._expert_parts(plan, e):
+            if kind in quantized:
+                quantized[kind].append(quantize_weight(block, self.options.quantize))
+            else:
+                biases.append((kind, block))
+            del block
+        for name, blocks in quantized.items():
+            for role in blocks[0].parts():
+                for block in blocks:
+                    yield f"{name}.{role}", block.parts()[role]
+        yield from biases
+
     def write_layer(self, path: str, plan: LayerPlan) -> list[dict]:
         g = plan.geometry
         specs = [spec for e in range(g.num_experts) for spec in self._expert_specs(plan, e)]
@@ -202,8 +216,9 @@ class _Converter:
         for e in range(g.num_experts):
             digest, fast = hashlib.sha256(), fast_hasher()
             nbytes = 0
-            offset = writer.offsets[f"e{e}.w13"]
-            for kind, block in self._expert_parts(plan, e):
+            offset = writer.offsets[self._expert_specs(plan, e)[0][0]]  # the expert's first tensor
+            parts = self._expert_parts if self.options.quantize is None else self._quantized_parts
+            for kind, block in parts(plan, e):
                 data = writer.write(f"e{e}.{kind}", block)
                 digest.update(data)
                 if fast is not None:
@@ -258,6 +273,9 @@ def _check_destination(dst: str, fingerprint: str, options: ConvertOptions) -> b
         raise CheckpointError(f"destination {dst} already holds a different conversion (model "
                               f"{source.get('architecture')}, fingerprint {str(source.get('fingerprint'))[:12]}, options "
                               f"{source.get('options')}); delete it or choose another destination")
+    stale_marker = os.path.join(dst, _PARTIAL_MARKER)
+    if os.path.exists(stale_marker):  # a run killed between its rename and the marker's removal
+        os.remove(stale_marker)
     return True
 
 
@@ -280,8 +298,7 @@ def _write_checkpoint(partial: str, src: str, source: SourceCheckpoint, converte
                    "skipped_tensors": plan.skipped},
         "family": blocks[0].spec.family,
         "dtype": dtype_name(converter.expert_dtype(first)),
-        "quantization": ({"method": FP8_METHOD, "block_size": list(fp8_block),
-                          "compute_dtype": dtype_name(converter.compute_dtype)} if converter.keep_fp8 else None),
+        "quantization": _quantization_entry(converter, fp8_block),
         "num_experts": first.geometry.num_experts,
         "top_k": int(getattr(blocks[0].module, blocks[0].router_attr).top_k),
         "hidden_size": first.geometry.hidden_size,
@@ -295,6 +312,16 @@ def _write_checkpoint(partial: str, src: str, source: SourceCheckpoint, converte
         f.flush()
         os.fsync(f.fileno())
     return manifest
+
+
+def _quantization_entry(converter: "_Converter", fp8_block: tuple[int, int]) -> dict | None:
+    """The manifest's `quantization` (store.py's docstring): int8 / int4 experts, kept FP8, or None."""
+    scheme = converter.options.quantize
+    if scheme is not None:
+        return {**scheme.as_json(), "compute_dtype": dtype_name(converter.expert_dtype(converter.plan.layers[0]))}
+    if converter.keep_fp8:
+        return {"method": FP8_METHOD, "block_size": list(fp8_block), "compute_dtype": dtype_name(converter.compute_dtype)}
+    return None
 
 
 def default_converted_dir(src: str | os.PathLike) -> str:
@@ -311,7 +338,8 @@ def default_converted_dir(src: str | os.PathLike) -> str:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-            fp8: str = "dequantize", verify_after: bool = False,
+            fp8: str = "dequantize", quantize: QuantScheme | str | None = None, group_size: int | None = None,
+            verify_after: bool = False,
             progress: Callable[[int], None] | None = None) -> dict:
     """Convert the Hugging Face checkpoint directory `src` into `dst` (DESIGN section 5).
 
@@ -321,7 +349,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype, "dtype")
-    options = ConvertOptions(dtype, fp8)
+    if group_size is not None and quantize != "int4":
+        raise ConfigError(f"group_size={group_size} applies to quantize='int4' only (int8 is quantized per output "
+                          f"row); got quantize={quantize!r}")
+    if isinstance(quantize, str):
+        quantize = QuantScheme(quantize, group_size if group_size is not None else DEFAULT_GROUP_SIZE)
+    options = ConvertOptions(dtype, fp8, quantize)
     start = time.perf_counter()
     source = SourceCheckpoint(src)
     try:
@@ -352,7 +385,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
         try:
             manifest = _write_checkpoint(partial, src, source, converter, plan, config, model, blocks, fingerprint,
                                          options, fp8_block)
-            os.remove(os.path.join(partial, _PARTIAL_MARKER))
             if verify_after:
                 verify(partial)
         except Exception:
@@ -362,7 +394,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
             raise
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty (checked above)
+        # the marker goes only once the directory is complete and published: a kill at any earlier
+        # point leaves a marked partial directory (removed by the re-run); a kill right after the
+        # rename leaves a complete DST holding the marker, which the re-run recognises and tidies
         os.rename(partial, dst)
+        os.remove(os.path.join(dst, _PARTIAL_MARKER))
         bytes_written = sum(e["nbytes"] for e in manifest["experts"]) + sum(d["nbytes"] for d in manifest["dense"])
         return {"dst": dst, "skipped": False, "bytes_read": source.total_bytes(), "bytes_written": bytes_written,
                 "seconds": time.perf_counter() - start, "moe_layers": manifest["moe_layers"],

@@ -35,6 +35,63 @@ SCALE_SUFFIX = "_scale_inv"  # "x.weight_scale_inv" scales "x.weight"
 _LAYER_NUMBER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+FINGERPRINT_VERSION = b"moe_infer.fingerprint/2"  # /1 hashed headers only (the same for different weights)
+
+
+def _file_identity(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+
+
+def content_sha256(path: str, chunk: int = 16 << 20) -> str:
+    """The sha256 of a file's bytes, remembered under the moe_infer cache
+    (`$MOE_INFER_CACHE/file-sha256/`) by the file's identity: path, device, inode, size, and
+    modification and change times. Any write to the file changes its change time (ctime), which
+    no user call can set back, so a remembered hash is never served for changed bytes (short of a
+    rewrite within one timestamp tick of the hashing). An unwritable cache only costs the memo."""
+    from moe_infer.envs import cache_dir
+
+    identity = _file_identity(path)
+    memo = os.path.join(cache_dir(), "file-sha256", hashlib.sha256(identity.encode()).hexdigest()[:40])
+    try:
+        with open(memo) as f:
+            remembered = f.read().strip()
+        if len(remembered) == 64:
+            return remembered
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    value = digest.hexdigest()
+    if _file_identity(path) == identity:  # unchanged while it was hashed
+        try:
+            os.makedirs(os.path.dirname(memo), exist_ok=True)
+            temporary = f"{memo}.{os.getpid()}.tmp"
+            with open(temporary, "w") as f:
+                f.write(value)
+            os.replace(temporary, memo)
+        except OSError:
+            pass
+    return value
+
+
+def _inside_checkpoint(root: str, shard: str) -> bool:
+    """Whether shard file `shard` of checkpoint directory `root` stays inside it. In a hub cache
+    snapshot (`models--org--name/snapshots/<rev>/`) the files are links into the repository's own
+    `blobs/` folder, which counts as inside; a link anywhere else does not."""
+    if os.path.isabs(shard) or os.path.normpath(shard).split(os.sep)[0] == "..":
+        return False
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, shard))
+    allowed = [real_root]
+    snapshots = os.path.dirname(real_root)
+    if os.path.basename(snapshots) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(snapshots), "blobs"))
+    return any(os.path.commonpath([folder, real]) == folder for folder in allowed)
+
+
 class SourceCheckpoint:
     """A Hugging Face model directory with safetensors weights, opened for positional reads."""
 
@@ -64,9 +121,9 @@ class SourceCheckpoint:
         try:
             for shard in shard_names:
                 path = os.path.join(root, shard)
-                if os.path.isabs(shard) or os.path.commonpath([os.path.realpath(root), os.path.realpath(path)]) \
-                        != os.path.realpath(root):
-                    raise CheckpointError(f"{index_path}: shard {shard!r} escapes the model directory")
+                if not _inside_checkpoint(root, shard):
+                    where = index_path if weight_map is not None else root
+                    raise CheckpointError(f"{where}: shard {shard!r} escapes the model directory")
                 if not os.path.isfile(path):
                     raise CheckpointError(f"{root}: missing shard {shard} (listed in {INDEX_FILE})")
                 self.files[shard] = TensorFile(path)
@@ -94,15 +151,12 @@ class SourceCheckpoint:
         return self.files[self.key_file[key]].read(key, rows)
 
     def fingerprint(self) -> str:
-        """sha256 over config.json and every shard's name, size and header: two checkpoints with the same
-        fingerprint hold the same model as far as can be told without reading every byte."""
-        digest = hashlib.sha256(self.config_bytes)
+        """sha256 over config.json and every shard's name and content sha256: it changes when any
+        byte of the weights changes, so a conversion is reused only for the same bytes. Each shard
+        is hashed once (about 1 GB/s) and remembered by `content_sha256`; later calls cost a stat."""
+        digest = hashlib.sha256(FINGERPRINT_VERSION + b"\0" + self.config_bytes)
         for shard, tf in sorted(self.files.items()):
-            digest.update(shard.encode())
-            digest.update(str(tf.size).encode())
-            for key in sorted(tf.keys()):
-                spec = tf.spec(key)
-                digest.update(f"{key}:{spec.dtype}:{list(spec.shape)}:{spec.start}".encode())
+            digest.update(f"\0{shard}\0{content_sha256(tf.path)}".encode())
         return digest.hexdigest()
 
     def total_bytes(self) -> int:
@@ -195,6 +249,7 @@ def plan_conversion(source: SourceCheckpoint, model: nn.Module, blocks, hidden_a
                                       f"but is in no layout the converter reads (per-expert w1/w2/w3 or "
                                       f"gate_proj/up_proj/down_proj, or fused {', '.join(FUSED_PARAMS)})")
         elif target in meta_state:
+            _check_shape(source, key, tuple(meta_state[target].shape), f"{target} of {type(model).__name__}")
             dense.append(DenseItem(target, key, scale_key))
         else:
             number = _LAYER_NUMBER.search(key)
@@ -205,7 +260,50 @@ def plan_conversion(source: SourceCheckpoint, model: nn.Module, blocks, hidden_a
                                   f"{type(model).__name__}; wrong config.json for these weights?")
     for plan in layers.values():
         _check_layer(source.root, plan)
+        _check_expert_tensors(source, plan)
+    # every weight the model has (its persistent buffers too) must come from the checkpoint: a
+    # missing one would otherwise convert and verify, and fail only at load
+    present = {item.target for item in dense}
+    expected = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]
+                if name in meta_state and not any(name.startswith(prefix) for prefix in layers)]
+    missing = [name for name in expected if name not in present]
+    if missing:
+        raise CheckpointError(f"{source.root}: the checkpoint lacks {len(missing)} weight(s) of "
+                              f"{type(model).__name__}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                              f"(missing shard, or a config.json for another model?)")
     return ConversionPlan(dense, sorted(layers.values(), key=lambda p: p.layer_idx), skipped)
+
+
+def _check_shape(source: SourceCheckpoint, key: str, expected: tuple[int, ...], what: str) -> None:
+    shape = tuple(source.spec(key).shape)
+    if shape != expected:
+        raise CheckpointError(f"{os.path.join(source.root, source.key_file[key])}: tensor {key} has shape "
+                              f"{list(shape)}, but config.json makes {what} {list(expected)}; wrong config.json "
+                              f"for these weights?")
+
+
+def _check_expert_tensors(source: SourceCheckpoint, plan: "LayerPlan") -> None:
+    """Every expert tensor of the layer has the shape the config gives and one dtype (the converter
+    writes the layer's experts in the dtype of its first weight)."""
+    g = plan.geometry
+    e_, h, i = g.num_experts, g.hidden_size, g.intermediate_size
+    where = f"the experts of {plan.block_name}"
+    if plan.fused:
+        shapes = {"gate_up_proj": (e_, h, 2 * i) if g.transposed else (e_, 2 * i, h),
+                  "down_proj": (e_, i, h) if g.transposed else (e_, h, i),
+                  "gate_up_proj_bias": (e_, 2 * i), "down_proj_bias": (e_, h)}
+        keys = [(plan.fused[param], shapes[param]) for param in FUSED_PARAMS if param in plan.fused]
+    else:
+        shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
+        keys = [(roles[role], shapes[role]) for _, roles in sorted(plan.per_expert.items()) for role in shapes]
+    dtype = source.spec(keys[0][0]).dtype
+    for key, shape in keys:
+        _check_shape(source, key, shape, f"{where} (H={h}, I={i}, {e_} experts)")
+        spec = source.spec(key)
+        if spec.dtype != dtype and not key.endswith("_bias"):
+            raise CheckpointError(f"{os.path.join(source.root, source.key_file[key])}: tensor {key} is "
+                                  f"{str(spec.dtype).removeprefix('torch.')}, but {keys[0][0]} of the same layer is "
+                                  f"{str(dtype).removeprefix('torch.')}; {where} must share one dtype")
 
 
 def _check_layer(root: str, plan: LayerPlan) -> None:

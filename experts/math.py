@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from moe_infer.errors import ConfigError
 
+from .quant import QuantizedWeight
+from .quant_matmul import quantized_matmul
+
 
 @dataclass(frozen=True)
 class ExpertTensors:
@@ -28,8 +31,8 @@ class ExpertTensors:
     and up alternating: rows 0, 2, 4, ... are gate). `w2` [H, I]. Biases optional.
     """
 
-    w13: Tensor  # [2I, H]
-    w2: Tensor  # [H, I]
+    w13: Tensor | QuantizedWeight  # [2I, H]
+    w2: Tensor | QuantizedWeight  # [H, I]
     b13: Tensor | None = None  # [2I]
     b2: Tensor | None = None  # [H]
     interleaved: bool = False
@@ -92,7 +95,8 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     # The bias is added after the matmul, as `transformers`' experts do (grouped_mm takes no bias):
     # F.linear with a bias is one addmm that rounds once instead of twice, which moved GPT-OSS
     # logits by ~2e-7 in fp32 and ~6e-3 in bf16 (relative to the largest logit).
-    out = F.linear(x, weight)
+    # a QuantizedWeight (experts/quant.py) runs through torch's weight-only kernels where they apply
+    out = F.linear(x, weight) if isinstance(weight, Tensor) else quantized_matmul(x, weight)
     return out if bias is None else out + bias
 
 
@@ -104,6 +108,15 @@ def expert_forward(x: Tensor, expert: ExpertTensors, activation: Activation) -> 
     else:
         gate, up = gate_up.chunk(2, dim=-1)
     return _linear(activation(gate, up), expert.w2, expert.b2)
+
+
+def expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """(token, k) pairs per expert, int64 [E] on expert_ids' device (no host sync; ids outside
+    [0, E) are not counted)."""
+    flat = expert_ids.reshape(-1)
+    bins = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, bins.long(), torch.ones_like(bins, dtype=torch.int64))[:num_experts]
 
 
 def group_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
@@ -125,6 +138,15 @@ def group_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, list[
 
 
 ExpertSource = Callable[[int], ExpertTensors]
+
+
+def projection_tensors(projection: str, weight: Tensor, bias: Tensor | None,
+                       interleaved: bool = False) -> ExpertTensors:
+    """An `ExpertTensors` holding one projection only ("w13": w13/b13, "w2": w2/b2; the rest None),
+    what an expert source's `projection(e, name)` returns."""
+    if projection == "w13":
+        return ExpertTensors(weight, None, bias, None, interleaved=interleaved)
+    return ExpertTensors(None, weight, None, bias, interleaved=interleaved)
 
 
 def moe_forward(
@@ -151,7 +173,8 @@ def moe_forward(
     Memory: an expert the source says is not resident (`expert.is_resident(e)` is False: read
     from disk or a backing tier for this call only) is fetched once per projection and dropped
     after each, so at most one such expert is materialised at a time; resident experts (cached
-    or in the model) are fetched once.
+    or in the model) are fetched once. A source with `projection(e, "w13" | "w2")` gives a
+    non-resident expert's projections one at a time, so its bytes are read once per call.
     """
     num_tokens, top_k = expert_ids.shape
     if hidden.ndim != 2 or hidden.shape[0] != num_tokens or expert_weights.shape != expert_ids.shape:
@@ -169,10 +192,17 @@ def moe_forward(
         rows = hidden[slots // top_k]  # [S, H]
         hit = [(e, start, count) for e, start, count in _segments(counts) if count]
         is_resident = getattr(expert, "is_resident", None)
+        projection = getattr(expert, "projection", None)
+
+        def fetch(e: int, which: str) -> ExpertTensors:
+            if projection is not None and is_resident is not None and not is_resident(e):
+                return projection(e, which)
+            return expert(e)
+
         kept: dict[int, ExpertTensors] = {}
         parts, interleaved = [], False
         for e, start, count in hit:
-            tensors = expert(e)
+            tensors = fetch(e, "w13")
             interleaved = tensors.interleaved
             parts.append(_linear(rows[start : start + count], tensors.w13, tensors.b13))
             if is_resident is None or is_resident(e):
@@ -187,7 +217,7 @@ def moe_forward(
         act = activation(gate, up)  # [S, I], once over all rows
         parts = []
         for e, start, count in hit:
-            tensors = kept.pop(e, None) or expert(e)
+            tensors = kept.pop(e, None) or fetch(e, "w2")
             parts.append(_linear(act[start : start + count], tensors.w2, tensors.b2))
             del tensors
         down = torch.cat(parts)  # [S, H]

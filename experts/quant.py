@@ -23,6 +23,13 @@ exact zero stays exact) and, with ``clip_search`` (the default), is shrunk by th
 `CLIP_RATIOS` that gives the group's smallest squared reconstruction error (outliers otherwise stretch
 the step of every other weight of the group). int8 uses the row's absolute maximum.
 
+Why our own round-to-nearest + clipping search, not torchao or hqq: both pack for their own kernels
+(torchao's tinygemm tiles, hqq's bit-planes) rather than a layout the store can range-read per
+expert and the Triton kernels read as is, so we would repack anyway; torchao's int4 weight-only
+quantizer is itself round-to-nearest min/max per group (what the search starts from), and hqq's
+half-quadratic optimizer, the part that beats it, costs minutes per Mixtral layer on a CPU. On the
+CPU our layout is repacked in memory into torch's own tinygemm format (`quant_matmul.py`).
+
 The ground truth of every quantized matmul is `dequantize` followed by the float matmul
 (`quantized_linear`); fast paths (fused Triton kernels, torch's CPU weight-only kernels) are tested
 against it.
@@ -30,7 +37,7 @@ against it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +83,9 @@ class QuantizedWeight:
     scales: Tensor  # float32 [..., N] (int8) or [..., N, NG] (int4)
     zeros: Tensor | None  # None (int8) or uint8 [..., N, NG] (int4)
     in_features: int  # K
+    # derived forms a matmul kernel prepared from these tensors (see `quant_matmul`), kept with the weight
+    # so that they are built once; never stored, never compared
+    prepared: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def out_features(self) -> int:
@@ -112,6 +122,19 @@ class QuantizedWeight:
 
 def num_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
+
+
+PART_ROLES = ("qweight", "scales", "zeros")  # storage order of a weight's tensors (zeros: int4 only)
+
+
+def part_specs(scheme: QuantScheme, out_features: int, in_features: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype and shape of each tensor of a quantized weight [N, K], by role, in storage order (what
+    the converter writes and the store checks)."""
+    if scheme.name == "int8":
+        return {"qweight": (torch.int8, (out_features, in_features)), "scales": (torch.float32, (out_features,))}
+    groups = num_groups(in_features, scheme.group_size)
+    return {"qweight": (torch.uint8, (out_features, in_features // 2)),
+            "scales": (torch.float32, (out_features, groups)), "zeros": (torch.uint8, (out_features, groups))}
 
 
 def pack_int4(values: Tensor) -> Tensor:

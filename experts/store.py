@@ -4,6 +4,15 @@ expert fetches, and the adapter that makes it an expert source for `MoELayer`.
 Owns: the `moe_infer.checkpoint/1` manifest (its schema and every check on it), the byte layout
 of the per-layer expert files (`e{E}.w13`, `e{E}.w2`, optional `e{E}.b13`, `e{E}.b2`, and
 `e{E}.w13_scale`, `e{E}.w2_scale` when FP8 is kept), `verify` of a whole directory.
+
+Quantized experts (`convert --quantize int8|int4`, the layout of `experts/quant.py`): an expert's
+range holds `e{E}.w13.qweight`, `e{E}.w13.scales`, [`e{E}.w13.zeros`], `e{E}.w2.qweight`,
+`e{E}.w2.scales`, [`e{E}.w2.zeros`], then the optional biases, in that order, with the dtypes and
+shapes of `quant.part_specs` (int8: int8 [N, K] and float32 [N]; int4: uint8 [N, K/2] low nibble
+first, float32 [N, NG] and uint8 [N, NG]; zeros for int4 only). The manifest's `quantization` is
+`{"method": "int8", "compute_dtype": D}` or `{"method": "int4", "group_size": G, "compute_dtype": D}`,
+and its `dtype` is D, the floating dtype of biases and activations. `read` returns `ExpertTensors`
+whose w13 / w2 are `QuantizedWeight` views into the read buffer (nothing is dequantized).
 Does not own: writing checkpoints (`moe_infer.experts.convert`) or caching (`moe_infer.cache`).
 
 Shape legend: E experts, H hidden, I intermediate (per expert).
@@ -34,7 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from .fp8 import dequantize, scale_shape
-from .math import Activation, ExpertTensors, as_activation
+from .math import Activation, ExpertTensors, as_activation, projection_tensors
+from .quant import DEFAULT_GROUP_SIZE, PART_ROLES, SCHEMES, QuantizedWeight, QuantScheme, part_specs
 from .tensorfile import (DTYPES, FAST_HASH, CheckpointError, TensorFile, as_tensor, empty_buffer, fast_digest,
                          fast_hasher, pread_into, read_header)
 from moe_infer.errors import ConfigError
@@ -47,6 +57,9 @@ DENSE_FILE = "dense.safetensors"
 OFFLOAD_SOURCE = "offload"
 # the tensors one expert may hold, in the order the converter writes them
 EXPERT_TENSORS = ("w13", "w2", "b13", "b2", "w13_scale", "w2_scale")
+# ... of an int8 / int4 expert (`--quantize`): each weight's tensors of `quant.part_specs` in PART_ROLES
+# order (int8 has no zeros), then the biases
+QUANTIZED_TENSORS = tuple(f"{name}.{role}" for name in ("w13", "w2") for role in PART_ROLES) + ("b13", "b2")
 FP8_METHOD = "fp8_block"
 # when `read` checks an expert's bytes against the manifest: the first time each expert is read
 # (default), on every read, or never (the caller vouches for the files, e.g. right after `verify`)
@@ -116,11 +129,20 @@ def load_manifest(root: str) -> dict:
     _require(num_experts > 0 and all(isinstance(l, int) and l >= 0 for l in manifest["moe_layers"]),
              f"{path}: num_experts must be positive and moe_layers non-negative integers")
     quant = manifest.get("quantization")
-    if quant is not None:
+    if isinstance(quant, dict) and quant.get("method") in SCHEMES:
+        try:
+            QuantScheme(quant["method"], quant.get("group_size", DEFAULT_GROUP_SIZE))
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: quantization {quant!r}: {err}") from None
+        _require(quant["method"] == "int4" or "group_size" not in quant,
+                 f"{path}: quantization {quant!r}: int8 is per row and takes no group_size")
+        parse_dtype(quant.get("compute_dtype", ""), f"{path}: quantization.compute_dtype")
+    elif quant is not None:
         _require(isinstance(quant, dict) and quant.get("method") == FP8_METHOD
                  and isinstance(quant.get("block_size"), list) and len(quant["block_size"]) == 2
                  and all(isinstance(b, int) and b > 0 for b in quant["block_size"]),
-                 f"{path}: quantization {quant!r} is not {{'method': {FP8_METHOD!r}, 'block_size': [bm, bn], ...}}")
+                 f"{path}: quantization {quant!r} is not {{'method': {FP8_METHOD!r}, 'block_size': [bm, bn], ...}}, "
+                 f"{{'method': 'int8', ...}} or {{'method': 'int4', 'group_size': G, ...}}")
         parse_dtype(quant.get("compute_dtype", ""), f"{path}: quantization.compute_dtype")
     return manifest
 
@@ -183,8 +205,6 @@ def _expert_layout(root: str, entry: ExpertEntry, tensors: dict, file_size: int,
     prefix = f"e{entry.expert}."
     mine = sorted((spec for name, spec in tensors.items() if name.startswith(prefix)), key=lambda s: s.start)
     kinds = [spec.name[len(prefix):] for spec in mine]
-    _require(set(kinds) <= set(EXPERT_TENSORS) and "w13" in kinds and "w2" in kinds,
-             f"{what}: tensors {kinds}; expected w13, w2 and optionally {', '.join(EXPERT_TENSORS[2:])}")
     position = entry.offset
     parts = []
     for kind, spec in zip(kinds, mine):
@@ -194,6 +214,11 @@ def _expert_layout(root: str, entry: ExpertEntry, tensors: dict, file_size: int,
         position = spec.end
     _require(position - entry.offset == entry.nbytes,
              f"{what}: tensors span {position - entry.offset} bytes, the manifest says {entry.nbytes}")
+    scheme = quant_scheme(manifest)
+    if scheme is not None:
+        return ExpertLayout(tuple(parts), entry.nbytes, *_check_quantized_parts(what, scheme, parts))
+    _require(set(kinds) <= set(EXPERT_TENSORS) and "w13" in kinds and "w2" in kinds,
+             f"{what}: tensors {kinds}; expected w13, w2 and optionally {', '.join(EXPERT_TENSORS[2:])}")
     shapes = {kind: shape for kind, _, shape, _ in parts}
     dtypes = {kind: dtype for kind, dtype, _, _ in parts}
     w13, w2 = shapes["w13"], shapes["w2"]
@@ -219,6 +244,38 @@ def _expert_layout(root: str, entry: ExpertEntry, tensors: dict, file_size: int,
     return ExpertLayout(tuple(parts), entry.nbytes, hidden, inter)
 
 
+def _check_quantized_parts(what: str, scheme: QuantScheme, parts) -> tuple[int, int]:
+    """(H, I) of an int8 / int4 expert whose tensors are exactly `quantized_kinds` in that order, each
+    with the dtype and shape `quant.part_specs` gives."""
+    kinds = [kind for kind, *_ in parts]
+    shapes = {kind: tuple(shape) for kind, _, shape, _ in parts}
+    for name in ("w13", "w2"):
+        shape = shapes.get(f"{name}.qweight", ())
+        _require(len(shape) == 2, f"{what}: {scheme.name} expert without a 2-D {name}.qweight (tensors {kinds})")
+    hidden, inter = shapes["w2.qweight"][0], shapes["w13.qweight"][0] // 2
+    expected = {**{f"w13.{role}": spec for role, spec in part_specs(scheme, 2 * inter, hidden).items()},
+                **{f"w2.{role}": spec for role, spec in part_specs(scheme, hidden, inter).items()}}
+    with_bias = "b13" in kinds or "b2" in kinds
+    order = [*expected, *(("b13", "b2") if with_bias else ())]
+    _require(kinds == order, f"{what}: tensors {kinds}; a {scheme.name} expert holds {order} in that order")
+    expected.update(b13=(None, (2 * inter,)), b2=(None, (hidden,)))
+    for kind, dtype, shape, _ in parts:
+        want_dtype, want_shape = expected[kind]
+        _require(tuple(shape) == want_shape and want_dtype in (None, dtype),
+                 f"{what}: {kind} is {dtype_name(dtype)} {list(shape)}, expected "
+                 f"{dtype_name(want_dtype) + ' ' if want_dtype else ''}{list(want_shape)} for {scheme.name} "
+                 f"(group {scheme.group_size}) with H={hidden}, I={inter}")
+    return hidden, inter
+
+
+def quant_scheme(manifest: dict) -> QuantScheme | None:
+    """The int8 / int4 scheme of a checkpoint converted with `--quantize` (None: float or FP8 experts)."""
+    quant = manifest.get("quantization")
+    if quant is None or quant.get("method") not in SCHEMES:
+        return None
+    return QuantScheme(quant["method"], quant.get("group_size", DEFAULT_GROUP_SIZE))
+
+
 class ExpertStore:
     """Read-only access to the experts of a converted checkpoint directory.
 
@@ -242,10 +299,15 @@ class ExpertStore:
         self.family: str = manifest["family"]
         self.dtype = parse_dtype(manifest["dtype"])
         quant = manifest.get("quantization")
-        self.fp8_block: tuple[int, int] | None = tuple(quant["block_size"]) if quant else None
+        self.quant_scheme: QuantScheme | None = quant_scheme(manifest)  # int8 / int4 experts (--quantize)
+        self.fp8_block: tuple[int, int] | None = (tuple(quant["block_size"]) if quant and self.quant_scheme is None
+                                                  else None)
         self.compute_dtype = parse_dtype(quant["compute_dtype"]) if quant else self.dtype
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.reads = 0  # positional reads of expert bytes, by any caller (cache, CPU worker, StoreExperts)
+        self.bytes_read = 0  # and their bytes: what "no second read" is checked against
+        self._kept_projections: dict = {}  # (layer, expert, projection) -> read with the other one (checksum)
 
     @classmethod
     def open(cls, root: str | os.PathLike, checksums: str = "first") -> "ExpertStore":
@@ -281,7 +343,7 @@ class ExpertStore:
     def expert_nbytes(self, layer_idx: int) -> int:
         """Bytes of one expert as `read` returns it (dequantized when the checkpoint keeps FP8)."""
         layout = self.layout(layer_idx)
-        if self.fp8_block is None:
+        if self.fp8_block is None:  # float, or int8 / int4 (read as stored)
             return layout.nbytes
         itemsize = self.compute_dtype.itemsize
         return sum(torch.Size(shape).numel() * (itemsize if kind in ("w13", "w2") else dtype.itemsize)
@@ -306,9 +368,11 @@ class ExpertStore:
             return self._fds[relative]
 
     def read_raw(self, layer_idx: int, expert: int, *, out: torch.Tensor | None = None,
-                 pin: bool = False) -> torch.Tensor:
+                 pin: bool = False, drop_page_cache: bool = False) -> torch.Tensor:
         """The expert's stored bytes (uint8 [nbytes]), read with one positional read into `out`
-        (a 1-D uint8 CPU tensor of at least `stored_nbytes` bytes) or a new buffer."""
+        (a 1-D uint8 CPU tensor of at least `stored_nbytes` bytes) or a new buffer. With
+        `drop_page_cache`, the kernel is told afterwards that the file range is not needed again
+        (the caller keeps its own copy: the page cache must not hold a second one)."""
         entry = self.entry(layer_idx, expert)
         if out is None:
             buffer = empty_buffer(entry.nbytes, pin)
@@ -318,13 +382,74 @@ class ExpertStore:
                 raise ConfigError(f"read: out must be a contiguous 1-D uint8 CPU tensor of at least {entry.nbytes} "
                                  f"bytes, got {out.dtype} {tuple(out.shape)} on {out.device}")
             buffer = out[:entry.nbytes]
-        pread_into(self._fd(entry.file), buffer, entry.offset, os.path.join(self.root, entry.file))
+        self._pread(entry, buffer, 0, drop_page_cache)
         key = (layer_idx, expert)
-        if self.checksums == "every" or (self.checksums == "first" and key not in self._checked):
+        if self._needs_check(key):
             self._check(entry, buffer)
             with self._lock:
                 self._checked.add(key)
         return buffer
+
+    def _needs_check(self, key: tuple[int, int]) -> bool:
+        return self.checksums == "every" or (self.checksums == "first" and key not in self._checked)
+
+    def _pread(self, entry: ExpertEntry, buffer: torch.Tensor, start: int, drop_page_cache: bool) -> None:
+        """Every read of expert bytes goes through here: bytes `start..start + len(buffer)` of the
+        expert's range, counted."""
+        fd = self._fd(entry.file)
+        pread_into(fd, buffer, entry.offset + start, os.path.join(self.root, entry.file))
+        with self._lock:
+            self.reads += 1
+            self.bytes_read += buffer.numel()
+        if drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, entry.offset + start, buffer.numel(), os.POSIX_FADV_DONTNEED)
+
+    def read_projection(self, layer_idx: int, expert: int, projection: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One projection of an expert: "w13" -> (w13 [2I, H], b13 or None), "w2" -> (w2 [H, I], b2 or
+        None), dequantized when the checkpoint keeps FP8. Reads only that projection's bytes, so the
+        two projections of an expert together read its range once (what a source that cannot keep
+        an expert between the two matmuls of a layer call needs). When the expert's checksum is
+        still to be checked, the whole range is read and checked instead, and the other
+        projection's bytes are kept until it is asked for (once), so nothing is read twice."""
+        if projection not in ("w13", "w2"):
+            raise ConfigError(f"read_projection: projection {projection!r} is not 'w13' or 'w2'")
+        key = (layer_idx, expert)
+        with self._lock:
+            kept = self._kept_projections.pop((*key, projection), None)
+        if kept is not None:
+            return kept
+        entry = self.entry(layer_idx, expert)
+        layout = self.layout(layer_idx).parts
+        if self._needs_check(key):
+            raw = self.read_raw(layer_idx, expert)
+            parts = {kind: as_tensor(raw[off:off + torch.Size(shape).numel() * dtype.itemsize], dtype, shape)
+                     for kind, dtype, shape, off in layout}
+            other = "w2" if projection == "w13" else "w13"
+            with self._lock:
+                self._kept_projections[(*key, other)] = self._projection(layer_idx, parts, other)
+            return self._projection(layer_idx, parts, projection)
+        wanted = {projection, "b" + projection[1:], projection + "_scale"}
+        parts = {}
+        for kind, dtype, shape, off in layout:
+            if kind in wanted or kind.startswith(projection + "."):  # int8 / int4: w13.qweight, w13.scales, ...
+                raw = empty_buffer(torch.Size(shape).numel() * dtype.itemsize)
+                self._pread(entry, raw, off, False)
+                parts[kind] = as_tensor(raw, dtype, shape)
+        return self._projection(layer_idx, parts, projection)
+
+    def _projection(self, layer_idx: int, parts: dict, projection: str) -> tuple:
+        """(weight, bias or None) of one projection from its tensors by kind: a `QuantizedWeight` of
+        views for int8 / int4 experts, dequantized for kept FP8, else the stored tensor."""
+        if self.quant_scheme is not None:
+            layout = self.layout(layer_idx)
+            in_features = layout.hidden_size if projection == "w13" else layout.intermediate_size
+            weight = QuantizedWeight(self.quant_scheme, *(parts.get(f"{projection}.{role}") for role in PART_ROLES),
+                                     in_features)
+            return weight, parts.get("b" + projection[1:])
+        weight = parts[projection]
+        if self.fp8_block is not None:
+            weight = dequantize(weight, parts[projection + "_scale"], self.fp8_block, self.compute_dtype)
+        return weight, parts.get("b" + projection[1:])
 
     def _check(self, entry: ExpertEntry, buffer: torch.Tensor) -> None:
         data = memoryview(buffer.numpy())
@@ -360,6 +485,9 @@ class ExpertStore:
         """ExpertTensors viewing an expert's stored bytes (dequantized copies when FP8 is kept)."""
         parts = {kind: as_tensor(raw[off:off + torch.Size(shape).numel() * dtype.itemsize], dtype, shape)
                  for kind, dtype, shape, off in self.layout(layer_idx).parts}
+        if self.quant_scheme is not None:
+            (w13, b13), (w2, b2) = (self._projection(layer_idx, parts, name) for name in ("w13", "w2"))
+            return ExpertTensors(w13, w2, b13, b2)
         w13, w2 = parts["w13"], parts["w2"]
         if self.fp8_block is not None:
             w13 = dequantize(w13, parts["w13_scale"], self.fp8_block, self.compute_dtype)
@@ -410,17 +538,39 @@ class StoreExperts:
     def __call__(self, expert_idx: int) -> ExpertTensors:
         on_cuda = self.device.type == "cuda"
         tensors = self.store.read(self.layer_idx, expert_idx, pin=on_cuda)
+        move = lambda t: None if t is None else t.to(self.device, self.dtype, non_blocking=on_cuda)  # noqa: E731
+        if isinstance(tensors.w13, QuantizedWeight):  # int8 / int4: moved as stored, biases cast
+            if self.device.type == "cpu" and (tensors.b13 is None or tensors.b13.dtype == self.dtype):
+                return tensors
+            place = lambda t: t.to(self.device, non_blocking=on_cuda)  # noqa: E731
+            return ExpertTensors(tensors.w13.map(place), tensors.w2.map(place), move(tensors.b13), move(tensors.b2))
         if self.device.type == "cpu" and tensors.w13.dtype == self.dtype:
             return tensors
-        move = lambda t: None if t is None else t.to(self.device, self.dtype, non_blocking=on_cuda)  # noqa: E731
         return ExpertTensors(move(tensors.w13), move(tensors.w2), move(tensors.b13), move(tensors.b2))
 
     def is_resident(self, expert_idx: int) -> bool:
         """Never: every call reads the expert from disk (`moe_forward` then holds one at a time)."""
         return False
 
+    def projection(self, expert_idx: int, projection: str) -> ExpertTensors:
+        """One projection ("w13" or "w2") of an expert, reading only its bytes (the other fields
+        None): `moe_forward` reads each projection of a non-resident expert when it computes it, so
+        a layer call reads each expert's bytes once, not once per projection."""
+        on_cuda = self.device.type == "cuda"
+        weight, bias = self.store.read_projection(self.layer_idx, expert_idx, projection)
+        if isinstance(weight, QuantizedWeight):  # int8 / int4: moved as stored, the bias cast
+            if self.device.type != "cpu" or (bias is not None and bias.dtype != self.dtype):
+                weight = weight.map(lambda t: t.to(self.device, non_blocking=on_cuda))
+                bias = None if bias is None else bias.to(self.device, self.dtype, non_blocking=on_cuda)
+        elif self.device.type != "cpu" or weight.dtype != self.dtype:
+            move = lambda t: None if t is None else t.to(self.device, self.dtype, non_blocking=on_cuda)  # noqa: E731
+            weight, bias = move(weight), move(bias)
+        return projection_tensors(projection, weight, bias)
+
     def expert_nbytes(self) -> int:
-        """Bytes of one expert as this source returns it."""
+        """Bytes of one expert as this source returns it (int8 / int4 experts: as stored)."""
+        if self.store.quant_scheme is not None:
+            return self.store.expert_nbytes(self.layer_idx)
         return self.store.expert_nbytes(self.layer_idx) * self.dtype.itemsize // self.store.compute_dtype.itemsize
 
     def __repr__(self) -> str:
@@ -441,7 +591,8 @@ def _sha256_file_range(fd: int, offset: int, nbytes: int, chunk: int = 64 << 20)
 
 def verify(root: str | os.PathLike, progress=None) -> dict:
     """Check a converted checkpoint completely: the manifest, every file header, every expert's
-    shapes, dtypes and sha256, and the dense files' checksums. Raises `CheckpointError` on the first
+    shapes, dtypes and sha256, the dense files' checksums, and that config.json builds the model
+    the manifest describes (`moe_infer.loading.check_against_manifest`). Raises `CheckpointError` on the first
     problem; returns a summary dict."""
     root = os.fspath(root)
     store = ExpertStore.open(root)
@@ -468,6 +619,10 @@ def verify(root: str | os.PathLike, progress=None) -> dict:
                 os.close(fd)
             _require(ok, f"{root}: {item['file']}: sha256 mismatch (the file is corrupt; convert again)")
             checked_bytes += size
+        from moe_infer.loading import build_from_config, check_against_manifest
+
+        _, _, blocks = build_from_config(root)
+        check_against_manifest(root, store, blocks)
     finally:
         store.close()
     return {"experts": len(store._entries), "moe_layers": len(store.moe_layers), "bytes": checked_bytes}

@@ -1,6 +1,6 @@
 """Random-weight checkpoints in the original Hugging Face hub layout, at full-size dimensions
 (Mixtral-8x7B, DeepSeek-V2-Lite, Qwen3-30B-A3B, DeepSeek-V3 with FP8 blocks) and any number of
-layers: the inputs of the converter and offloading benchmarks (DESIGN section 6).
+layers: the inputs of the converter and offloading benchmarks.
 
 Owns the presets and the writer. Tensor names and shapes are not written out by hand: the model
 is built on the `meta` device from the config and its state dict is mapped back to the hub layout

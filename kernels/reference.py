@@ -1,4 +1,4 @@
-"""`reference_moe`: the plain-torch ground truth of the `fused_moe` contract (DESIGN section 3), and
+"""`reference_moe`: the plain-torch ground truth of the `fused_moe` contract, and
 `reference_moe_quantized`, that of `fused_moe_quantized`.
 
 Shape legend: T tokens, H hidden, I intermediate, E experts, K top-k.

@@ -1,4 +1,4 @@
-"""Public entry points: `wrap`, `unwrap`, `executor`, `load` (DESIGN section 3).
+"""Public entry points: `wrap`, `unwrap`, `executor`, `load`.
 
 `wrap` replaces every sparse MoE block of a model, in place, by a `MoELayer` that computes the
 same outputs. Everything that can fail is checked before the first block is replaced, so an
@@ -81,7 +81,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     Refused for a model loaded from a converted checkpoint or wrapped with `offload_dir`: its experts
     live only in the store (their parameters are on the `meta` device), so the original blocks
-    could not run.
+    could not run; likewise for a model wrapped with `quantize=` (only the quantized experts remain).
 
     A model wrapped with `parallel` holds only its rank's slice of every expert; unwrap gathers the
     full weights back (bit-exact) with an all-gather, so every rank of the job must call it."""
@@ -94,7 +94,12 @@ def unwrap(model: nn.Module) -> nn.Module:
                          f"MoEConfig.offload_dir); they are not in memory, so there are no original MoE blocks "
                          f"to restore (load the transformers directory with moe_infer.load(path, "
                          f"in_memory=True) and no offload_dir to get an unwrappable model)")
+    if ex.quantization is not None:
+        raise ConfigError(f"unwrap: this {type(model).__name__}'s experts were quantized in memory "
+                          f"({ex.quantization.name}) and their float weights released, so there are no original MoE "
+                          f"blocks to restore (wrap a freshly loaded model without quantize= to get an unwrappable one)")
     ex.close()
+    ex.detach()
     ex.stop_parallel()  # a parallel model's experts hold one slice per rank: gathered back first
     for layer in ex.layers:
         parent_name, _, attr = layer.block_name.rpartition(".")
@@ -162,9 +167,13 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
     every read; "off" skips both (saves the hashing: 0.1-0.3 of a page-cache read with xxh3_64,
     see bench/results/checksums.md), for files just checked by `verify`.
     """
+    from moe_infer import hub
+
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ConfigError(f"load: {path!r} is not a directory")
+        if not hub.is_hub_id(path):
+            raise ConfigError(f"load: {path!r} is not a directory (nor a hub id such as 'org/name')")
+        path = hub.resolve(path)  # the hub cache's snapshot, downloaded if it is not there
     check_field_names(fields)
     check_supported(MoEConfig().replace(**fields))
     from moe_infer.experts.store import MANIFEST

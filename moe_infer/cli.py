@@ -1,4 +1,4 @@
-"""`moe-infer` command line (also `python -m moe_infer`), DESIGN section 7.
+"""`moe-infer` command line (also `python -m moe_infer`).
 
 User mistakes (bad arguments, bad files, unsupported models: the `moe_infer.errors` types, and a
 path the operating system cannot open) print one line to stderr and exit with status 2, without a
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from moe_infer.config import add_config_arguments, config_from_arguments
 from moe_infer.errors import ConfigError, MissingFile, MoEInferError
+from moe_infer.helpformat import HelpFormatter, RawDescriptionHelpFormatter
 
 USER_ERRORS = (MoEInferError, FileNotFoundError, PermissionError, IsADirectoryError)
 
@@ -85,7 +87,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += list(read_prompts(args.prompts))
     if not prompts:
         raise ConfigError("give --prompt TEXT (repeatable) and/or --prompts JSONL")
-    config = _config_from_flags(args)
+    config = config_from_arguments(args)
     check_supported(config)  # before the model is loaded
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     moe_infer.wrap(model, config)
@@ -103,26 +105,23 @@ def _generate(args: argparse.Namespace) -> int:
           f"scheduler{signatures}, mean size {summary['mean_batch_size']:.2f}), "
           f"{summary['distinct_experts_per_micro_batch']:.2f} distinct experts per micro-batch and MoE layer, "
           f"{summary['regroups']} regroups, {summary['tokens_per_second']:.1f} tokens/s")
+    for line in _cache_lines(moe_infer.executor(model).stats()):
+        print(line)
     return 0
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """The MoEConfig fields as flags (``_config_from_flags`` reads them back)."""
-    config_flags = parser.add_argument_group("MoEConfig fields")
-    for name in ("kernel", "gpu_memory", "cpu_memory", "offload_dir", "cache_policy", "predictor", "loader",
-                 "cpu_compute", "placement"):
-        config_flags.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
-    config_flags.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, default=None)
-    config_flags.add_argument("--token-scheduling", dest="token_scheduling", action="store_true", default=None)
-    config_flags.add_argument("--parallel", dest="parallel", default=None, type=lambda v: int(v) if v.isdigit() else v)
-
-
-def _config_from_flags(args: argparse.Namespace):
-    from moe_infer.config import MoEConfig
-
-    fields = {name: getattr(args, name) for name in MoEConfig.field_names()
-              if name != "routing_override" and getattr(args, name, None) is not None}
-    return MoEConfig(**fields)
+def _cache_lines(stats: dict) -> list[str]:
+    """One line per budgeted expert tier: hit rate and bytes moved (none without a budget)."""
+    lines = []
+    for tier, counts in stats.get("tiers", {}).items():
+        if counts.get("budget_bytes") is None:
+            continue
+        accesses = counts["hits"] + counts["misses"]
+        rate = f"{counts['hits'] / accesses:.3f}" if accesses else "-"
+        lines.append(f"expert cache, {tier} tier of {counts['budget_bytes'] / 2**20:.2f} MiB: hit rate {rate} "
+                     f"({counts['hits']} hits, {counts['misses']} misses), {counts['bytes_moved'] / 2**20:.1f} MiB "
+                     f"moved, {stats.get('cpu_computed_experts', 0)} experts computed on the CPU")
+    return lines
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -130,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
     from moe_infer.serving.server import ServerOptions, check_dependencies, serve
 
     check_dependencies()
-    config = _config_from_flags(args)
+    config = config_from_arguments(args)
     check_supported(config)  # before the model is loaded
     options = ServerOptions(**{name: getattr(args, name) for name in ServerOptions.__dataclass_fields__})
     return serve(args.model, config, options)
@@ -142,8 +141,8 @@ def _add_serve_parser(sub) -> None:
                                        "/v1/models, /health, /metrics. Needs the serve extra: "
                                        "pip install 'moe-infer[serve]'.")
     serve.add_argument("model", metavar="MODEL",
-                       help="a shipped model (tiny-mixtral, tiny-deepseek), a transformers directory or a converted "
-                            "checkpoint")
+                       help="a shipped model (tiny-mixtral, tiny-deepseek), a transformers directory, a hub id "
+                            "(org/name) or a converted checkpoint")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
     serve.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL's name)")
@@ -167,8 +166,9 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="default: float32, or a converted checkpoint's own dtype")
-    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    _add_config_flags(serve)
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                       help="the server's log level")
+    add_config_arguments(serve)
     serve.set_defaults(run=_serve)
 
 
@@ -233,9 +233,12 @@ def _predictor_eval(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from moe_infer import hub
     from moe_infer.experts.convert import convert
     from moe_infer.experts.hub_layouts import SourceCheckpoint
 
+    if hub.is_hub_id(args.src):
+        args.src = hub.resolve(args.src)  # the hub cache's snapshot, downloaded if it is not there
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -245,7 +248,8 @@ def _convert(args: argparse.Namespace) -> int:
         source.close()
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr)
         progress = bar.update
-    summary = convert(args.src, args.dst, dtype=args.dtype, fp8=args.fp8, verify_after=args.verify, progress=progress)
+    summary = convert(args.src, args.dst, dtype=args.dtype, fp8=args.fp8, quantize=args.quantize,
+                      group_size=args.group_size, verify_after=args.verify, progress=progress)
     if progress is not None:
         bar.close()
     if summary["skipped"]:
@@ -267,6 +271,29 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PredictOnce:
+    """A saved predictor's scores for the trace, computed once for every (policy, capacity) run. A
+    predictor that needs the MoE inputs of every token runs the model over the trace when the trace
+    did not record them (the model is then loaded once, and the reason printed)."""
+
+    def __init__(self, predictor, trace):
+        from moe_infer.predictors.features import recorded_moe_inputs
+
+        self.predictor, self.scores = predictor, {}
+        needs_model = predictor.kind == "gate-lookahead" or (
+            predictor.kind == "expertflow" and (recorded_moe_inputs(trace) is None
+                                                or predictor.options.get("attention_lookahead")))
+        if needs_model:
+            print(f"note: the {predictor.kind} predictor reads every MoE layer's input, which this trace did not "
+                  f"record (profile --features moe_input:...): loading {trace.model} once to compute them",
+                  file=sys.stderr)
+
+    def predict_trace(self, trace, distance: int):
+        if distance not in self.scores:
+            self.scores[distance] = self.predictor.predict_trace(trace, distance)
+        return self.scores[distance]
+
+
 def _simulate(args: argparse.Namespace) -> int:
     import json
 
@@ -285,7 +312,7 @@ def _simulate(args: argparse.Namespace) -> int:
     elif args.predictor is not None:
         from moe_infer import predictors
 
-        predictor = predictors.load(args.predictor)
+        predictor = _PredictOnce(predictors.load(args.predictor), trace)
     results = []
     for capacity in capacities:
         for policy in policies:
@@ -310,21 +337,35 @@ def _bench(args: argparse.Namespace) -> int:
     return run(args.name, args.args, prog=f"moe-infer bench {args.name}")
 
 
+DTYPE_HELP = "dtype the model computes in"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser: defaults in its help, and itself in its namespace (``args.parser``)
+    so that arguments no command takes are reported with the usage of the command that got them."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        self.set_defaults(parser=self)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-infer", description="Mixture-of-Experts inference for transformers models")
+    parser = _Parser(prog="moe-infer", description="Mixture-of-Experts inference for transformers models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="wrap a small MoE model, check its outputs, generate and report")
     demo.add_argument("--model", default="tiny-mixtral",
-                      help="a shipped model (tiny-mixtral, tiny-deepseek), 'random-mixtral', or a transformers directory")
-    demo.add_argument("--prompt", default="def main(")
-    demo.add_argument("--new-tokens", type=int, default=64)
+                      help="a shipped model (tiny-mixtral, tiny-deepseek), 'random-mixtral', a transformers directory "
+                           "or a hub id (org/name)")
+    demo.add_argument("--prompt", default="def main(", help="the text generation starts from")
+    demo.add_argument("--new-tokens", type=int, default=64, help="tokens generated by each run")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     demo.set_defaults(run=_demo)
 
     profile = sub.add_parser("profile", help="run a model over text or prompts and record an expert trace")
-    profile.add_argument("--model", required=True, help="a shipped model name or a transformers directory")
+    profile.add_argument("--model", required=True,
+                         help="a shipped model name, a transformers directory or a hub id (org/name)")
     profile.add_argument("--text", nargs="+", metavar="FILE", help="text files, cut into windows of --seq-len tokens")
     profile.add_argument("--prompts", metavar="JSONL", help='a JSONL file of {"prompt": "..."} lines')
     profile.add_argument("--out", required=True, metavar="TRACE", help="the trace file to write (.safetensors)")
@@ -332,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="prefill: teacher forcing over the text; generate: greedy decoding after each prompt")
     profile.add_argument("--max-tokens", type=int, default=None, help="stop after recording this many tokens")
     profile.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (window or prompt)")
-    profile.add_argument("--batch-size", type=int, default=8)
+    profile.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     profile.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (generate mode)")
     profile.add_argument("--features", default="",
                          help="comma-separated: embedding, moe_input:LAYER (hidden state entering that MoE layer)")
@@ -340,12 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--chunk-tokens", type=int, default=65536,
                          help="tokens of records held in memory before they are written to a part file")
     profile.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    profile.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    profile.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     profile.add_argument("--no-progress", action="store_true", help="no progress bar")
     profile.set_defaults(run=_profile)
 
     stats = sub.add_parser("trace-stats", help="routing statistics of a trace, beside a uniform random router")
-    stats.add_argument("trace", metavar="TRACE")
+    stats.add_argument("trace", metavar="TRACE", help="a trace file (moe-infer profile --out)")
     stats.add_argument("--plots", metavar="DIR", help="write PNG heatmaps (popularity, cross-layer affinity) here")
     stats.add_argument("--json", metavar="OUT", help="write the statistics as JSON")
     stats.add_argument("--markdown", metavar="OUT", help="write the markdown report")
@@ -353,34 +394,36 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(run=_trace_stats)
 
     place = sub.add_parser("placement", help="place experts on devices from a trace (fewest cross-device pairs)")
-    place.add_argument("--trace", required=True, metavar="TRACE")
-    place.add_argument("--devices", required=True, type=int, metavar="N")
+    place.add_argument("--trace", required=True, metavar="TRACE", help="the trace the plan is fitted to")
+    place.add_argument("--devices", required=True, type=int, metavar="N", help="devices to place the experts on")
     place.add_argument("--out", required=True, metavar="PLAN", help="the plan file to write (.safetensors)")
     place.add_argument("--capacity", type=int, default=None, help="expert slots per device and MoE layer")
-    place.add_argument("--method", default="auto", choices=["auto", "milp", "heuristic", "load", "round-robin"])
+    place.add_argument("--method", default="auto", choices=["auto", "milp", "heuristic", "load", "round-robin"],
+                       help="auto: exact (MILP) for small problems, the heuristic beyond")
     place.add_argument("--replicas", type=int, default=0, help="extra copies of hot experts per MoE layer (EPLB)")
     place.add_argument("--load-tolerance", type=float, default=0.1,
                        help="a device may compute up to (1 + this) x the mean load of a layer")
     place.set_defaults(run=_placement)
 
     gen = sub.add_parser("generate", help="generate for one or many prompts with expert-aware micro-batching")
-    gen.add_argument("--model", required=True, help="a shipped model name, 'random-mixtral' or a transformers directory")
+    gen.add_argument("--model", required=True,
+                     help="a shipped model name, 'random-mixtral', a transformers directory or a hub id (org/name)")
     gen.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     gen.add_argument("--prompts", metavar="JSONL", help='a JSONL file of {"prompt": "..."} lines')
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--max-batch-size", type=int, default=8)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
+    gen.add_argument("--max-batch-size", type=int, default=8, help="requests per decode forward pass")
     gen.add_argument("--pool-size", type=int, default=None, help="requests decoded at once (default 4 x batch size)")
     gen.add_argument("--scheduler", choices=["expert", "fcfs"], default=None,
                      help="default: expert with --token-scheduling, fcfs otherwise; with --predictor P (a saved "
                           "pregate predictor) the expert scheduler groups requests by P's prediction of their next token")
-    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")
     gen.add_argument("--top-k", type=int, default=None, help="default: the model's generation config (else 50)")
     gen.add_argument("--top-p", type=float, default=None, help="default: the model's generation config")
     gen.add_argument("--seed", type=int, default=0, help="request i samples with seed + i")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    _add_config_flags(gen)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    add_config_arguments(gen)
     gen.set_defaults(run=_generate)
 
     _add_serve_parser(sub)
@@ -389,22 +432,22 @@ def build_parser() -> argparse.ArgumentParser:
     predictor_sub = predictor.add_subparsers(dest="predictor_command", required=True, metavar="ACTION")
     predictor_train = predictor_sub.add_parser("train", help="fit a predictor on a trace and save it")
     predictor_train.add_argument("--kind", required=True,
-                                 choices=["gate-lookahead", "markov", "frequency", "expertflow", "pregate"])
-    predictor_train.add_argument("--trace", required=True, metavar="TRACE")
+                                 choices=["gate-lookahead", "markov", "frequency", "expertflow", "pregate"], help="the predictor kind")
+    predictor_train.add_argument("--trace", required=True, metavar="TRACE", help="the training trace")
     predictor_train.add_argument("--out", required=True, metavar="PREDICTOR", help="file to write (.safetensors)")
     predictor_train.add_argument("--option", action="append", metavar="NAME=VALUE",
                                  help="a training option (repeatable): epochs=4, hidden=64, window=8, lookahead=1, ...")
     predictor_train.set_defaults(run=_predictor_train)
     predictor_eval = predictor_sub.add_parser("eval", help="recall of a saved predictor on a trace")
-    predictor_eval.add_argument("--predictor", required=True, metavar="PREDICTOR")
-    predictor_eval.add_argument("--trace", required=True, metavar="TRACE")
+    predictor_eval.add_argument("--predictor", required=True, metavar="PREDICTOR", help="a saved predictor file")
+    predictor_eval.add_argument("--trace", required=True, metavar="TRACE", help="the held-out trace")
     predictor_eval.add_argument("--top-k", type=int, default=None, help="predicted experts per layer (default: the model's K)")
     predictor_eval.add_argument("--max-distance", type=int, default=4, help="layer distances 1..D")
     predictor_eval.add_argument("--json", metavar="OUT", help="write the evaluation as JSON")
     predictor_eval.set_defaults(run=_predictor_eval)
 
     sim = sub.add_parser("simulate", help="replay a trace through an expert cache policy (hit rate, loads)")
-    sim.add_argument("--trace", required=True, metavar="TRACE")
+    sim.add_argument("--trace", required=True, metavar="TRACE", help="the trace to replay")
     sim.add_argument("--policy", required=True,
                      help="lru, lfu, static, expertflow, belady, or several separated by commas")
     sim.add_argument("--capacity", required=True, help="expert slots per MoE layer (or in total with --total); "
@@ -418,18 +461,23 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(run=_simulate)
 
     conv = sub.add_parser("convert", help="convert a transformers MoE checkpoint into the expert-addressable layout")
-    conv.add_argument("src", metavar="SRC", help="a transformers model directory (safetensors, single or sharded)")
+    conv.add_argument("src", metavar="SRC", help="a transformers model directory (safetensors, single or sharded) or a hub id (org/name)")
     conv.add_argument("dst", metavar="DST", help="the converted checkpoint directory to create")
     conv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                       help="cast the weights (default: keep the source dtype; FP8 becomes bfloat16)")
     conv.add_argument("--fp8", default="dequantize", choices=["dequantize", "keep"],
                       help="FP8 expert weights (DeepSeek-V3): dequantize, or keep FP8 with block scales")
+    conv.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                      help="store the routed experts quantized: int8 per output row, or int4 in groups along the "
+                           "input dimension (dense weights and shared experts stay as they are)")
+    conv.add_argument("--group-size", type=int, default=None, metavar="G",
+                      help="int4 group size (default 128)")
     conv.add_argument("--verify", action="store_true", help="check every checksum after writing")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     conv.set_defaults(run=_convert)
 
     ver = sub.add_parser("verify", help="check a converted checkpoint: manifest, shapes, dtypes, every checksum")
-    ver.add_argument("dir", metavar="DIR")
+    ver.add_argument("dir", metavar="DIR", help="a converted checkpoint directory")
     ver.set_defaults(run=_verify)
 
     from moe_infer.benchmarks import BENCHMARKS
@@ -438,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run a benchmark; results go to bench/results/ under the current directory "
                                        "unless its --out says otherwise. `moe-infer bench NAME --help` shows its options.",
                            epilog="benchmarks:\n" + "\n".join(f"  {name:<11} {text}" for name, text in BENCHMARKS.items()),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=RawDescriptionHelpFormatter)
     bench.add_argument("name", metavar="NAME", help=", ".join(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the benchmark's own options")
     bench.set_defaults(run=_bench)
@@ -446,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the usage of the command that got them, not the top-level one
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
     except USER_ERRORS as err:

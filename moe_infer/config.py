@@ -1,4 +1,4 @@
-"""`MoEConfig`: the one dataclass that configures a wrapped model (DESIGN section 3).
+"""`MoEConfig`: the one dataclass that configures a wrapped model.
 
 Owns validation of every field (a bad value raises `ValueError` naming the field, the value and
 what is allowed) and the parsing of byte budgets such as "20GiB". It does not decide whether a
@@ -82,23 +82,45 @@ class MoEConfig:
     as ints.
     """
 
-    kernel: str = "auto"
-    gpu_memory: int | str | None = None
-    cpu_memory: int | str | None = None
-    # a disk tier for an in-memory model: its experts written there once, then read from disk
-    # (moe_infer.experts.offload); a converted checkpoint is its own disk tier
-    offload_dir: str | os.PathLike | None = None
-    cache_policy: str = "lru"
-    predictor: str | os.PathLike | None = None
-    prefetch_depth: int = 1
-    loader: str = "on-demand"
-    cpu_compute: str = "auto"
-    # changes only the default scheduler of generate_many and the server ("expert" instead of
-    # "fcfs"); a forward call and model.generate compute exactly what they do without it
-    token_scheduling: bool = False
-    placement: str | os.PathLike | None = None
-    parallel: str | int | None = None
-    routing_override: Any = field(default=None, repr=False)
+    kernel: str = field(default="auto", metadata={
+        "choices": KERNELS, "help": "MoE layer compute: auto = the Triton kernels on CUDA, torch elsewhere"})
+    gpu_memory: int | str | None = field(default=None, metadata={
+        "metavar": "BYTES", "help": "byte budget of the GPU expert tier, e.g. 20GiB (unset: every expert resident)"})
+    cpu_memory: int | str | None = field(default=None, metadata={
+        "metavar": "BYTES", "help": "byte budget of the CPU expert tier (pinned host memory beside a GPU tier; "
+                                    "on a CPU model the only tier), e.g. 2GiB"})
+    offload_dir: str | os.PathLike | None = field(default=None, metadata={
+        "metavar": "DIR", "help": "a disk tier for an in-memory model: its experts are written there once, then "
+                                  "read from disk (a converted checkpoint is its own disk tier)"})
+    cache_policy: str = field(default="lru", metadata={
+        "choices": CACHE_POLICIES, "help": "which expert a full tier evicts; static pins a trace's hot set, "
+                                           "expertflow shares room between layers by predicted need"})
+    predictor: str | os.PathLike | None = field(default=None, metadata={
+        "metavar": "KIND|FILE", "help": f"routing predictor driving prefetch: {', '.join(PREDICTORS)}, "
+                                        "or a saved predictor file"})
+    prefetch_depth: int = field(default=1, metadata={
+        "type": int, "metavar": "D", "help": "MoE layers ahead that the predictor prefetches"})
+    loader: str = field(default="on-demand", metadata={
+        "choices": LOADERS, "help": "on-demand loads, or ring: the SE-MoE round-robin ring of sections"})
+    cpu_compute: str = field(default="auto", metadata={
+        "choices": CPU_COMPUTE, "help": "run a missed expert on the CPU instead of fetching it; auto decides "
+                                        "by a cost model measured at start-up"})
+    token_scheduling: bool = field(default=False, metadata={
+        "help": "expert-aware batching: generate and serve group requests whose next tokens use the same "
+                "experts (scheduler expert instead of fcfs); a forward pass computes exactly the same"})
+    placement: str | os.PathLike | None = field(default=None, metadata={
+        "metavar": "PLAN", "help": "a saved placement plan (moe-infer placement ... --out PLAN)"})
+    parallel: str | int | None = field(default=None, metadata={
+        "metavar": "MODE|R", "type": lambda value: int(value) if value.isdigit() else value,
+        "help": f"expert parallelism over torch.distributed ranks: {', '.join(PARALLEL_MODES)} or a sharding factor r"})
+    load_timeout: float = field(default=120.0, metadata={
+        "type": float, "metavar": "SECONDS", "help": "how long a forward waits for one expert's load before it "
+                                                     "fails (a hung read fails that forward only)"})
+    quantize: Any = field(default=None, metadata={
+        "choices": ("int8", "int4"), "help": "quantize the routed experts in memory (weight-only; int4 in groups of "
+                                             "128); stored as a moe_infer.experts.quant.QuantScheme, which also "
+                                             "takes another int4 group size"})
+    routing_override: Any = field(default=None, repr=False, metadata={"flag": False})  # a Trace: no command-line form
 
     def __post_init__(self) -> None:
         _choice("kernel", self.kernel, KERNELS)
@@ -128,6 +150,10 @@ class MoEConfig:
             raise ConfigError(f"MoEConfig.prefetch_depth={self.prefetch_depth!r}: expected an int >= 0")
         _choice("loader", self.loader, LOADERS)
         _choice("cpu_compute", self.cpu_compute, CPU_COMPUTE)
+        if isinstance(self.load_timeout, bool) or not isinstance(self.load_timeout, (int, float)) \
+                or not self.load_timeout > 0:
+            raise ConfigError(f"MoEConfig.load_timeout={self.load_timeout!r}: expected a number of seconds > 0")
+        self.load_timeout = float(self.load_timeout)
         if not isinstance(self.token_scheduling, bool):
             raise ConfigError(f"MoEConfig.token_scheduling={self.token_scheduling!r}: expected True or False")
         if self.placement is not None:
@@ -139,6 +165,16 @@ class MoEConfig:
                     f"MoEConfig.parallel={self.parallel!r}: expected None, "
                     f"{', '.join(map(repr, PARALLEL_MODES))} or a sharding factor r >= 0"
                 )
+
+        if self.quantize is not None:
+            from moe_infer.experts.quant import SCHEMES, QuantScheme
+
+            if isinstance(self.quantize, str) and self.quantize in SCHEMES:
+                self.quantize = QuantScheme(self.quantize)
+            elif not isinstance(self.quantize, QuantScheme):
+                raise ConfigError(f"MoEConfig.quantize={self.quantize!r}: expected None, "
+                                  f"{', '.join(map(repr, SCHEMES))} or a moe_infer.experts.quant.QuantScheme "
+                                  f"(for another int4 group size)")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -164,3 +200,29 @@ def check_field_names(fields: dict[str, Any]) -> None:
             f"unknown MoEConfig field(s) {', '.join(map(repr, unknown))}; "
             f"fields are {', '.join(MoEConfig.field_names())}"
         )
+
+
+def add_config_arguments(parser) -> None:
+    """Every `MoEConfig` field that has a command-line form as a flag of the argparse `parser`
+    (`--gpu-memory`, `--cache-policy`, ...), with its help and choices from the field's metadata:
+    the one place the CLI's MoEConfig flags are made (`generate`, `serve`). An unset flag stays
+    None, so `config_from_arguments` leaves that field at its default."""
+    group = parser.add_argument_group("MoEConfig fields", "how the wrapped model runs its MoE layers")
+    for spec in dataclasses.fields(MoEConfig):
+        meta = spec.metadata
+        if not meta.get("flag", True):
+            continue
+        default = f"default: {spec.default}" if spec.default is not None else None
+        help_text = "; ".join(filter(None, (meta["help"], default)))
+        flag = f"--{spec.name.replace('_', '-')}"
+        if spec.type == "bool":
+            group.add_argument(flag, dest=spec.name, action="store_true", default=None, help=help_text)
+            continue
+        group.add_argument(flag, dest=spec.name, default=None, type=meta.get("type"), choices=meta.get("choices"),
+                           metavar=meta.get("metavar"), help=help_text)
+
+
+def config_from_arguments(args) -> MoEConfig:
+    """The `MoEConfig` of the flags `add_config_arguments` made (unset flags: the field's default)."""
+    fields = {name: getattr(args, name) for name in MoEConfig.field_names() if getattr(args, name, None) is not None}
+    return MoEConfig(**fields)

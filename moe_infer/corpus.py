@@ -1,4 +1,4 @@
-"""The text the shipped tiny models were trained on, and the held-out split (DESIGN section 6).
+"""The text the shipped tiny models were trained on, and the held-out split.
 
 The corpus is the Python standard library's own ``.py`` files (every machine with Python has
 them), outside test and tool folders. Files, not windows, are split into training and held-out

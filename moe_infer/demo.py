@@ -7,6 +7,7 @@ The default model is the shipped `tiny-mixtral` (trained, so its routing has rea
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 
 import moe_infer
 import moe_infer.assets
+from moe_infer import hub
+from moe_infer.families import find_moe_blocks
 from moe_infer.models import decode_tokens, encode_text, load_model
 
 
@@ -71,7 +74,9 @@ def _timed_generate(model, input_ids, new_tokens: int, pad_token_id: int) -> tup
 @torch.inference_mode()
 def run_demo(model_name: str = "tiny-mixtral", prompt: str = "def main(", new_tokens: int = 64,
              device: str | None = None, dtype: str = "float32") -> DemoResult:
-    model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    source = hub.resolve(model_name) if hub.is_hub_id(model_name) else model_name
+    _check_moe(source)
+    model, tokenizer = load_model(source, device=device, dtype=dtype)
     device_t = model.device
     input_ids = torch.tensor([encode_text(tokenizer, prompt)], device=device_t)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
@@ -88,11 +93,31 @@ def run_demo(model_name: str = "tiny-mixtral", prompt: str = "def main(", new_to
     text = decode_tokens(tokenizer, out[0].tolist())
     result = DemoResult(model_name, str(device_t), max_diff, text, new_tokens,
                         new_tokens / seconds_wrapped, new_tokens / seconds_unwrapped, stats)
-    shipped = moe_infer.assets.predictor_path(model_name) if model_name in moe_infer.assets.names() else None
+    shipped = predictor_beside(source)
     ours = {**OURS, "predictor": str(shipped), "prefetch_depth": 1} if shipped is not None else OURS
     _budget_runs(model, input_ids, new_tokens, pad, out, result, ours)
     moe_infer.executor(model).close()
     return result
+
+
+def _check_moe(model_name: str) -> None:
+    """A model directory without supported MoE blocks gets one `UnsupportedModel` before its weights
+    are loaded (the check runs on the model built from its config on the meta device)."""
+    if os.path.isdir(model_name) and model_name not in moe_infer.assets.names():
+        from transformers import AutoConfig
+
+        from moe_infer.loading import skeleton
+
+        find_moe_blocks(skeleton(AutoConfig.from_pretrained(model_name)))
+
+
+def predictor_beside(model_name: str) -> Path | None:
+    """The trained `expertflow` predictor shipped with a model (`predictor-expertflow.safetensors`
+    in a shipped model's or a model directory's folder), or None."""
+    if model_name in moe_infer.assets.names():
+        return moe_infer.assets.predictor_path(model_name)
+    file = Path(model_name) / moe_infer.assets.PREDICTOR_FILE
+    return file if file.is_file() else None
 
 
 def _budget_runs(model, input_ids, new_tokens: int, pad: int, expected, result: DemoResult, ours: dict) -> None:

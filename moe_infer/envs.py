@@ -2,7 +2,8 @@
 proper is `MoEConfig` and data files.
 
 - `MOE_INFER_CACHE`: where `moe_infer.load` puts checkpoints it converts on the fly
-  (default `~/.cache/moe_infer`; converted checkpoints go under `converted/<fingerprint>`).
+  (default `~/.cache/moe_infer`; converted checkpoints go under `converted/<fingerprint>`, and the
+  remembered sha256 of source shards under `file-sha256/`).
 - `MOE_INFER_KERNEL_CONFIG_DIR`: a directory of tuned fused-MoE kernel configs searched before the
   ones shipped in `moe_infer/kernels/configs/` (what `scripts/tune_fused_moe.py --out-dir` writes).
 - `TRITON_INTERPRET` (Triton's own): "1" runs Triton kernels in its CPU interpreter; moe_infer then

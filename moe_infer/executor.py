@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from moe_infer.cache.replay import RoutingReplay
-from moe_infer.cache.setup import build_cache, check_budgets
-from moe_infer.cache.tiered import ExpertCache
+from moe_infer.cache.setup import build_cache, check_budgets, compute_device
+from moe_infer.cache.pool import pinned_bytes
+from moe_infer.cache.tiered import ExpertCache, process_memory
 from moe_infer import envs, kernels
 from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
@@ -53,6 +55,11 @@ class ModelExecutor:
         # on its planned rank; one process only records it
         self.placement = self._load_placement(config)
         self._apply(config)
+        # concurrent callers of one wrapped model are serialised: one whole forward at a time (its
+        # layer calls, the predictor's per-call state and the cache's reservations belong together)
+        self.forward_lock = threading.RLock()
+        self._lock_handles = [model.register_forward_pre_hook(self._lock_forward),
+                              model.register_forward_hook(self._unlock_forward, always_call=True)]
         self.parallel = None  # moe_infer.parallel.ParallelRuntime when config.parallel is set
         self._configure_parallel(config)
         for layer in layers:
@@ -71,6 +78,7 @@ class ModelExecutor:
 
             predictor = checked_predictor(self, self._model_name, config.predictor)
         check_budgets(self.layers, config, self.backing)
+        self._check_quantize(config)
         self._offload(config)
         lookahead = None
         if predictor is not None and predictor.reads_attention_lookahead:
@@ -78,8 +86,10 @@ class ModelExecutor:
 
             lookahead = AttentionLookahead(self._model(), self)  # checks the model; then hooks its layers
         self.close()
+        self._quantize(config.quantize)
         try:
-            self.cache = build_cache(self.layers, config, self.backing)
+            self.cache = build_cache(self.layers, config, self.backing,
+                                     kernel=self.kernel_for(compute_device(self.layers), config))
         except BaseException:
             if lookahead is not None:
                 lookahead.detach()
@@ -92,6 +102,18 @@ class ModelExecutor:
             sink = self.cache.prefetch if self.cache is not None and config.prefetch_depth > 0 else None
             self.predictor_hook = PredictionHook(self, self._embedding, predictor, max(config.prefetch_depth, 1),
                                                  sink, lookahead)
+
+    def _lock_forward(self, module, args) -> None:
+        self.forward_lock.acquire()
+
+    def _unlock_forward(self, module, args, output) -> None:
+        self.forward_lock.release()  # always_call: also when the forward raised
+
+    def detach(self) -> None:
+        """Remove the hooks this executor put on the model (unwrap)."""
+        for handle in self._lock_handles:
+            handle.remove()
+        self._lock_handles = []
 
     def _offload(self, config: MoEConfig) -> None:
         """MoEConfig.offload_dir: write the in-memory experts there once (`moe_infer.experts.offload`)
@@ -124,24 +146,80 @@ class ModelExecutor:
             self.predictor_hook = None
         if self.cache is not None:
             self.cache.close()
-            self.cache = None
+            cache, self.cache = self.cache, None
             if self.backing is None:
                 from moe_infer.cache.setup import move_experts
 
                 for layer in self.layers:
                     move_experts(layer, self._expert_devices[layer.layer_idx])
+            for slab in cache.host_slabs:  # the experts' page-locked host copy, now unused
+                slab.close()
+
+    @property
+    def quantization(self):
+        """The `QuantScheme` of the experts the layers run (quantized in memory by `quantize=`, or read
+        from a checkpoint converted with `--quantize`), or None for float experts."""
+        source = self.layers[0].expert_source
+        store = getattr(source, "store", None)
+        return store.quant_scheme if store is not None else getattr(source, "scheme", None)
+
+    def _check_quantize(self, config: MoEConfig) -> None:
+        """Refuse a `quantize` this model cannot take, and what quantized experts cannot run with yet
+        (before anything changes)."""
+        current, wanted = self.quantization, config.quantize
+        if wanted is not None or current is not None:
+            if config.parallel is not None:
+                raise NotSupported("parallel with quantized experts: the multi-rank path slices float experts only "
+                                   "in this version")
+            if config.gpu_memory is not None or config.cpu_memory is not None:
+                raise NotSupported("an expert budget (gpu_memory / cpu_memory) with quantized experts: the tiered "
+                                   "cache moves float experts in this version; run them without a budget")
+        if wanted is None or wanted == current:
+            return
+        from moe_infer.experts.store import StoreExperts
+
+        if any(isinstance(layer.expert_source, StoreExperts) for layer in self.layers):
+            raise ConfigError(f"quantize={wanted.name!r}: this model reads its experts from a converted checkpoint "
+                              f"(stored as {current.name if current else 'float'}); convert it with "
+                              f"`moe-infer convert SRC DST --quantize {wanted.name}` instead")
+        if current is not None:
+            raise ConfigError(f"quantize={wanted.name!r}: the experts of this model were quantized to {current.name} "
+                              f"(group {current.group_size}) and their float weights released; wrap a freshly "
+                              f"loaded model to quantize it differently")
+        if config.offload_dir is not None:
+            raise NotSupported("quantize with offload_dir: the disk tier of an in-memory model holds float experts in "
+                               "this version; convert the checkpoint with --quantize instead")
+
+    def _quantize(self, scheme) -> None:
+        """Quantize the routed experts of every layer in memory (once; `_check_quantize` ran)."""
+        if scheme is None or self.quantization is not None:
+            return
+        from moe_infer.experts.layout import ModuleExperts
+        from moe_infer.experts.quantized import QuantizedExperts, free_float_experts
+
+        for layer in self.layers:
+            assert isinstance(layer.expert_source, ModuleExperts), type(layer.expert_source)
+            with torch.no_grad():
+                layer.expert_source = QuantizedExperts.quantize(layer.expert_source, scheme)
+            free_float_experts(layer.experts)
+            self._expert_devices[layer.layer_idx] = layer.expert_source.device
 
     @property
     def kernel(self) -> str:
-        """The kernel the layers run ("triton" or "torch"; "mixed" when "auto" finds experts on CUDA in
-        some layers only). A layer whose experts are not all resident (an expert cache) runs torch."""
-        per_layer = {self.kernel_for(layer.expert_source.device) for layer in self.layers}
-        return per_layer.pop() if len(per_layer) == 1 else "mixed"
+        """The kernel the layers computed with since the last `reset_stats()` ("triton" or "torch";
+        "mixed" when both ran), or, before any call, the kernel they will use. The expert cache
+        runs the fused kernels over its slot pool, so a budget does not change the kernel."""
+        ran = {kernel for layer in self.layers for kernel, calls in layer.stats.kernel_calls.items() if calls}
+        if not ran:
+            ran = {self.cache.kernel} if self.cache is not None else \
+                {self.kernel_for(layer.expert_source.device) for layer in self.layers}
+        return ran.pop() if len(ran) == 1 else "mixed"
 
-    def kernel_for(self, device: torch.device) -> str:
-        """The kernel for experts held on `device`: "auto" is Triton on CUDA, torch elsewhere."""
-        if self.config.kernel != "auto":
-            return self.config.kernel
+    def kernel_for(self, device: torch.device, config: MoEConfig | None = None) -> str:
+        """The kernel for experts computed on `device`: "auto" is Triton on CUDA, torch elsewhere."""
+        config = config if config is not None else self.config
+        if config.kernel != "auto":
+            return config.kernel
         return "triton" if device.type == "cuda" and kernels.HAS_TRITON else "torch"
 
     def configure(self, config: MoEConfig) -> None:
@@ -253,6 +331,11 @@ class ModelExecutor:
             "cpu_computed_experts": cache["cpu_computed_experts"],
             "stall_seconds": cache["stall_seconds"],
             "kernel": self.kernel,
+            "quantization": None if self.quantization is None else self.quantization.as_json(),
+            "kernel_calls": {kernel: sum(l.stats.kernel_calls.get(kernel, 0) for l in self.layers)
+                             for kernel in ("torch", "triton")},
+            "host_reads": cache.get("host_reads", 0),  # device -> host reads of routing the cache made
+            "memory": cache["memory"] if "memory" in cache else {"pinned_bytes": pinned_bytes(), **process_memory()},
             "parallel": None if self.parallel is None else self.parallel.stats(),
         }
 

@@ -1,6 +1,6 @@
 """`MoELayer`: the executor of one sparse MoE block, put in the block's place by `wrap`.
 
-Data flow (DESIGN section 4): route (router adapter) -> group the (token, k) pairs by expert ->
+Data flow: route (router adapter) -> group the (token, k) pairs by expert ->
 compute every hit expert once on its rows -> weighted combine in the original token order ->
 shared experts. The layer registers the original block's children under their own names, so
 parameter names, `state_dict`, `.to()` and `output_router_logits` hooks are those of the
@@ -18,21 +18,13 @@ from torch import Tensor, nn
 
 from moe_infer import kernels
 from moe_infer.experts.layout import ModuleExperts
-from moe_infer.experts.math import group_by_expert, moe_forward
+from moe_infer.experts.math import expert_counts, group_by_expert, moe_forward
+from moe_infer.experts.quantized import QuantizedExperts
 from moe_infer.families import FoundBlock
 from moe_infer.routing.adapters import Routing
 
 if TYPE_CHECKING:
     from moe_infer.executor import ModelExecutor
-
-
-def _expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
-    """(token, k) pairs per expert, int64 [E] on expert_ids' device (no host sync; ids outside
-    [0, E) are not counted)."""
-    flat = expert_ids.reshape(-1)
-    bins = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    return counts.scatter_add_(0, bins.long(), torch.ones_like(bins, dtype=torch.int64))[:num_experts]
 
 
 class LayerStats:
@@ -50,16 +42,20 @@ class LayerStats:
         self.tokens = 0
         self.expert_counts = [0] * self.num_experts  # (token, k) pairs routed to each expert
         self.expert_loads = 0  # experts acquired: one per expert used per call
+        self.kernel_calls: dict[str, int] = {}  # calls per kernel that computed them ("torch", "triton")
         self._pending: list[Tensor] = []  # per-call counts [E] not read back yet
 
-    def record(self, num_tokens: int, counts: list[int]) -> None:
+    def record(self, num_tokens: int, counts: list[int], kernel: str) -> None:
         self.calls += 1
         self.tokens += num_tokens
+        self.kernel_calls[kernel] = self.kernel_calls.get(kernel, 0) + 1
         self._add_counts(counts)
 
     def record_on_device(self, num_tokens: int, counts: Tensor) -> None:
-        """`record` with counts [E] still on the device: the forward pass does not wait for them."""
+        """`record` with counts [E] still on the device: the forward pass does not wait for them
+        (the fused kernels' path, the only one that does not read them)."""
         self.calls += 1
+        self.kernel_calls["triton"] = self.kernel_calls.get("triton", 0) + 1
         self.tokens += num_tokens
         self._pending.append(counts)
         if len(self._pending) >= self.PENDING_LIMIT:
@@ -146,22 +142,29 @@ class MoELayer(nn.Module):
             observer(self, hidden, routing)
         cache = self.executor.cache if self.executor is not None else None
         if cache is not None:  # weights come through the tiered expert cache (fetched or run on the CPU)
-            grouping = group_by_expert(routing.expert_ids, self.num_experts)
-            out = cache.forward(self, hidden, routing, grouping)
-            self.stats.record(hidden.shape[0], grouping[1])
+            out, counts = cache.forward(self, hidden, routing)
+            if isinstance(counts, Tensor):  # a fully resident layer: the counts stayed on the device
+                self.stats.record_on_device(hidden.shape[0], counts)
+            else:
+                self.stats.record(hidden.shape[0], counts, cache.kernel)
         elif self.parallel is not None:
             grouping = group_by_expert(routing.expert_ids, self.num_experts)
             out = self.parallel(hidden, routing.expert_ids, routing.expert_weights)
-            self.stats.record(hidden.shape[0], grouping[1])
+            self.stats.record(hidden.shape[0], grouping[1], "torch")
+        elif self._runs_fused_kernels() and isinstance(self.expert_source, QuantizedExperts):
+            source = self.expert_source
+            out = kernels.fused_experts(hidden, source.w13, source.w2, routing.expert_ids, routing.expert_weights,
+                                        activation=source.activation, b13=source.b13, b2=source.b2)
+            self.stats.record_on_device(hidden.shape[0], expert_counts(routing.expert_ids, self.num_experts))
         elif self._runs_fused_kernels():
             out = kernels.module_experts_forward(self.expert_source.module, hidden, routing.expert_ids,
                                                  routing.expert_weights, self.expert_source.activation)
-            self.stats.record_on_device(hidden.shape[0], _expert_counts(routing.expert_ids, self.num_experts))
+            self.stats.record_on_device(hidden.shape[0], expert_counts(routing.expert_ids, self.num_experts))
         else:
             grouping = group_by_expert(routing.expert_ids, self.num_experts)
             out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
                               self.num_experts, self.expert_source.activation, grouping=grouping)
-            self.stats.record(hidden.shape[0], grouping[1])
+            self.stats.record(hidden.shape[0], grouping[1], "torch")
         shared = self.shared_output(hidden)
         if shared is not None:
             out = out + shared
@@ -172,8 +175,9 @@ class MoELayer(nn.Module):
 
     def _runs_fused_kernels(self) -> bool:
         """The fused Triton kernels run when the kernel for this layer's device is "triton" and every
-        expert of the layer is resident in the experts module (their stacked weights are the input)."""
-        return (self.executor is not None and isinstance(self.expert_source, ModuleExperts)
+        expert of the layer is resident in the experts module or quantized in memory (their stacked
+        weights are the input)."""
+        return (self.executor is not None and isinstance(self.expert_source, (ModuleExperts, QuantizedExperts))
                 and self.executor.kernel_for(self.expert_source.device) == "triton")
 
     def _feed_router_hooks(self, hidden: Tensor, routing: Routing) -> None:

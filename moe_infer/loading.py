@@ -11,6 +11,8 @@ Does not own the checkpoint format (`moe_infer.experts.store`) or conversion (`.
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 from typing import Any
 
 import torch
@@ -50,6 +52,61 @@ def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     return model.eval()
 
 
+def build_from_config(root: str, dtype: torch.dtype | None = None):
+    """(config, meta-device skeleton, MoE blocks) of the model directory `root`, built from its
+    config.json (without any quantization_config: the skeleton's linear layers are plain). A
+    missing or unreadable config.json, or one naming an architecture transformers does not know,
+    is a `CheckpointError` naming the directory."""
+    from transformers import AutoConfig
+
+    from moe_infer.errors import CheckpointError
+    from moe_infer.families import find_moe_blocks
+
+    if not os.path.isfile(os.path.join(root, "config.json")):
+        raise CheckpointError(f"{root}: no config.json (a converted checkpoint keeps its model's config.json; "
+                              f"convert again)")
+    try:
+        config = AutoConfig.from_pretrained(root)
+    except (ValueError, KeyError, OSError) as err:
+        raise CheckpointError(f"{root}: config.json names an architecture transformers does not know, or is "
+                              f"unreadable ({str(err).splitlines()[0]})") from None
+    clean = copy.deepcopy(config)
+    if hasattr(clean, "quantization_config"):
+        del clean.quantization_config
+    try:
+        model = skeleton(clean, dtype)
+    except ValueError as err:
+        raise CheckpointError(f"{root}: no causal-LM model class for {type(config).__name__} "
+                              f"({str(err).splitlines()[0]})") from None
+    return config, model, find_moe_blocks(model)  # UnsupportedModel names the supported families
+
+
+def check_against_manifest(root: str, store, blocks) -> None:
+    """The model built from config.json must be the one the manifest describes: the same MoE
+    layers, and in each the same number of experts, top-k, hidden and intermediate sizes (a
+    config edited after conversion would otherwise route differently, silently)."""
+    from moe_infer.errors import CheckpointError
+    from moe_infer.experts.layout import ModuleExperts
+
+    layer_ids = [found.layer_idx for found in blocks]
+    if layer_ids != store.moe_layers:
+        raise CheckpointError(f"{root}: the model built from config.json has MoE layers {layer_ids}, the manifest "
+                              f"lists {store.moe_layers}")
+    for found in blocks:
+        experts = ModuleExperts(found.module.experts, None)
+        layout = store.layout(found.layer_idx)
+        top_k = getattr(getattr(found.module, found.router_attr), "top_k", store.top_k)
+        for what, from_config, from_manifest in (
+                ("number of experts", experts.num_experts, store.num_experts), ("top_k", top_k, store.top_k),
+                ("hidden size", experts.hidden_size, layout.hidden_size),
+                ("expert intermediate size", experts.intermediate_size, layout.intermediate_size)):
+            if int(from_config) != int(from_manifest):
+                raise CheckpointError(f"{root}: config.json gives MoE layer {found.layer_idx} a {what} of "
+                                      f"{from_config}, the converted checkpoint (moe_infer.json and its expert files) "
+                                      f"has {from_manifest}; config.json was changed after conversion (restore it or "
+                                      f"convert again)")
+
+
 def expert_parameter_names(model: nn.Module, blocks) -> set[str]:
     """State-dict names of the experts' parameters of every MoE block."""
     names = set()
@@ -63,22 +120,14 @@ def load_converted(path: str, *, dtype: Any = "auto", device: str | torch.device
                    fields: dict | None = None, checksums: str = "first") -> nn.Module:
     """A wrapped model over a converted checkpoint directory (see `moe_infer.load`; `checksums` as
     `ExpertStore.open`)."""
-    from transformers import AutoConfig
-
     from moe_infer.api import wrap
     from moe_infer.experts.store import DENSE_FILE, ExpertStore, StoreExperts
     from moe_infer.experts.tensorfile import CheckpointError
-    from moe_infer.families import find_moe_blocks
 
     store = ExpertStore.open(path, checksums=checksums)
-    config = AutoConfig.from_pretrained(path)
     want = None if dtype in ("auto", None) else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    model = skeleton(config, want)
-    blocks = find_moe_blocks(model)
-    layer_ids = [found.layer_idx for found in blocks]
-    if layer_ids != store.moe_layers:
-        raise CheckpointError(f"{path}: the model built from config.json has MoE layers {layer_ids}, the manifest "
-                              f"lists {store.moe_layers}")
+    _, model, blocks = build_from_config(path, want)
+    check_against_manifest(path, store, blocks)
     expert_params = expert_parameter_names(model, blocks)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     state = {}

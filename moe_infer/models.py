@@ -1,7 +1,8 @@
 """Loading models by name and moving text in and out of them, for the CLI, demo and profiler.
 
 A name is a shipped asset (`moe_infer.assets`), "random-mixtral" (an untrained Mixtral-shaped
-model built from a config, for runs that need no trained weights) or a `transformers` directory.
+model built from a config, for runs that need no trained weights), a `transformers` directory or
+a hub id ("org/name", resolved through the hub cache by `moe_infer.hub`).
 Models without a tokenizer are byte-level: their token ids are UTF-8 bytes.
 """
 
@@ -44,7 +45,7 @@ def load_model(name: str, *, device: str | torch.device | None = None,
     ``device`` defaults to cuda when available. A directory without tokenizer files gives None:
     its token ids are then read as UTF-8 bytes (see ``encode_text``).
     """
-    from moe_infer import assets
+    from moe_infer import assets, hub
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
@@ -55,7 +56,8 @@ def load_model(name: str, *, device: str | torch.device | None = None,
         model, tokenizer = random_mixtral(), None
     elif name in shipped:
         model, tokenizer = assets.load_model(name, dtype=torch_dtype)
-    elif os.path.isdir(name):
+    elif os.path.isdir(name) or hub.is_hub_id(name):
+        name = hub.resolve(name)  # a hub id: its snapshot in the hub cache, downloaded if it is not there
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ConfigError(f"model {name!r}: the directory has no config.json; expected a "
                              "transformers model directory")
@@ -67,7 +69,7 @@ def load_model(name: str, *, device: str | torch.device | None = None,
         tokenizer = AutoTokenizer.from_pretrained(name) if has_tokenizer else None
     else:
         raise ConfigError(f"model {name!r}: not a shipped model ({', '.join(shipped) or 'none'}), "
-                         f"not {RANDOM_MODEL!r}, and not a directory")
+                         f"not {RANDOM_MODEL!r}, not a directory and not a hub id ('org/name')")
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Tutel-style adaptive parallelism of the MoE layers on `torch.distributed` (DESIGN sections 3, 4).
+"""Tutel-style adaptive parallelism of the MoE layers on `torch.distributed`.
 
 Owns: the process-group setup (`init_distributed`: torchrun's environment, or
 `deepspeed.init_distributed` when the deepspeed launcher started the job), the sharded expert

@@ -1,4 +1,4 @@
-"""The profiler: run a model over text or prompts and record an expert trace (DESIGN sections 5, 7).
+"""The profiler: run a model over text or prompts and record an expert trace.
 
 This module owns turning text into sequences (windows of a corpus, prompts of a JSONL file),
 running a wrapped model over them in batches (prefill with teacher forcing, or a greedy decode
@@ -602,7 +602,8 @@ def _run(model, executor, recorder, writer, texts, prompts, tokenizer, options) 
     tokens = sequences = 0
     for layer in executor.layers:
         layer.routing_observers.append(recorder)
-    progress = tqdm(total=options.max_tokens, unit="tok", desc="profile", disable=not options.progress)
+    total = _expected_tokens(texts, prompts, tokenizer, options) if options.progress else None
+    progress = tqdm(total=total, unit="tok", desc="profile", disable=not options.progress)
     try:
         for batch in _batches(_sequences(texts, prompts, tokenizer, options), options.batch_size,
                               options.max_tokens):
@@ -626,6 +627,17 @@ def _run(model, executor, recorder, writer, texts, prompts, tokenizer, options) 
         for layer in executor.layers:
             layer.routing_observers.remove(recorder)
     return tokens, sequences
+
+
+def _expected_tokens(texts, prompts, tokenizer, options: ProfileOptions) -> int | None:
+    """The tokens a run will record (the progress bar's total): the inputs are tokenized once more
+    to count them. In generate mode an upper bound: a sequence that emits EOS stops early. None when
+    the prompts are an iterator that counting would consume."""
+    if prompts is not None and not isinstance(prompts, (str, os.PathLike, list, tuple)):
+        return options.max_tokens
+    per_sequence = options.new_tokens if options.mode == "generate" else 0
+    total = sum(len(ids) + per_sequence for ids in _sequences(texts, prompts, tokenizer, options))
+    return total if options.max_tokens is None else min(total, options.max_tokens)
 
 
 def _pad_id(model, tokenizer) -> int:

@@ -1,4 +1,4 @@
-"""Routing predictors: which experts a token will use at later MoE layers (DESIGN sections 3-5).
+"""Routing predictors: which experts a token will use at later MoE layers.
 
 Baselines ``frequency``, ``markov`` and ``gate-lookahead``; the ``expertflow`` routing-path
 predictor with runtime correction; the ``pregate`` router decoupled from the backbone (Read-ME).

@@ -1,4 +1,4 @@
-"""The `Predictor` base class: what every routing predictor shares (DESIGN sections 3-5).
+"""The `Predictor` base class: what every routing predictor shares.
 
 This module owns the predictor contract, the model signature a predictor is bound to (a trace of
 another model is refused), evaluation (recall of the true experts among the predicted top-K per
@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 
 from moe_infer.files import save_safetensors
 from moe_infer.trace import Trace
-from moe_infer.errors import ConfigError, MissingFile, NotSupported
+from moe_infer.errors import ConfigError, FileFormatError, MissingFile, NotSupported
 
 FORMAT = "moe_infer.predictor/1"
 
@@ -221,28 +221,40 @@ class Predictor(ABC):
                 metadata = file.metadata() or {}
                 tensors = {name: file.get_tensor(name) for name in file.keys() if name != "_empty"}
         except SafetensorError as error:
-            raise ConfigError(f"{path}: truncated or not a safetensors predictor file ({error})") from None
+            raise FileFormatError(f"{path}: truncated or not a safetensors predictor file ({error})") from None
         if metadata.get("format") != FORMAT:
-            raise ConfigError(f"{path}: format is {metadata.get('format')!r}, expected {FORMAT!r}; "
+            raise FileFormatError(f"{path}: format is {metadata.get('format')!r}, expected {FORMAT!r}; "
                              "not a moe_infer predictor")
         try:
             kind = metadata["kind"]
             signature = ModelSignature.from_json(json.loads(metadata["signature"]))
             options, training = json.loads(metadata["options"]), json.loads(metadata["training"])
         except (KeyError, ValueError, TypeError) as error:
-            raise ConfigError(f"{path}: malformed predictor metadata ({error!r})") from None
+            raise FileFormatError(f"{path}: malformed predictor metadata ({error!r})") from None
         klass = predictor_class(kind)
         if cls is not Predictor and not issubclass(klass, cls):
-            raise ConfigError(f"{path}: holds a {kind!r} predictor, not a {cls.kind!r} one")
+            raise FileFormatError(f"{path}: holds a {kind!r} predictor, not a {cls.kind!r} one")
         try:
             return klass._from_tensors(signature, options, training, tensors)
         except KeyError as error:
-            raise ConfigError(f"{path}: the {kind} predictor lacks tensor {error}") from None
+            raise FileFormatError(f"{path}: the {kind} predictor lacks tensor {error}") from None
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            # torch's load_state_dict size mismatches, shape checks, options refused: all name no file
+            detail = " ".join(str(error).split())
+            raise FileFormatError(f"{path}: the {kind} predictor's tensors and options do not fit together "
+                                  f"({detail[:400]})") from None
 
     def __repr__(self) -> str:
         s = self.signature
         return (f"{type(self).__name__}(model={s.model!r}, experts={s.num_experts}, top_k={s.top_k}, "
                 f"moe_layers={list(s.moe_layers)})")
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`tensor` if it has `shape`; ValueError otherwise (`Predictor.load` names the file)."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+    return tensor
 
 
 def source_position(layer_position: int, distance: int) -> int:

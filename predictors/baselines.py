@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_infer.predictors.base import ModelSignature, Predictor, source_position
+from moe_infer.predictors.base import ModelSignature, Predictor, check_shape, source_position
 from moe_infer.predictors.features import (model_moe_inputs, recorded_embeddings, recorded_moe_inputs)
 from moe_infer.trace import Trace
 from moe_infer.errors import ConfigError
@@ -48,7 +48,8 @@ class FrequencyPredictor(Predictor):
 
     @classmethod
     def _from_tensors(cls, signature, options, training, tensors):
-        return cls(signature, tensors["usage"], options, training)
+        layers, experts = len(signature.moe_layers), signature.num_experts
+        return cls(signature, check_shape("usage", tensors["usage"], (layers, experts)), options, training)
 
 
 class MarkovPredictor(Predictor):
@@ -106,7 +107,9 @@ class MarkovPredictor(Predictor):
 
     @classmethod
     def _from_tensors(cls, signature, options, training, tensors):
-        return cls(signature, tensors["transitions"], tensors["usage"], options, training)
+        layers, experts = len(signature.moe_layers), signature.num_experts
+        return cls(signature, check_shape("transitions", tensors["transitions"], (layers, layers, experts, experts)),
+                   check_shape("usage", tensors["usage"], (layers, experts)), options, training)
 
 
 def router_scores(routing, num_experts: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Predictor kinds by name, and ``train`` / ``load`` (DESIGN section 3).
+"""Predictor kinds by name, and ``train`` / ``load``.
 
 ``train(kind, trace, **options) -> Predictor``; ``load(path)`` reads any saved predictor;
 ``resolve(spec, ...)`` turns a ``MoEConfig.predictor`` value (a kind or a saved file) into one.

@@ -25,8 +25,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "bench", "results")
+RESULTS = os.path.join("bench", "results")  # under the current directory, like every benchmark
 
 
 def _vmrss() -> int:
@@ -51,12 +50,16 @@ def phase_convert(src: str, dst: str) -> dict:
 
 
 def phase_load(path: str, cpu_memory: str | None, steps: int) -> dict:
+    """Load, an 8-token prompt, then `steps` decode steps of one token (KV cache), timed apart; the
+    bytes the store read during the decode steps give the disk floor of a decode step."""
     import torch
 
     import moe_infer
     from moe_infer.loading import expert_store_of
+    from moe_infer.models import cache_argument, output_cache
 
     torch.manual_seed(0)
+    drop_page_cache(path)  # every read of the decode steps comes from the disk, as in a real run
     fields = {} if cpu_memory is None else {"cpu_memory": int(cpu_memory) if cpu_memory.isdigit() else cpu_memory}
     start = time.perf_counter()
     model = moe_infer.load(path, **fields)
@@ -66,28 +69,52 @@ def phase_load(path: str, cpu_memory: str | None, steps: int) -> dict:
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
     expert_bytes = sum(store.expert_nbytes(l) * store.num_experts for l in store.moe_layers)
     ids = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    model.generation_config.eos_token_id = None
-    start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0)
-    gen_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill_s = time.perf_counter() - start
+        past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+        read_before = store.bytes_read
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(token, **cache_argument(model, past), use_cache=True)
+            past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+        decode_s = time.perf_counter() - start
     stats = moe_infer.executor(model).stats()
     return {"load_seconds": load_s, "rss_after_load": rss_after_load, "dense_bytes": dense_bytes,
             "expert_bytes_total": expert_bytes, "expert_nbytes": store.expert_nbytes(store.moe_layers[0]),
-            "generate_seconds": gen_s, "new_tokens": int(out.shape[1] - ids.shape[1]), "prompt_tokens": 8,
-            "expert_activations": stats["expert_activations"], "peak_rss_self": _peak_self()}
+            "prefill_seconds": prefill_s, "prompt_tokens": 8, "decode_seconds": decode_s, "new_tokens": steps,
+            "decode_bytes_read": store.bytes_read - read_before, "expert_activations": stats["expert_activations"],
+            "kernel": stats["kernel"], "memory": stats["memory"], "peak_rss_self": _peak_self()}
+
+
+def drop_page_cache(root: str) -> None:
+    """Ask the kernel to drop the cached pages of every file under `root` (written back first: it
+    keeps dirty pages), so reads after this come from the disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def phase_read(path: str) -> dict:
-    """Read every expert of the first MoE layer once (positional reads; page cache may be warm)."""
+    """Sequential read speed of this disk, cold: every expert of the first MoE layer read once with
+    positional reads after telling the kernel to drop those pages (no checksum: the disk alone)."""
+    import torch
+
     from moe_infer.experts.store import ExpertStore
 
-    with ExpertStore.open(path) as store:
+    drop_page_cache(path)  # what the converter's writes left in the page cache
+    with ExpertStore.open(path, checksums="off") as store:
         layer = store.moe_layers[0]
-        buffer = __import__("torch").empty(store.stored_nbytes(layer), dtype=__import__("torch").uint8)
+        buffer = torch.empty(store.stored_nbytes(layer), dtype=torch.uint8)
         start = time.perf_counter()
         for e in range(store.num_experts):
-            store.read(layer, e, out=buffer)
+            store.read_raw(layer, e, out=buffer, drop_page_cache=True)
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "bytes": store.stored_nbytes(layer) * store.num_experts,
                 "peak_rss_self": _peak_self()}
@@ -175,11 +202,19 @@ def main(argv: list[str] | None = None) -> int:
             expert_total = sum(store.expert_nbytes(l) * store.num_experts for l in store.moe_layers)
         budget = _cpu_memory_bytes(args.cpu_memory, expert_total)
         load = _run_child(["load", dst, budget or "-", str(args.decode_steps)])
-        margin = load["peak_rss"] - load["dense_bytes"] - (int(budget) if budget and budget.isdigit() else 0)
+        budget_bytes = int(budget) if budget and budget.isdigit() else 0
+        margin = load["peak_rss"] - load["dense_bytes"] - budget_bytes
+        rss_limit = int(1.15 * (load["dense_bytes"] + budget_bytes))
+        decode_tps = load["new_tokens"] / load["decode_seconds"]
+        read_bps = read["bytes"] / read["seconds"]
+        bytes_per_token = load["decode_bytes_read"] / load["new_tokens"]
+        floor_tps = read_bps / bytes_per_token if bytes_per_token else None
         print(f"load + {load['new_tokens']} decode steps: peak RSS {load['peak_rss'] / 2**20:.0f} MiB "
-              f"(dense weights {load['dense_bytes'] / 2**20:.0f} MiB, one expert {load['expert_nbytes'] / 2**20:.0f} MiB, "
-              f"all experts {expert_total / 2**30:.1f} GiB, cpu_memory {budget}); "
-              f"{load['new_tokens'] / load['generate_seconds']:.3f} tokens/s", flush=True)
+              f"(limit dense + budget + 15% = {rss_limit / 2**20:.0f} MiB; dense weights "
+              f"{load['dense_bytes'] / 2**20:.0f} MiB, one expert {load['expert_nbytes'] / 2**20:.0f} MiB, "
+              f"all experts {expert_total / 2**30:.1f} GiB, cpu_memory {budget}); decode {decode_tps:.3f} tokens/s, "
+              f"{bytes_per_token / 1e9:.2f} GB read per token, disk floor "
+              f"{'n/a' if floor_tps is None else f'{floor_tps:.3f}'} tokens/s", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)
@@ -197,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         "store_read": {"bytes": read["bytes"], "seconds": read["seconds"],
                        "gb_per_s": read["bytes"] / read["seconds"] / 1e9, "peak_rss": read["peak_rss"]},
         "load_decode": {k: load[k] for k in ("load_seconds", "rss_after_load", "dense_bytes", "expert_nbytes",
-                                             "generate_seconds", "new_tokens", "expert_activations", "peak_rss",
-                                             "peak_rss_source")},
+                                             "prefill_seconds", "prompt_tokens", "decode_seconds", "new_tokens",
+                                             "decode_bytes_read", "expert_activations", "kernel", "memory",
+                                             "peak_rss", "peak_rss_source")},
+        "decode_tokens_per_s": decode_tps, "decode_bytes_read_per_token": bytes_per_token,
+        "disk_floor_tokens_per_s": floor_tps, "disk_floor_source": "store_read (cold sequential reads)",
         "expert_bytes_total": expert_total, "cpu_memory": budget, "rss_margin_over_dense_and_budget": margin,
+        "rss_limit_dense_budget_15pct": rss_limit, "rss_within_limit": load["peak_rss"] <= rss_limit,
+        "command": "python " + " ".join(["scripts/bench_convert.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "convert.jsonl"), "a") as f:
@@ -213,16 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         f"| checkpoint read / written | {conv['bytes_read'] / 1e9:.2f} GB / {conv['bytes_written'] / 1e9:.2f} GB |",
         f"| convert time, throughput | {conv['seconds']:.1f} s, {record['convert']['gb_per_s']:.2f} GB/s |",
         f"| convert peak RSS ({conv['peak_rss_source']}) | {mib(conv['peak_rss'])} |",
-        f"| store read, one layer's {read['bytes'] // load['expert_nbytes']} experts | "
+        f"| store read, one layer's {read['bytes'] // load['expert_nbytes']} experts, cold (page cache dropped) | "
         f"{record['store_read']['gb_per_s']:.2f} GB/s |",
         f"| load time, RSS after load | {load['load_seconds']:.1f} s, {mib(load['rss_after_load'])} |",
         f"| dense weights / one expert / all experts | {mib(load['dense_bytes'])} / {mib(load['expert_nbytes'])} / "
         f"{mib(expert_total)} |",
         f"| cpu_memory budget | {budget or 'none (no expert cache in this version: every call reads from the store)'} |",
-        f"| load + {load['new_tokens']} decode steps: peak RSS | {mib(load['peak_rss'])} "
-        f"(= dense + budget + {mib(margin)}) |",
-        f"| decode | {load['new_tokens'] / load['generate_seconds']:.3f} tokens/s (8-token prompt included) |",
-        "",
+        f"| load + prefill + {load['new_tokens']} decode steps: peak RSS | {mib(load['peak_rss'])} "
+        f"(= dense + budget + {mib(margin)}; limit dense + budget + 15% = {mib(rss_limit)}: "
+        f"{'within' if record['rss_within_limit'] else 'OVER'}) |",
+        f"| prefill (8 tokens) | {load['prefill_seconds']:.1f} s |",
+        f"| decode | {decode_tps:.3f} tokens/s ({load['new_tokens']} steps, kernel {load['kernel']}) |",
+        f"| bytes read from disk per decode token | {bytes_per_token / 1e9:.2f} GB |",
+        f"| disk floor (bytes per token / cold read speed) | "
+        f"{'n/a' if floor_tps is None else f'{floor_tps:.3f}'} tokens/s |",
+        "", f"Command: `{record['command']}`", "",
     ]
     with open(os.path.join(RESULTS, "convert.md"), "w") as f:
         f.write("\n".join(md))

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face MoE checkpoint into moe_infer's expert-addressable layout (DESIGN section 5).
+"""Convert a Hugging Face MoE checkpoint into moe_infer's expert-addressable layout.
 
     python scripts/convert_checkpoint.py SRC DST [--dtype bfloat16] [--fp8 keep] [--verify]
 

@@ -1,4 +1,4 @@
-"""Write a random-weight checkpoint in the original hub layout at full-size dimensions (DESIGN section 6).
+"""Write a random-weight checkpoint in the original hub layout at full-size dimensions.
 
     python scripts/make_synthetic_checkpoint.py mixtral-8x7b --layers 4 --out /tmp/mixtral-4l
     python scripts/make_synthetic_checkpoint.py deepseek-v3 --layers 2 --out /tmp/dsv3-2l   # FP8 blocks

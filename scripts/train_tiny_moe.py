@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the tiny byte-level MoE language models shipped in ``moe_infer/assets/``.
 
-Two models, both in plain ``transformers`` format (DESIGN section 6):
+Two models, both in plain ``transformers`` format:
 
 * ``tiny-mixtral``  -- ``MixtralForCausalLM``: every layer a sparse MoE block, 8 experts, top-2
   softmax routing, trained with the standard load-balancing auxiliary loss.
@@ -465,7 +465,7 @@ def write_model_card(out_dir: Path, summary: dict) -> None:
     lines = [
         f"# {name}",
         "",
-        "A tiny byte-level Mixture-of-Experts causal LM shipped with `moe_infer` (DESIGN section 6), trained by "
+        "A tiny byte-level Mixture-of-Experts causal LM shipped with `moe_infer`, trained by "
         "`scripts/train_tiny_moe.py`. It is a test and demo model whose routing was learned from real text, "
         "not a useful code model.",
         "",

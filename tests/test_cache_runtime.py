@@ -39,14 +39,6 @@ def charges(monkeypatch):
     return seen
 
 
-def expert_bytes(model) -> int:
-    moe_infer.wrap(model)
-    try:
-        return moe_infer.executor(model).layers[0].expert_source.expert_nbytes()
-    finally:
-        moe_infer.unwrap(model)
-
-
 SETTINGS = [
     # (family, slots, policy, loader, cpu_compute)
     ("mixtral", 1, "lru", "on-demand", "never"),  # a single expert of room
@@ -69,7 +61,7 @@ def test_outputs_equal_the_unlimited_run_and_budgets_hold(tiny_model, charges, f
     ids = tiny_models.token_ids(0, 2, 12)
     with torch.no_grad():
         reference, reference_one = model(ids).logits, model(ids[:, :1]).logits
-        budget = slots * expert_bytes(model)
+        budget = slots * tiny_models.expert_bytes(model)
         with tiny_models.wrapped(model, cpu_memory=budget, cache_policy=policy, loader=loader,
                                  cpu_compute=cpu_compute):
             ex = moe_infer.executor(model)
@@ -101,7 +93,7 @@ def test_ring_streams_the_next_layers_while_one_computes():
     ids = torch.tensor([list(b"def main(args):\n    return sorted(args, key=len)\n")])
     with torch.no_grad():
         reference = model(ids).logits
-        nbytes = expert_bytes(model)
+        nbytes = tiny_models.expert_bytes(model)
         with tiny_models.wrapped(model, cpu_memory=16 * nbytes, loader="ring"):
             ex = moe_infer.executor(model)
             assert ex.cache.ring_sections == 2
@@ -117,7 +109,7 @@ def test_generate_under_a_budget_gives_the_same_tokens(tiny_model):
     ids = tiny_models.token_ids(1, 1, 6)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     expected = model.generate(ids, **kwargs)
-    with tiny_models.wrapped(model, cpu_memory=4 * expert_bytes(model), cache_policy="lfu"):
+    with tiny_models.wrapped(model, cpu_memory=4 * tiny_models.expert_bytes(model), cache_policy="lfu"):
         assert torch.equal(model.generate(ids, **kwargs), expected)
         stats = moe_infer.executor(model).stats()
     assert stats["tiers"]["cpu"]["hits"] > 0 and stats["tiers"]["cpu"]["misses"] > 0
@@ -145,10 +137,10 @@ class FailingBacking(ModuleBacking):
         super().__init__(sources)
         self.bad = set(bad)
 
-    def read(self, layer_idx, expert, out=None):
+    def read(self, layer_idx, expert):
         if (layer_idx, expert) in self.bad:
             raise OSError(f"simulated read error at expert {expert} of layer {layer_idx}")
-        return super().read(layer_idx, expert, out)
+        return super().read(layer_idx, expert)
 
 
 class GatedBacking(ModuleBacking):
@@ -160,11 +152,11 @@ class GatedBacking(ModuleBacking):
         self.gate = threading.Event()
         self.reads: list[tuple[int, int]] = []
 
-    def read(self, layer_idx, expert, out=None):
+    def read(self, layer_idx, expert):
         self.reads.append((layer_idx, expert))
         if (layer_idx, expert) in self.gated:
             assert self.gate.wait(10), "test gate never opened"
-        return super().read(layer_idx, expert, out)
+        return super().read(layer_idx, expert)
 
 
 def install(model, backing_cls, *args, slots=2, policy="lru", load_timeout=10.0, **kwargs) -> ExpertCache:
@@ -289,7 +281,7 @@ def test_expertflow_runtime_correction(tiny_model):
             used = {e for e, c in enumerate(ex.stats()["layers"][first.layer_idx]["expert_counts"]) if c}
         wrong = [e for e in range(first.num_experts) if e not in used]
         assert wrong, "the test needs an expert layer 0 does not use"
-        with tiny_models.wrapped(model, cpu_memory=4 * expert_bytes(model), cache_policy="expertflow"):
+        with tiny_models.wrapped(model, cpu_memory=4 * tiny_models.expert_bytes(model), cache_policy="expertflow"):
             ex = moe_infer.executor(model)
             ex.cache.prefetch(first.layer_idx, wrong[:2], scores=[0.9, 0.8])
             for _ in range(3):
@@ -307,7 +299,7 @@ def test_static_policy_keeps_its_hot_set(tiny_model):
     ids = tiny_models.token_ids(5, 2, 10)
     with torch.no_grad():
         reference = model(ids).logits
-        with tiny_models.wrapped(model, cpu_memory=3 * expert_bytes(model), cache_policy="static"):
+        with tiny_models.wrapped(model, cpu_memory=3 * tiny_models.expert_bytes(model), cache_policy="static"):
             cache = moe_infer.executor(model).cache
             layers = moe_infer.executor(model).moe_layer_indices
             hot = cache.pin_popular({layers[0]: [0, 9, 0, 1, 0, 0, 0, 0], layers[1]: [5, 0, 0, 0, 0, 0, 0, 0]})
@@ -325,7 +317,7 @@ def test_routing_override_replays_the_trace(tiny_model):
     trace = Trace.from_arrays(expert_ids=trace_ids, expert_weights=np.full(trace_ids.shape, 0.5, np.float32),
                               seq_ids=np.zeros(16, np.int32), positions=np.arange(16), token_ids=ids[0].numpy(),
                               num_experts=8, moe_layers=[0, 1])
-    with torch.no_grad(), tiny_models.wrapped(model, routing_override=trace, cpu_memory=2 * expert_bytes(model)):
+    with torch.no_grad(), tiny_models.wrapped(model, routing_override=trace, cpu_memory=2 * tiny_models.expert_bytes(model)):
         model(ids)
         stats = moe_infer.executor(model).stats()
     for column, layer in enumerate(stats["layers"].values()):
@@ -348,7 +340,7 @@ def test_gpu_tier_with_pinned_host_tier(tiny_model):
     ids = tiny_models.token_ids(7, 2, 12).cuda()
     with torch.no_grad():
         reference = model(ids).logits
-        nbytes = expert_bytes(model)
+        nbytes = tiny_models.expert_bytes(model)
         # room for one layer's 8 experts on the GPU (nothing overflows to the CPU: exact), 12 pinned on the host
         with tiny_models.wrapped(model, gpu_memory=8 * nbytes, cpu_memory=12 * nbytes, cpu_compute="never"):
             for _ in range(2):

@@ -241,3 +241,12 @@ def wrapped(model: nn.Module, **fields):
     finally:
         if moe_infer.is_wrapped(model):
             moe_infer.unwrap(model)
+
+
+def expert_bytes(model: nn.Module) -> int:
+    """Bytes of one expert of `model`'s first MoE layer (wraps and unwraps it to ask)."""
+    moe_infer.wrap(model)
+    try:
+        return moe_infer.executor(model).layers[0].expert_source.expert_nbytes()
+    finally:
+        moe_infer.unwrap(model)

@@ -1,7 +1,7 @@
 """Tiny trained models shipped with moe_infer.
 
 Two byte-level MoE causal LMs in plain Hugging Face ``transformers`` format, trained on the
-Python standard library's own ``.py`` files by ``scripts/train_tiny_moe.py`` (DESIGN section 6):
+Python standard library's own ``.py`` files by ``scripts/train_tiny_moe.py``:
 
 * ``tiny-mixtral``  -- ``MixtralForCausalLM``, every layer MoE, 8 experts, top-2 softmax routing.
 * ``tiny-deepseek`` -- ``DeepseekV3ForCausalLM``, first layer dense, then 1 shared + 32 routed

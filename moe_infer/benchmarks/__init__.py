@@ -1,4 +1,4 @@
-"""The benchmarks behind ``moe-infer bench NAME`` (DESIGN sections 7 and 8).
+"""The benchmarks behind ``moe-infer bench NAME``.
 
 One module per benchmark, each with ``main(argv=None, prog=None) -> int`` and its own argparse
 options; ``scripts/bench_NAME.py`` are thin shells over the same ``main``. Results go to

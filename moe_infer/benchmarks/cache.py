@@ -1,4 +1,4 @@
-"""Cache policies in the trace-driven simulator on a shipped model's held-out text (DESIGN section 8).
+"""Cache policies in the trace-driven simulator on a shipped model's held-out text.
 
 For each model: a trace of held-out text (the first ``--files`` held-out stdlib files of
 ``moe_infer.corpus``, at most ``--eval-tokens`` tokens) and a training trace (every 2nd
@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 from moe_infer.errors import ConfigError
+from moe_infer.helpformat import HelpFormatter
 
 RESULTS = Path("bench") / "results"  # under the current directory
 DEMAND = ("lru", "lfu", "static", "belady")
@@ -40,7 +41,8 @@ PREFETCHING = ("lru", "expertflow")
 def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
     from moe_infer.predictors import PREDICTORS
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-deepseek"],
                         help="shipped models (moe_infer.assets)")
     parser.add_argument("--files", type=int, default=5, help="held-out stdlib files the held-out trace reads")

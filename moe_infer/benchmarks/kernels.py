@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from moe_infer.errors import ConfigError
+from moe_infer.helpformat import RawDescriptionHelpFormatter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RESULTS = Path("bench") / "results" / "kernels.jsonl"  # under the current directory
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from moe_infer.kernels.benchmarking import MODEL_SHAPES, TOKEN_COUNTS, run_interpreted
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=RawDescriptionHelpFormatter,
                                      epilog="implementations:\n" + "\n".join(
                                          f"  {name:<11} {label}" for name, label in IMPLEMENTATIONS.items()))
     parser.add_argument("--models", nargs="+", choices=list(MODEL_SHAPES),

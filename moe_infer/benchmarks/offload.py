@@ -1,28 +1,42 @@
 """Offloading benchmark: a Mixtral-8x7B-shaped model whose experts do not fit in GPU memory.
 
 Default (GPU): all 32 layers, bf16, random weights, 20 GiB of GPU memory for experts (as on a
-24 GB card); the experts live in pinned host memory (the backing). Measures decode tokens/s at
-batch 1 and prefill tokens/s for a 512-token prompt, hit rate, bytes over PCIe per token, for:
+24 GB card); the experts live in host memory (the backing). Measures decode tokens/s at batch 1
+and prefill tokens/s for a 512-token prompt, hit rate, bytes over PCIe per token, for:
 - `accelerate` offload with the same memory limit (whole decoder layers' experts on the GPU until
-  the limit, the rest streamed by accelerate's hooks at every forward), when accelerate is installed;
+  the limit, the rest streamed by accelerate's hooks at every forward), when accelerate is
+  installed; it runs the random router (it cannot replay a trace) and reports no hit rate (it has
+  no cache to count one in);
 - plain on-demand LRU (the mixtral-offloading design);
-- ours with each feature on and off (expertflow apportioning, CPU compute of misses, SE-MoE ring).
+- ours with each feature on and off (expertflow apportioning, CPU compute of misses, SE-MoE ring);
+- ours with predictive prefetch: on random weights no trained predictor applies, so the
+  prediction is a noisy oracle (labelled as such): the replayed trace's next-layer experts, each
+  kept with probability --oracle-recall (default: the recall the shipped tiny-mixtral predictor
+  measures at distance 1 on held-out text, bench/results/shipped-predictor-recall-tiny-mixtral.md)
+  and otherwise replaced by a wrong expert; prefetched one MoE layer ahead.
 Routing both as the random router gives it and replayed from a trace calibrated with real
-Mixtral-8x7B statistics (`../shared/data/routing-stats/`: per-layer popularity, cross-layer pair
-counts; token-to-token reuse tuned so that LRU with 4 of 8 experts per layer hits 61.5%, the hit
-rate of real Mixtral traces in `reference/anchors.md`). Prints the floor: bytes that must cross
-PCIe per token at the measured hit rate over the measured host-to-device bandwidth, plus CPU time
-of experts run there. Appends one JSON line per run to bench/results/offload.jsonl under the current
-directory (``--out``).
+Mixtral-8x7B statistics (shipped in `moe_infer/assets/routing-stats/`, from the OLMoE repository,
+Apache-2.0: per-layer popularity at layers 0, 7, 15 and cross-layer pair counts 0->7, 7->15;
+token-to-token reuse tuned so that LRU with 4 of 8 experts per layer hits 61.5%, the hit rate of
+real Mixtral traces); each record says which statistics fed which layer. Every row starts from the
+same state (a fresh wrap: a cold cache, the replay at its first token, the same prompt and seed)
+and is appended to the JSONL file (``--out``) as soon as it is measured, so a run cut short keeps
+its rows. Prints the floor: bytes that must cross PCIe per token at the measured hit rate over the
+measured host-to-device bandwidth, plus CPU time of experts run there.
 
     moe-infer bench offload                 # the GPU run (``python scripts/bench_offload.py`` is the same)
 
+Fewer layers (``--layers L``, where the host cannot hold every expert): ``--budget-per-32-layers``
+scales the budget by L/32, so each layer has the share of room it has in the full model, and rows
+also give tokens/s normalised to 32 layers (x L/32), labelled as such.
+
 Without CUDA it refuses the full size. CPU smoke test (reduced size, CPU tier instead of GPU tier,
-no accelerate; checks that the benchmark runs, measures nothing about offloading):
+no accelerate; checks that the benchmark runs and that each row runs what it says, measures nothing
+about offloading):
     moe-infer bench offload --smoke
 which is short for
-    moe-infer bench offload --layers 2 --hidden 256 --intermediate 512 --vocab 512 --heads 4 --kv-heads 2 \
-        --prompt-tokens 64 --decode-tokens 16 --expert-fraction 0.25 --dtype float32 \
+    moe-infer bench offload --layers 2 --hidden 256 --intermediate 512 --vocab 512 --heads 4 --kv-heads 2 \\
+        --prompt-tokens 64 --decode-tokens 16 --expert-fraction 0.25 --dtype float32 \\
         --out bench/results/offload-cpu-smoke.jsonl
 (options given beside ``--smoke`` win).
 """
@@ -46,30 +60,32 @@ from moe_infer.cache.backing import ModuleBacking
 from moe_infer.cache.cpu_compute import CostModel
 from moe_infer.cache.simulate import simulate
 from moe_infer.config import parse_bytes
+from moe_infer.errors import ConfigError
 from moe_infer.experts.layout import ModuleExperts
+from moe_infer.helpformat import HelpFormatter
 from moe_infer.models import cache_argument, output_cache
 from moe_infer.trace import Trace
-from moe_infer.errors import ConfigError, MissingFile
 
-SOURCE_TREE = Path(__file__).resolve().parents[2]  # the checkout, when moe_infer is installed from one
-# the shared data folder sits beside the checkout (../shared) or beside the worktrees (../../shared)
-ROUTING_STATS_CANDIDATES = list(dict.fromkeys(
-    base / "shared" / "data" / "routing-stats" / "olmoe_repo_routing_stats.json"
-    for root in (Path.cwd(), SOURCE_TREE) for base in (root, root.parent, root.parent.parent)))
+ROUTING_STATS = Path(__file__).resolve().parents[1] / "assets" / "routing-stats" / "mixtral-8x7b.json"
 RESULTS = Path("bench") / "results" / "offload.jsonl"  # under the current directory
 # --smoke: a CPU-sized run (the command of bench/results/offload-cpu-smoke.md)
 SMOKE = dict(layers=2, hidden=256, intermediate=512, vocab=512, heads=4, kv_heads=2, prompt_tokens=64,
              decode_tokens=16, expert_fraction=0.25, dtype="float32",
              out=str(Path("bench") / "results" / "offload-cpu-smoke.jsonl"))
 CPU_EXPERT_BYTES_LIMIT = 4 * 2**30  # without CUDA, larger runs are refused: they are GPU runs
+# bench/results/shipped-predictor-recall-tiny-mixtral.md: the shipped expertflow predictor, held-out, d=1
+SHIPPED_PREDICTOR_RECALL = 0.918
+ORACLE = "noisy-oracle prefetch"
 
-CONFIGS = {  # name -> MoEConfig fields (the budget is added per run)
+CONFIGS = {  # name -> MoEConfig fields (the budget is added per run); ORACLE rows also prefetch
     "plain LRU (mixtral-offloading design)": dict(cache_policy="lru", cpu_compute="never"),
     "ours: expertflow + CPU compute": dict(cache_policy="expertflow", cpu_compute="auto"),
     "ours - CPU compute": dict(cache_policy="expertflow", cpu_compute="never"),
     "ours - expertflow (LRU + CPU compute)": dict(cache_policy="lru", cpu_compute="auto"),
     "ours + ring loader": dict(loader="ring", cpu_compute="never"),
     "all misses on the CPU (Fiddler-like)": dict(cache_policy="expertflow", cpu_compute="always"),
+    f"ours + {ORACLE} (expertflow + CPU compute)": dict(cache_policy="expertflow", cpu_compute="auto"),
+    f"LRU + {ORACLE}": dict(cache_policy="lru", cpu_compute="never"),
 }
 
 
@@ -94,7 +110,8 @@ def median_seconds(fn, repeats: int, device: torch.device) -> float:
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
     """A MixtralForCausalLM with random weights: everything on `device` except the experts, which
-    are in host memory (pinned on CUDA). Built on meta first: no second copy of 90 GB is made."""
+    are in pageable host memory (the cache page-locks them in one registered slab per layer, exact
+    in size). Built on meta first: no second copy of 90 GB is made."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -104,14 +121,13 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     with torch.device("meta"):
         model = MixtralForCausalLM(config).to(dtype)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    pin = device.type == "cuda"
     for name, module in model.named_modules():
         for pname, param in list(module._parameters.items()):
             if param is None:
                 continue
             is_expert = name.endswith(".experts")
             target = torch.device("cpu") if is_expert else device
-            data = torch.empty(param.shape, dtype=dtype, device=target, pin_memory=pin and is_expert)
+            data = torch.empty(param.shape, dtype=dtype, device=target)
             if is_expert:
                 # one random expert, copied to every slot: timing and bytes are those of distinct experts
                 pattern = (torch.randn(param.shape[1:], generator=generator) * 0.02).to(dtype)
@@ -141,38 +157,47 @@ def host_to_device_bandwidth(nbytes: int, device: torch.device, repeats: int = 5
 
 
 # -- calibrated routing --------------------------------------------------------------------------
-def routing_stats_path(given: str | None) -> Path:
-    if given:
-        return Path(given)
-    for path in ROUTING_STATS_CANDIDATES:
-        if path.exists():
-            return path
-    raise MissingFile(f"routing statistics not found at {', '.join(map(str, ROUTING_STATS_CANDIDATES))}; "
-                            f"give --routing-stats PATH or --routing random")
+def _nearest_sampled(layer: int, num_layers: int, sampled: list[int]) -> int:
+    """The sampled layer of the 32-layer model nearest to `layer` of a `num_layers` model (scaled)."""
+    position = layer * 31 / max(num_layers - 1, 1)
+    return sampled[int(np.argmin([abs(position - s) for s in sampled]))]
+
+
+def calibration(stats_path: Path, num_layers: int, domain: str = "github") -> dict:
+    """Which real statistics calibrate which layer of a `num_layers` model: the popularity of the
+    nearest sampled Mixtral layer, and the cross-layer pair counts (0->7 below layer 7 of the
+    32-layer model, 7->15 above) for the first choice given the previous layer's."""
+    stats = json.loads(stats_path.read_text())
+    sampled = stats["layers_sampled"]
+    return {"file": stats_path.name, "source": stats.get("source"), "model": "mixtral-8x7b", "domain": domain,
+            "layers_sampled": sampled,
+            "popularity_from_layer": {l: _nearest_sampled(l, num_layers, sampled) for l in range(num_layers)},
+            "pairs_from": {l: ("0->7" if l * 31 / max(num_layers - 1, 1) < 7 else "7->15")
+                           for l in range(1, num_layers)}}
 
 
 def calibrated_trace(stats_path: Path, num_layers: int, num_experts: int, top_k: int, num_tokens: int, reuse: float,
                      seed: int = 0, domain: str = "github") -> Trace:
     """Synthetic Mixtral routing: first choice at layer l drawn from P(e | previous layer's first
     choice) (cross-layer pair counts of real Mixtral), tilted to the real popularity of the nearest
-    sampled layer; with probability `reuse` a token repeats the previous token's expert at that
-    layer (temporal locality); further choices from the layer's popularity without replacement."""
+    sampled layer (`calibration`); with probability `reuse` a token repeats the previous token's
+    expert at that layer (temporal locality); further choices from the layer's popularity without
+    replacement."""
+    if num_experts != 8:
+        raise ConfigError(f"calibrated routing is Mixtral's: 8 experts, not {num_experts}")
     stats = json.loads(stats_path.read_text())
     model = "mixtral-8x7b"
     sampled = stats["layers_sampled"]  # [0, 7, 15]
     counts = np.array(stats["expert_counts"][model][domain], dtype=np.float64)  # [3, 8]
-    pairs = stats["crosslayer_pairs"][model][domain]  # two lists of [e1, e2, count]
-    transitions = []
-    for rows in pairs:
+    transitions = {}
+    for name, rows in zip(("0->7", "7->15"), stats["crosslayer_pairs"][model][domain]):  # [e1, e2, count] rows
         m = np.ones((8, 8))
         for e1, e2, c in rows:
             m[e1, e2] += c
-        transitions.append(m / m.sum(axis=1, keepdims=True))
-    if num_experts != 8:
-        raise ConfigError("calibrated routing is Mixtral's: 8 experts")
+        transitions[name] = m / m.sum(axis=1, keepdims=True)
+    plan = calibration(stats_path, num_layers, domain)
     rng = np.random.default_rng(seed)
-    popularity = [counts[int(np.argmin([abs(l * 31 / max(num_layers - 1, 1) - s) for s in sampled]))]
-                  for l in range(num_layers)]
+    popularity = [counts[sampled.index(plan["popularity_from_layer"][l])] for l in range(num_layers)]
     popularity = [p / p.sum() for p in popularity]
     ids = np.zeros((num_tokens, num_layers, top_k), dtype=np.int32)
     for n in range(num_tokens):
@@ -184,7 +209,7 @@ def calibrated_trace(stats_path: Path, num_layers: int, num_experts: int, top_k:
             elif prev_first is None:
                 first = int(rng.choice(8, p=p))
             else:
-                t = transitions[0 if l * 31 / max(num_layers - 1, 1) < 7 else 1][prev_first] * p
+                t = transitions[plan["pairs_from"][l]][prev_first] * p
                 first = int(rng.choice(8, p=t / t.sum()))
             rest = p.copy()
             rest[first] = 0
@@ -195,17 +220,61 @@ def calibrated_trace(stats_path: Path, num_layers: int, num_experts: int, top_k:
     return Trace.from_arrays(expert_ids=ids, expert_weights=weights, seq_ids=np.zeros(num_tokens, np.int32),
                              positions=np.arange(num_tokens), token_ids=np.zeros(num_tokens, np.int32),
                              num_experts=8, moe_layers=list(range(num_layers)), model="synthetic-mixtral",
-                             family="mixtral", source=f"calibrated on {model}/{domain} routing statistics")
+                             family="mixtral", source=f"calibrated on {model}/{domain} routing statistics "
+                                                      f"({stats_path.name}), reuse {reuse:.2f}")
 
 
 def calibrate_reuse(stats_path: Path, num_layers: int, top_k: int, target: float = 0.615) -> tuple[float, float]:
-    """The temporal reuse whose trace gives LRU (4 of 8 per layer) the real Mixtral hit rate."""
-    best = (0.0, 0.0)
+    """The temporal reuse whose trace gives LRU (4 of 8 per layer) the real Mixtral hit rate:
+    (reuse, the hit rate it gives)."""
+    best = None
     for reuse in np.arange(0.0, 0.75, 0.05):
         rate = simulate(calibrated_trace(stats_path, num_layers, 8, top_k, 600, float(reuse), seed=1), "lru", 4).hit_rate
-        if best == (0.0, 0.0) or abs(rate - target) < abs(best[1] - target):
+        if best is None or abs(rate - target) < abs(best[1] - target):
             best = (float(reuse), rate)
     return best
+
+
+class OraclePrefetch:
+    """A noisy oracle driving `cache.prefetch` (for random-weight models on a replayed trace): when
+    MoE layer p routes a call of T tokens, the trace rows the replay gives layer p+1 next are known;
+    each of their experts is predicted with probability `recall`, otherwise a random other expert
+    is, and the predicted set is prefetched. Its measured recall is kept (`recall()`)."""
+
+    def __init__(self, executor, recall: float, seed: int = 0):
+        if not 0.0 <= recall <= 1.0:
+            raise ConfigError(f"oracle recall {recall!r}: expected a probability in [0, 1]")
+        self.executor, self.recall_target = executor, recall
+        self.rng = np.random.default_rng(seed)
+        self.layers = executor.moe_layer_indices
+        self.kept = self.total = 0
+        for layer in executor.layers:
+            layer.routing_observers.append(self)
+
+    def __call__(self, layer, hidden, routing) -> None:
+        position = self.layers.index(layer.layer_idx)
+        if position + 1 >= len(self.layers):
+            return  # the next token's first layer: its rows are not known yet at this call
+        replay = self.executor.replay
+        target = self.layers[position + 1]
+        trace = replay.trace
+        rows = (np.arange(routing.num_tokens) + replay.cursor[target]) % trace.num_tokens
+        true = trace.expert_ids[rows, replay.column[target]].numpy()  # [T, K]
+        keep = self.rng.random(true.shape) < self.recall_target
+        num_experts = trace.num_experts
+        wrong = (true + self.rng.integers(1, num_experts, size=true.shape)) % num_experts
+        predicted = np.where(keep, true, wrong)
+        self.kept += int(keep.sum())
+        self.total += keep.size
+        self.executor.cache.prefetch(target, sorted(set(predicted.reshape(-1).tolist())))
+
+    def recall(self) -> float | None:
+        return self.kept / self.total if self.total else None
+
+    def detach(self) -> None:
+        for layer in self.executor.layers:
+            if self in layer.routing_observers:
+                layer.routing_observers.remove(self)
 
 
 # -- runs ----------------------------------------------------------------------------------------
@@ -244,25 +313,44 @@ def prefill_tokens_per_s(model, args, device: torch.device) -> float:
 
 
 def run_ours(model, name: str, fields: dict, budget: int, args, device, routing) -> dict:
+    """One row from a fresh wrap (a cold cache, the replay at its first row, seed 0)."""
     tier = "gpu" if device.type == "cuda" else "cpu"
+    torch.manual_seed(0)
+    oracle_recall = args.oracle_recall if ORACLE in name else None
+    if oracle_recall is not None and routing is None:
+        raise ConfigError(f"{name!r} replays a trace's next-layer experts: it needs --routing calibrated")
     moe_infer.wrap(model, moe_infer.MoEConfig(**{f"{tier}_memory": budget}, routing_override=routing, **fields))
     ex = moe_infer.executor(model)
-    decode_tokens_per_s(model, args, device, 1)  # warm-up: threads, cost model, a warm cache
-    ex.reset_stats()
-    decode_tps = decode_tokens_per_s(model, args, device, args.repeats)
-    stats = ex.stats()  # decode only (the 8-token prompts included)
+    oracle = OraclePrefetch(ex, oracle_recall) if oracle_recall is not None else None
+    try:
+        decode_tokens_per_s(model, args, device, 1)  # warm-up: threads, a warm cache
+        ex.reset_stats()
+        decode_tps = decode_tokens_per_s(model, args, device, args.repeats)
+        stats = ex.stats()  # decode only (the 8-token prompts included)
+        prefill_tps = prefill_tokens_per_s(model, args, device)
+    finally:
+        if oracle is not None:
+            oracle.detach()
     t = stats["tiers"][tier]
     tokens = stats["tokens"]
-    prefill_tps = prefill_tokens_per_s(model, args, device)
-    return {"config": name, "fields": fields, "decode_tokens_per_s": decode_tps, "prefill_tokens_per_s": prefill_tps,
+    config = ex.config
+    return {"config": name, "fields": fields,
+            "ran": {"cache_policy": config.cache_policy, "cpu_compute": config.cpu_compute, "loader": config.loader,
+                    f"{tier}_memory": getattr(config, f"{tier}_memory"), "kernel": stats["kernel"],
+                    "routing_override": routing is not None,
+                    "prefetch": None if oracle is None else f"{ORACLE}, recall {oracle_recall:.3f}"},
+            "decode_tokens_per_s": decode_tps, "prefill_tokens_per_s": prefill_tps,
             "hit_rate": t["hits"] / max(t["hits"] + t["misses"], 1), "bytes_moved_per_token": t["bytes_moved"] / tokens,
             "cpu_experts_per_token": stats["cpu_computed_experts"] / tokens, "stall_seconds": stats["stall_seconds"],
-            "peak_bytes": t["peak_bytes"], "tokens": tokens}
+            "prefetch": stats["prefetch"], "oracle_recall_measured": None if oracle is None else oracle.recall(),
+            "kernel_calls": stats["kernel_calls"], "peak_bytes": t["peak_bytes"], "tokens": tokens,
+            "memory": stats["memory"]}
 
 
 def run_accelerate(model, budget: int, args, device) -> dict | None:
     """accelerate's offload with the same memory limit: the experts of the first decoder layers go to
-    the GPU until the limit; the others stay on the CPU and accelerate moves them in at every forward."""
+    the GPU until the limit; the others stay on the CPU and accelerate moves them in at every forward.
+    No hit rate: accelerate has no cache to count hits in (its bytes moved follow from the split)."""
     if device.type != "cuda":
         return None
     try:
@@ -272,21 +360,34 @@ def run_accelerate(model, budget: int, args, device) -> dict | None:
         print("accelerate not installed (pip install 'moe_infer[bench]'): skipping its baseline", file=sys.stderr)
         return None
     moe_infer.unwrap(model)
+    torch.manual_seed(0)
     layer_bytes = args.experts * expert_bytes(args, next(model.parameters()).dtype)
-    on_gpu = budget // layer_bytes
+    on_gpu = min(budget // layer_bytes, args.layers)
     device_map = {"": device.index or 0}
     for i in range(args.layers):
         device_map[f"model.layers.{i}.mlp.experts"] = (device.index or 0) if i < on_gpu else "cpu"
     dispatch_model(model, device_map=device_map, main_device=str(device))
-    decode_tps, prefill_tps = decode_tokens_per_s(model, args, device, args.repeats), prefill_tokens_per_s(model, args, device)
-    remove_hook_from_submodules(model)
+    try:
+        decode_tps = decode_tokens_per_s(model, args, device, args.repeats)
+        prefill_tps = prefill_tokens_per_s(model, args, device)
+    finally:
+        remove_hook_from_submodules(model)
     return {"config": f"accelerate offload ({on_gpu} of {args.layers} layers' experts on GPU)",
-            "decode_tokens_per_s": decode_tps, "prefill_tokens_per_s": prefill_tps,
-            "hit_rate": on_gpu / args.layers, "bytes_moved_per_token": None}
+            "ran": {"accelerate_layers_on_gpu": on_gpu, "routing_override": False},
+            "decode_tokens_per_s": decode_tps, "prefill_tokens_per_s": prefill_tps, "hit_rate": None,
+            "bytes_moved_per_token": (args.layers - on_gpu) * layer_bytes,  # every CPU layer, every forward
+            "cpu_experts_per_token": 0.0}
+
+
+def append(path: str, record: dict) -> None:
+    """One JSON line, written and flushed now (a run cut short keeps the rows it measured)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
@@ -299,12 +400,23 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--expert-memory", default="20GiB", help="byte budget of the compute tier for experts")
     ap.add_argument("--expert-fraction", type=float, default=None,
                     help="instead of --expert-memory: this share of all expert bytes")
+    ap.add_argument("--budget-per-32-layers", action="store_true",
+                    help="--expert-memory is the budget of the full 32-layer model: scale it by --layers / 32")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--routing", default="random,calibrated", help="random and/or calibrated")
-    ap.add_argument("--routing-stats", default=None, help="olmoe_repo_routing_stats.json (default: ../shared/data/...)")
+    ap.add_argument("--routing-stats", default=None,
+                    help="a routing statistics file in the format of the shipped moe_infer/assets/routing-stats/"
+                         "mixtral-8x7b.json (default: that file)")
+    ap.add_argument("--oracle-recall", type=float, default=SHIPPED_PREDICTOR_RECALL,
+                    help="recall of the noisy-oracle prefetch rows (default: the shipped tiny-mixtral predictor's "
+                         "measured held-out recall at distance 1)")
     ap.add_argument("--configs", default="all", help="comma-separated config names' prefixes, or all")
+    ap.add_argument("--accelerate", default="random", choices=["random", "never"],
+                    help="run the accelerate baseline after the random-routing rows, or not")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds: start no new row after this (rows already measured are in --out)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=str(RESULTS), help="JSON lines file the results are appended to")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke-test sizes (see the module docstring)")
@@ -313,6 +425,7 @@ def main(argv=None, prog: str | None = None) -> int:
         for name, value in SMOKE.items():
             if getattr(args, name) == ap.get_default(name):
                 setattr(args, name, value)
+    started = time.perf_counter()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
@@ -327,7 +440,18 @@ def main(argv=None, prog: str | None = None) -> int:
               f"used; on the CPU run --smoke, or a shape under {CPU_EXPERT_BYTES_LIMIT / 2**30:.0f} GiB of experts",
               file=sys.stderr)
         return 2
-    budget = int(all_experts * args.expert_fraction) if args.expert_fraction else parse_bytes(args.expert_memory)
+    routings = [r.strip() for r in args.routing.split(",") if r.strip()]
+    for routing_name in routings:
+        if routing_name not in ("random", "calibrated"):
+            raise ConfigError(f"--routing {routing_name!r}: random or calibrated")
+    if args.expert_fraction:
+        budget = int(all_experts * args.expert_fraction)
+    else:
+        budget = parse_bytes(args.expert_memory)
+        if args.budget_per_32_layers:
+            budget = budget * args.layers // 32
+    # fewer layers of the full model: tokens/s x L/32 is the same run normalised to 32 layers
+    scale = args.layers / 32 if args.budget_per_32_layers else None
     print(f"device {device}; {args.layers} layers x {args.experts} experts of {one_expert / 2**20:.1f} MiB "
           f"({all_experts / 2**30:.2f} GiB of experts); budget {budget / 2**30:.2f} GiB "
           f"({budget // one_expert} experts, {100 * budget / all_experts:.0f}%)")
@@ -336,54 +460,75 @@ def main(argv=None, prog: str | None = None) -> int:
     source = ModuleExperts.from_module(model.model.layers[0].mlp.experts, "silu")
     cost = CostModel.measure(ModuleBacking({0: source}).template(0), source.activation, device) \
         if device.type == "cuda" else None
-    routings = [r.strip() for r in args.routing.split(",") if r.strip()]
-    reuse = lru_rate = None
+    stats_path = Path(args.routing_stats) if args.routing_stats else ROUTING_STATS
+    reuse = lru_rate = calibrated = None
     if "calibrated" in routings:
-        stats_path = routing_stats_path(args.routing_stats)
         reuse, lru_rate = calibrate_reuse(stats_path, args.layers, args.top_k)
-        print(f"calibrated routing: reuse {reuse:.2f} gives LRU 4-of-8 hit rate {lru_rate:.3f} (real Mixtral: 0.615)")
+        calibrated = {**calibration(stats_path, args.layers), "reuse": reuse, "lru_4_of_8_hit_rate": lru_rate,
+                      "target_lru_4_of_8_hit_rate": 0.615}
+        print(f"calibrated routing ({stats_path.name}, mixtral-8x7b/github): popularity of layers "
+              f"{sorted(set(calibrated['popularity_from_layer'].values()))}, pairs "
+              f"{sorted(set(calibrated['pairs_from'].values()))}; reuse {reuse:.2f} gives LRU 4-of-8 hit rate "
+              f"{lru_rate:.3f} (real Mixtral: 0.615)")
     if bandwidth:
         print(f"host->device {bandwidth / 1e9:.1f} GB/s pinned; CPU expert {1e3 * cost.cpu_seconds(1):.1f} ms at 1 row")
 
-    rows = []
+    run = {"bench": "offload", "run": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "python": platform.python_version(),
+           "command": " ".join(["moe-infer bench offload", *(argv if argv is not None else sys.argv[1:])]),
+           "shape": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "experts", "top_k", "dtype")},
+           "budget_bytes": budget, "expert_bytes": one_expert, "prompt_tokens": args.prompt_tokens,
+           "decode_tokens": args.decode_tokens, "repeats": args.repeats, "h2d_bytes_per_s": bandwidth,
+           "normalised_to_32_layers": None if scale is None else f"tokens/s x {scale:.4f} (layers / 32)",
+           "calibration": calibrated}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    append(args.out, {**run, "kind": "run"})
+
+    def emit(row: dict, routing_name: str) -> None:
+        row["routing"] = routing_name
+        if scale is not None:
+            row["decode_tokens_per_s_normalised_32_layers"] = row["decode_tokens_per_s"] * scale
+            row["prefill_tokens_per_s_normalised_32_layers"] = row["prefill_tokens_per_s"] * scale
+        print(format_row(row, bandwidth, cost), flush=True)
+        append(args.out, {"bench": "offload", "run": run["run"], "kind": "row", **row})
+
+    def out_of_time() -> bool:
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f} s spent: no further rows", flush=True)
+            return True
+        return False
+
     for routing_name in routings:
         routing = None
         if routing_name == "calibrated":
             routing = calibrated_trace(stats_path, args.layers, args.experts, args.top_k,
                                        4 * (args.prompt_tokens + args.decode_tokens + 8), reuse)
-        elif routing_name != "random":
-            raise ConfigError(f"--routing {routing_name!r}: random or calibrated")
         for name, fields in CONFIGS.items():
             if args.configs != "all" and not any(name.startswith(p) for p in args.configs.split(",")):
                 continue
-            row = run_ours(model, name, fields, budget, args, device, routing)
-            row["routing"] = routing_name
-            rows.append(row)
-            print(format_row(row, bandwidth, cost), flush=True)
+            if ORACLE in name and routing is None:
+                continue  # the oracle replays the calibrated trace
+            if out_of_time():
+                break
+            emit(run_ours(model, name, fields, budget, args, device, routing), routing_name)
         moe_infer.wrap(model, moe_infer.MoEConfig())
-        if routing_name == "random":
+        if routing_name == "random" and args.accelerate == "random" and not out_of_time():
             row = run_accelerate(model, budget, args, device)
             if row is not None:
-                row["routing"] = routing_name
-                rows.append(row)
-                print(format_row(row, bandwidth, cost), flush=True)
+                emit(row, routing_name)
                 moe_infer.wrap(model)
-    record = {"bench": "offload", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              platform.processor() or "cpu", "torch": torch.__version__, "python": platform.python_version(),
-              "shape": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "experts", "top_k", "dtype")},
-              "budget_bytes": budget, "expert_bytes": one_expert, "prompt_tokens": args.prompt_tokens,
-              "decode_tokens": args.decode_tokens, "repeats": args.repeats, "h2d_bytes_per_s": bandwidth,
-              "calibrated_reuse": reuse, "rows": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
     print(f"appended to {args.out}")
     return 0
 
 
 def format_row(row: dict, bandwidth: float | None, cost: CostModel | None) -> str:
-    line = (f"{row['routing']:10s} {row['config']:42s} decode {row['decode_tokens_per_s']:8.2f} tok/s  "
-            f"prefill {row['prefill_tokens_per_s']:9.1f} tok/s  hit {row['hit_rate']:.3f}")
+    """One printed line; sets row["floor_decode_tokens_per_s"] when the link's bandwidth is known."""
+    hit = row.get("hit_rate")
+    line = (f"{row['routing']:10s} {row['config']:52s} decode {row['decode_tokens_per_s']:8.2f} tok/s  "
+            f"prefill {row['prefill_tokens_per_s']:9.1f} tok/s  hit {'  n/a' if hit is None else f'{hit:.3f}'}")
+    if row.get("decode_tokens_per_s_normalised_32_layers") is not None:
+        line += f"  (32-layer normalised: decode {row['decode_tokens_per_s_normalised_32_layers']:.2f} tok/s)"
     moved = row.get("bytes_moved_per_token")
     if moved is not None:
         line += f"  moved {moved / 2**20:8.1f} MiB/token"
@@ -391,6 +536,8 @@ def format_row(row: dict, bandwidth: float | None, cost: CostModel | None) -> st
             floor_s = moved / bandwidth + (row["cpu_experts_per_token"] * cost.cpu_seconds(1) if cost else 0.0)
             row["floor_decode_tokens_per_s"] = 1 / floor_s if floor_s else None
             line += f"  floor {row['floor_decode_tokens_per_s']:.2f} tok/s" if floor_s else ""
+    if row.get("oracle_recall_measured") is not None:
+        line += f"  oracle recall {row['oracle_recall_measured']:.3f}"
     return line
 
 

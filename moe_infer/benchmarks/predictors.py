@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Recall of every routing predictor on the shipped tiny models (DESIGN section 8).
+"""Recall of every routing predictor on the shipped tiny models.
 
 For each model: record four traces with ``moe_infer.profiler.record_trace`` (every MoE input and
 the token embedding as features) -- training text (every 2nd training-split stdlib file),
@@ -42,6 +42,7 @@ import torch
 
 import moe_infer
 import moe_infer.assets
+from moe_infer.helpformat import HelpFormatter
 from moe_infer.corpus import is_heldout, stdlib_files  # the split rule of the shipped models
 from moe_infer.predictors import train
 from moe_infer.profiler import record_trace
@@ -481,7 +482,8 @@ def executor_markdown(model: dict) -> str:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-deepseek"])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/moe_infer_bench_predictors"),
                         help="where the traces are recorded (reused when present)")

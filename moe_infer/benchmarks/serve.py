@@ -1,6 +1,6 @@
 """A bounded load test of `moe-infer serve`: N requests at a given arrival rate against servers this
 benchmark starts itself, ``expert`` against ``fcfs`` scheduling, with every expert resident and
-under an expert budget, in one run (DESIGN sections 7 and 8).
+under an expert budget, in one run.
 
 For each row (scheduler x budget) a server process is started (`moe_infer.serving.process`; all
 at once) with ``--scheduler`` and, for the budgeted rows, ``--cpu-memory`` (``--gpu-memory`` on
@@ -42,13 +42,15 @@ import time
 import urllib.request
 from pathlib import Path
 from moe_infer.errors import ConfigError
+from moe_infer.helpformat import HelpFormatter
 
 RESULTS = Path("bench") / "results"  # under the current directory
 WARMUP_REQUESTS = 2
 
 
 def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default="tiny-mixtral", help="a shipped model or a transformers directory")
     parser.add_argument("--requests", type=int, default=48, help="requests of the load (after the warm-up)")
     parser.add_argument("--rate", type=float, default=6.0, help="mean arrivals per second (Poisson); 0: all at once")

@@ -1,0 +1,83 @@
+"""Quantized experts in memory: torch's CPU weight-only kernels against the dequantized matmul,
+and `wrap(model, quantize=...)` against the same model with its experts replaced by their
+dequantized values (what the quantized model must compute), its stats and its refusals."""
+
+import pytest
+import torch
+import tiny_models
+
+import moe_infer
+from moe_infer.errors import ConfigError, NotSupported
+from moe_infer.experts.quant import QuantScheme, dequantize, quantize, quantized_linear
+from moe_infer.experts.quant_matmul import kernel_group, quantized_matmul
+
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("scheme, n, k, kernel", [
+    ("int8", 48, 64, True),
+    ("int4", 192, 128, True),    # one group of 128 per row: kernel group 128
+    ("int4", 128, 96, True),     # a row shorter than G: one group of 96, kernel groups of 32
+    ("int4", 64, 384, True),     # three groups of 128
+    ("int4", 40, 128, False),    # N not a multiple of 16: dequantize, then matmul
+    ("int4", 32, 200, False),    # a short last group (128 + 72): no kernel group fits
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_kernels_match_the_dequantized_matmul(scheme, n, k, kernel, dtype):
+    generator = torch.Generator().manual_seed(n + k)
+    weight = quantize(torch.randn(n, k, generator=generator) * 0.05, scheme)
+    x = torch.randn(7, k, generator=generator).to(dtype)
+    got = quantized_matmul(x, weight)
+    assert got.dtype == dtype and got.shape == (7, n)
+    torch.testing.assert_close(got, quantized_linear(x.float(), weight).to(dtype), **TOLERANCES[dtype])
+    used_kernel = bool(weight.prepared) and all(v is not None for v in weight.prepared.values())
+    assert used_kernel == kernel
+    if scheme == "int4":
+        assert (kernel_group(k, 128, n) is not None) == kernel
+
+
+def _dequantized_reference(model, scheme):
+    """`model` with every routed expert replaced by its quantized-then-dequantized weights."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            for name in ("gate_up_proj", "down_proj"):
+                param = getattr(experts, name)
+                param.copy_(dequantize(quantize(param, scheme), param.dtype))
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["int8", QuantScheme("int4", 32)], ids=["int8", "int4-g32"])
+def test_wrap_quantize_computes_the_dequantized_model(scheme):
+    scheme = QuantScheme(scheme) if isinstance(scheme, str) else scheme
+    reference = _dequantized_reference(tiny_models.build("mixtral", seed=3), scheme)
+    model = tiny_models.build("mixtral", seed=3)
+    ids = torch.randint(3, tiny_models.VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(5))
+    moe_infer.wrap(model, quantize=scheme)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    stats = moe_infer.executor(model).stats()
+    assert stats["quantization"] == scheme.as_json() and stats["kernel"] == "torch"
+    float_bytes = 2 * 32 * 64 * 3 * 4  # w13 [2I,H] + w2 [H,I] in fp32, one expert
+    assert stats["tiers"]["cpu"]["peak_bytes"] < 0.4 * float_bytes * 8 * 2  # 8 experts x 2 layers
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.is_meta and experts.down_proj.is_meta  # the float copy is released
+    moe_infer.wrap(model, quantize=scheme)  # idempotent
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, got, rtol=0, atol=0)
+
+
+def test_wrap_quantize_refusals():
+    model = moe_infer.wrap(tiny_models.build("mixtral", seed=1), quantize="int8")
+    with pytest.raises(ConfigError, match="quantized to int8"):
+        moe_infer.wrap(model, quantize="int4")
+    with pytest.raises(ConfigError, match="unwrap: .*quantized in memory"):
+        moe_infer.unwrap(model)
+    with pytest.raises(ConfigError, match="MoEConfig.quantize='int3'"):
+        moe_infer.MoEConfig(quantize="int3")
+    fresh = tiny_models.build("mixtral", seed=1)
+    with pytest.raises(NotSupported, match="expert budget"):
+        moe_infer.wrap(fresh, quantize="int4", cpu_memory="1MiB")
+    assert not moe_infer.is_wrapped(fresh) and not fresh.model.layers[0].mlp.experts.gate_up_proj.is_meta
