@@ -9,8 +9,9 @@ Budgets are hard: a slot is charged before it is written and `Tier.charge` refus
 an internal invariant) to go over.
 
 One forward of a layer: `forward(layer, hidden, routing)` reads which experts the call uses (the
-one host read of a layer call: the cache must know its misses), requests every miss at demand
-priority, waits for each expert in turn and pins it until the call ends, then computes:
+one host read of a layer call: the cache must know its misses; with kernel "triton" and every
+expert of the layer resident it reads nothing and launches at once), requests every miss at
+demand priority, waits for each expert in turn and pins it until the call ends, then computes:
 - kernel "triton": one fused launch pair over the whole compute pool, the layer's expert ids
   remapped to slot ids on the device (`pool.slot_ids`); the compute stream waits on the events
   of the experts' own copies, nothing else;
@@ -28,10 +29,10 @@ until used; a waiting forward's request is urgent and may, when nothing else can
 reserved entry's place (it is requested again when its turn comes), so the cache makes progress
 with a budget of a single expert.
 
-Concurrency: one forward at a time per model. `MoEConfig` callers of one wrapped model from
-several threads are serialised by the executor's lock around the whole model forward (the layer
+Concurrency: one forward at a time per model. Threads calling one wrapped model are serialised
+by the executor's lock around the whole model forward (`ModelExecutor.forward_lock`: the layer
 calls of one forward, its predictor state and its prefetches belong together); the loader and
-CPU worker threads run beside it.
+CPU worker threads run beside it. `prefetch` and `stats` may be called from any thread.
 
 Shape legend: T tokens, H hidden, K top-k, E experts, S slots.
 """
@@ -197,6 +198,7 @@ class ExpertCache:
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moe-infer-cpu-experts") \
             if self.device.type == "cuda" or kernel == "triton" else None
         self._launch_configs: dict = {}  # (layer, tokens) -> the fused kernels' KernelConfig
+        self._pending_hits: list[Tensor] = []  # [E] device counts of layer calls that read nothing back
         self.prefetch_counts = {"issued": 0, "used": 0, "wasted": 0, "cancelled": 0}
         self.cpu_computed_experts = 0
         self.stall_seconds = 0.0
@@ -264,12 +266,16 @@ class ExpertCache:
                 self._request(key, DEMAND)  # not a guess: loaded ahead of everything else, never dropped
         return hot
 
-    def forward(self, layer, hidden: Tensor, routing) -> tuple[Tensor, list[int]]:
+    def forward(self, layer, hidden: Tensor, routing) -> tuple[Tensor, list[int] | Tensor]:
         """The layer's expert computation through the cache: hidden [T, H] -> ([T, H], rows routed
-        to each expert)."""
+        to each expert: a list, or an int64 [E] device tensor when nothing was read back)."""
         layer_idx = layer.layer_idx
         num_experts = self.num_experts[layer_idx]
         ids = routing.expert_ids
+        if self.kernel == "triton" and self.loader_kind != "ring":
+            resident = self._resident_forward(layer_idx, hidden, routing)
+            if resident is not None:
+                return resident
         if self.kernel == "triton":
             grouping = None
             counts = expert_counts(ids, num_experts).tolist()
@@ -351,6 +357,7 @@ class ExpertCache:
 
     def stats(self) -> dict[str, Any]:
         with self.cond:
+            self._flush_hits()
             tiers = {self.tier.name: self.tier.stats()}
             if self.host_tier is not None:
                 tiers["cpu"] = self.host_tier.stats()
@@ -372,6 +379,7 @@ class ExpertCache:
 
     def reset_stats(self) -> None:
         with self.cond:
+            self._pending_hits = []
             for tier in (self.tier, self.host_tier):
                 if tier is not None:
                     tier.hits = tier.misses = tier.bytes_moved = 0
@@ -390,6 +398,45 @@ class ExpertCache:
             return {k: e.nbytes for k, e in self.tier.entries.items() if e.ready}
 
     # -- one layer ---------------------------------------------------------------------------
+    def _resident_forward(self, layer_idx: int, hidden: Tensor, routing):
+        """A layer call whose experts are all resident (every expert of the layer is ready in the
+        pool) reads nothing back: one fused launch over the pool, the routing counts left on the
+        device (hits are counted from them later, `_flush_hits`). None when some expert is not
+        resident (the caller then reads which experts the call uses). The policy sees every expert
+        of the layer accessed (which ones were used is not read back)."""
+        num_experts = self.num_experts[layer_idx]
+        with self.cond:
+            self._check_open()
+            entries = [self.tier.entries.get((layer_idx, e)) for e in range(num_experts)]
+            if any(entry is None or not entry.ready or entry.demand_miss for entry in entries):
+                return None
+            for entry in entries:
+                entry.pins += 1
+                self.tier.policy.access(entry.key)
+        try:
+            if self.device.type == "cuda":
+                stream = torch.cuda.current_stream(self.device)
+                for entry in entries:
+                    if entry.event is not None:
+                        stream.wait_event(entry.event)
+            out = self._fused(layer_idx, hidden, routing, entries, self.backing.activation(layer_idx))
+        finally:
+            self._release_all(entries)
+            self._end(layer_idx)
+        counts = expert_counts(routing.expert_ids, num_experts)  # [E] on the device
+        with self.cond:
+            self._pending_hits.append(counts)
+            if len(self._pending_hits) >= 256:
+                self._flush_hits()
+        return out, counts
+
+    def _flush_hits(self) -> None:
+        """Count the hits of the layer calls that left their counts on the device (caller holds the
+        lock): one read for all of them."""
+        pending, self._pending_hits = self._pending_hits, []
+        if pending:
+            self.tier.hits += int((torch.stack(pending) > 0).sum())
+
     def _fused(self, layer_idx: int, hidden: Tensor, routing, held: list[Entry], activation) -> Tensor:
         """One fused launch pair over the compute pool: expert ids -> slot ids on the device. The
         launch config is looked up for the layer's own expert count (the tuned files are keyed by
@@ -600,13 +647,18 @@ class ExpertCache:
             self.loader.replace()
 
     def _release(self, entry: Entry) -> None:
+        self._release_all([entry])
+
+    def _release_all(self, entries: list[Entry]) -> None:
+        """Unpin `entries`; on CUDA one event marks the end of the kernels queued so far that read them."""
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
         with self.cond:
-            entry.pins -= 1
-            entry.release_event = event
+            for entry in entries:
+                entry.pins -= 1
+                entry.release_event = event
             self.cond.notify_all()
 
     def _check_open(self) -> None:
@@ -813,8 +865,7 @@ class _LayerSource:
         return expert not in self.cpu_experts
 
     def release(self) -> None:
-        for entry in self.held:
-            self.cache._release(entry)
+        self.cache._release_all(self.held)
         self.held = []
 
 

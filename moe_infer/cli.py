@@ -105,7 +105,23 @@ def _generate(args: argparse.Namespace) -> int:
           f"scheduler{signatures}, mean size {summary['mean_batch_size']:.2f}), "
           f"{summary['distinct_experts_per_micro_batch']:.2f} distinct experts per micro-batch and MoE layer, "
           f"{summary['regroups']} regroups, {summary['tokens_per_second']:.1f} tokens/s")
+    for line in _cache_lines(moe_infer.executor(model).stats()):
+        print(line)
     return 0
+
+
+def _cache_lines(stats: dict) -> list[str]:
+    """One line per budgeted expert tier: hit rate and bytes moved (none without a budget)."""
+    lines = []
+    for tier, counts in stats.get("tiers", {}).items():
+        if counts.get("budget_bytes") is None:
+            continue
+        accesses = counts["hits"] + counts["misses"]
+        rate = f"{counts['hits'] / accesses:.3f}" if accesses else "-"
+        lines.append(f"expert cache, {tier} tier of {counts['budget_bytes'] / 2**20:.2f} MiB: hit rate {rate} "
+                     f"({counts['hits']} hits, {counts['misses']} misses), {counts['bytes_moved'] / 2**20:.1f} MiB "
+                     f"moved, {stats.get('cpu_computed_experts', 0)} experts computed on the CPU")
+    return lines
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -179,7 +195,11 @@ def _predictor_train(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise MissingFile(f"output folder of {args.out!r} does not exist")
-    predictor = train(args.kind, Trace.load(args.trace), **_predictor_options(args.option))
+    from moe_infer.predictors.progress import training_progress
+
+    trace = Trace.load(args.trace)
+    with training_progress(f"train {args.kind}"):  # the learned kinds' bars; counting kinds take under a second
+        predictor = train(args.kind, trace, **_predictor_options(args.option))
     predictor.save(args.out)
     cost = predictor.cost()
     print(f"wrote {args.out}: {args.kind} predictor, {cost['parameters']} parameters, "
@@ -251,6 +271,29 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PredictOnce:
+    """A saved predictor's scores for the trace, computed once for every (policy, capacity) run. A
+    predictor that needs the MoE inputs of every token runs the model over the trace when the trace
+    did not record them (the model is then loaded once, and the reason printed)."""
+
+    def __init__(self, predictor, trace):
+        from moe_infer.predictors.features import recorded_moe_inputs
+
+        self.predictor, self.scores = predictor, {}
+        needs_model = predictor.kind == "gate-lookahead" or (
+            predictor.kind == "expertflow" and (recorded_moe_inputs(trace) is None
+                                                or predictor.options.get("attention_lookahead")))
+        if needs_model:
+            print(f"note: the {predictor.kind} predictor reads every MoE layer's input, which this trace did not "
+                  f"record (profile --features moe_input:...): loading {trace.model} once to compute them",
+                  file=sys.stderr)
+
+    def predict_trace(self, trace, distance: int):
+        if distance not in self.scores:
+            self.scores[distance] = self.predictor.predict_trace(trace, distance)
+        return self.scores[distance]
+
+
 def _simulate(args: argparse.Namespace) -> int:
     import json
 
@@ -269,7 +312,7 @@ def _simulate(args: argparse.Namespace) -> int:
     elif args.predictor is not None:
         from moe_infer import predictors
 
-        predictor = predictors.load(args.predictor)
+        predictor = _PredictOnce(predictors.load(args.predictor), trace)
     results = []
     for capacity in capacities:
         for policy in policies:

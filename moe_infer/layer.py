@@ -143,7 +143,10 @@ class MoELayer(nn.Module):
         cache = self.executor.cache if self.executor is not None else None
         if cache is not None:  # weights come through the tiered expert cache (fetched or run on the CPU)
             out, counts = cache.forward(self, hidden, routing)
-            self.stats.record(hidden.shape[0], counts, cache.kernel)
+            if isinstance(counts, Tensor):  # a fully resident layer: the counts stayed on the device
+                self.stats.record_on_device(hidden.shape[0], counts)
+            else:
+                self.stats.record(hidden.shape[0], counts, cache.kernel)
         elif self.parallel is not None:
             grouping = group_by_expert(routing.expert_ids, self.num_experts)
             out = self.parallel(hidden, routing.expert_ids, routing.expert_weights)

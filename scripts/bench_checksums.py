@@ -23,8 +23,7 @@ import zlib
 
 from moe_infer.cache.cpu_compute import _median_seconds  # warm-up, then the median of `repeats` runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "bench", "results")
+RESULTS = os.path.join("bench", "results")  # under the current directory, like every benchmark
 
 
 def _cpu_name() -> str:

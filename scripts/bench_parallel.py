@@ -43,8 +43,8 @@ def parse_args(argv):
     parser.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of expert popularity (0 = uniform)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "bench", "results",
-                                                      "parallel_bench.jsonl"))
+    parser.add_argument("--out", default=os.path.join("bench", "results", "parallel_bench.jsonl"),
+                        help="JSON lines file appended to (default: under the current directory)")
     parser.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
     return parser.parse_args(argv)
 

@@ -114,7 +114,8 @@ def markdown(table: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "bench", "results"))
+    parser.add_argument("--out-dir", default=os.path.join("bench", "results"),
+                        help="folder of the results (default: bench/results under the current directory)")
     args = parser.parse_args(argv)
     table = rows()
     text = markdown(table)

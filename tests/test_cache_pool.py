@@ -98,6 +98,20 @@ def test_the_pool_computes_the_layer_the_experts_compute():
 
 
 @needs_triton
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])  # transposed, interleaved, biases; shared experts
+def test_fused_pool_on_other_layouts(tiny_model, family):
+    model = tiny_model(family)
+    ids = tiny_models.token_ids(5, 1, 5)
+    with torch.no_grad():
+        reference = model(ids).logits
+        with tiny_models.wrapped(model, kernel="triton", cpu_memory=6 * tiny_models.expert_bytes(model),
+                                 cpu_compute="never", loader="ring"):
+            torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
+            stats = moe_infer.executor(model).stats()
+    assert stats["kernel"] == "triton" and stats["kernel_calls"]["torch"] == 0
+
+
+@needs_triton
 def test_a_budgeted_model_runs_the_fused_kernels_on_the_pool_and_says_so(tiny_model):
     """kernel="triton" with a cache: every layer call is one fused launch pair over the pool
     (stats' kernel is the kernel that ran: before the pool the cache computed per-expert torch
@@ -120,6 +134,29 @@ def test_a_budgeted_model_runs_the_fused_kernels_on_the_pool_and_says_so(tiny_mo
     assert all(layer.stats.kernel_calls == {"triton": 2} for layer in ex.layers)
     assert stats["host_reads"] == calls  # one read of the experts a layer call uses, nothing per expert
     assert torch_stats["kernel"] == "torch" and torch_stats["kernel_calls"]["triton"] == 0
+
+
+@needs_triton
+def test_a_fully_resident_layer_reads_nothing_back(tiny_model):
+    """Room for every expert: once warm, a layer call is a fused launch with nothing read back to the
+    host (no synchronisation); hits are still counted, from the counts left on the device."""
+    model = tiny_model("mixtral")
+    ids = tiny_models.token_ids(6, 1, 8)
+    with torch.no_grad():
+        reference = model(ids).logits
+        budget = 16 * tiny_models.expert_bytes(model)  # 2 layers x 8 experts
+        with tiny_models.wrapped(model, kernel="triton", cpu_memory=budget, cpu_compute="never"):
+            ex = moe_infer.executor(model)
+            ex.cache.prefetch(0, list(range(8)))
+            ex.cache.prefetch(1, list(range(8)))
+            model(ids)  # cold: misses read back
+            ex.reset_stats()
+            for _ in range(2):
+                torch.testing.assert_close(model(ids).logits, reference, **TOLERANCE[torch.float32])
+            stats = ex.stats()
+            used = sum(layer.stats.expert_loads for layer in ex.layers)  # experts used, per layer call
+    assert stats["host_reads"] == 0 and stats["kernel_calls"]["triton"] == 2 * len(ex.layers)
+    assert stats["tiers"]["cpu"]["hits"] == used > 0 and stats["tiers"]["cpu"]["misses"] == 0
 
 
 @needs_triton

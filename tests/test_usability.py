@@ -212,3 +212,43 @@ def test_profile_progress_total_is_the_tokens_recorded(tmp_path, max_tokens):
     result = record_trace(model, tmp_path / "trace.safetensors", texts=files, tokenizer=tokenizer, options=options)
     assert result.tokens == expected
     assert expected == (40 if max_tokens else sum(len(tokenizer(open(f).read())["input_ids"]) for f in files))
+
+
+def test_generate_under_a_budget_prints_hit_rate_and_bytes_moved():
+    result = subprocess.run([sys.executable, "-m", "moe_infer", "generate", "--model", "tiny-mixtral", "--prompt",
+                             "def main(", "--max-new-tokens", "6", "--cpu-memory", "3MiB"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"^expert cache, cpu tier of 3.00 MiB: hit rate ([0-9.]+) \((\d+) hits, (\d+) misses\), "
+                      r"([0-9.]+) MiB moved", result.stdout, re.M)
+    assert match, result.stdout
+    rate, hits, misses, moved = float(match[1]), int(match[2]), int(match[3]), float(match[4])
+    assert misses > 0 and moved > 0 and abs(rate - hits / (hits + misses)) < 1e-3
+
+
+def test_simulate_with_a_predictor_computes_its_predictions_once(tmp_path, capsys):
+    from moe_infer.profiler import record_trace
+
+    model, tokenizer = moe_infer.assets.load_model("tiny-mixtral")
+    (tmp_path / "a.py").write_text("def main():\n    return [i * i for i in range(10)]\n" * 4)
+    record_trace(model, tmp_path / "trace.safetensors", texts=[str(tmp_path / "a.py")], tokenizer=tokenizer,
+                 model_name="tiny-mixtral", seq_len=64, progress=False)
+    predictor = moe_infer.assets.predictor_path("tiny-mixtral")
+    assert main(["simulate", "--trace", str(tmp_path / "trace.safetensors"), "--policy", "lru,expertflow",
+                 "--capacity", "2,4", "--predictor", str(predictor)]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "loading tiny-mixtral once" in notes[0]
+    assert captured.out.count("expertflow") >= 2 and captured.out.count("lru") >= 2
+
+
+def test_scripts_write_results_under_the_current_directory(tmp_path):
+    committed = REPO / "bench" / "results" / "parallel_scale_table.md"
+    before = committed.stat().st_mtime_ns if committed.exists() else None
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "parallel_scale_table.py")], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "bench" / "results" / "parallel_scale_table.md").is_file()
+    assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
+    for script in ("bench_convert.py", "bench_checksums.py", "bench_parallel.py", "parallel_scale_table.py"):
+        assert "__file__), \"..\", \"bench\"" not in (REPO / "scripts" / script).read_text(), script
