@@ -195,7 +195,11 @@ def _predictor_train(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise MissingFile(f"output folder of {args.out!r} does not exist")
-    predictor = train(args.kind, Trace.load(args.trace), **_predictor_options(args.option))
+    from moe_infer.predictors.progress import training_progress
+
+    trace = Trace.load(args.trace)
+    with training_progress(f"train {args.kind}"):  # the learned kinds' bars; counting kinds take under a second
+        predictor = train(args.kind, trace, **_predictor_options(args.option))
     predictor.save(args.out)
     cost = predictor.cost()
     print(f"wrote {args.out}: {args.kind} predictor, {cost['parameters']} parameters, "

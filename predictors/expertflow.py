@@ -35,9 +35,9 @@ from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, loss_
 from moe_infer.trace import Trace
 from moe_infer.errors import ConfigError
 
-# hidden 192: trained on 500k tokens, recall at d=4 on tiny-deepseek with attention lookahead is 0.826 against
-# 0.814 at hidden 128 and 0.797 at 80 (scratch runs on the benchmark's traces); about a quarter of a percent of
-# Mixtral-8x7B's MACs per token (bench/results/predictors.md)
+# hidden 192 and the membership loss: chosen on validation text only (`moe-infer bench predictors --tune`;
+# bench/results/predictors-tune.md: best of hidden 80/192 x both losses on both shipped models); about a quarter
+# of a percent of Mixtral-8x7B's MACs per token (bench/results/predictors.md)
 DEFAULTS = {"window": 4, "embed_dim": 16, "hidden": 192, "previous_dim": 8, "skip": False, "group_limit": True,
             "attention_lookahead": False, "loss": "membership", "epochs": 6, "batch_size": 256,
             "learning_rate": 3e-3, "max_seconds": None, "seed": 0}

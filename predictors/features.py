@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from moe_infer.predictors.progress import bar
 from moe_infer.trace import Trace
 from moe_infer.errors import ConfigError
 
@@ -184,8 +185,10 @@ def model_features(trace: Trace, model: torch.nn.Module, *, attention_lookahead:
         agree = 0  # (token, layer) pairs routed as in the trace
         token_ids = trace.token_ids.to(torch.long)
         starts = [0, *(np.flatnonzero(np.diff(trace.seq_ids.numpy())) + 1).tolist(), trace.num_tokens]
+        progress = bar(trace.num_tokens, "tok", "model features")
         try:
             for start, end in zip(starts[:-1], starts[1:]):
+                progress.update(end - start)
                 ids = token_ids[start:end][None].to(device)  # [1, S]
                 captured.clear()
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
@@ -199,6 +202,7 @@ def model_features(trace: Trace, model: torch.nn.Module, *, attention_lookahead:
                     parts["lookahead"].append(torch.stack(
                         [first, *(captured["lookahead", i] for i in range(1, num_layers))], 1))
         finally:
+            progress.close()
             for layer in executor.layers:
                 layer.routing_observers.remove(observer)
     finally:

@@ -5,8 +5,7 @@ Training fits the routing of a trace, with one of two losses (option ``loss``):
 - ``membership`` (default): at each target layer, one sigmoid per expert is fitted (binary
   cross-entropy) to whether the token uses it. Scores are the sigmoids: the chance that the token
   uses each expert. On the shipped models' held-out text this gives more recall at every distance
-  than ``distillation`` for the same network, and better-calibrated scores (bench/results/predictors.md,
-  row "expertflow (distillation loss)").
+  than ``distillation`` for the same network (validation recall, bench/results/predictors-tune.md).
 - ``distillation``: the predictor's softmax over the E experts is fitted (cross-entropy) to the
   router's choice, the token's top-k weights renormalised (``features.routing_targets``). Scores
   are the softmax times K, clipped to 1. Files saved without a ``loss`` option were trained so.
@@ -30,6 +29,7 @@ from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, Predictor
 from moe_infer.predictors.features import group_limit, multi_hot, routing_targets
+from moe_infer.predictors.progress import bar
 from moe_infer.trace import Trace
 from moe_infer.errors import ConfigError
 
@@ -136,6 +136,7 @@ def _train(module, num_rows, batch_loss, *, epochs, batch_size, learning_rate, m
     total_steps = max(epochs * steps_per_epoch, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
+    progress = bar(total_steps, "step", "fit")
     start = time.perf_counter()
     module.train()
     losses: list[float] = []
@@ -153,12 +154,15 @@ def _train(module, num_rows, batch_loss, *, epochs, batch_size, learning_rate, m
             epoch_loss += float(loss.detach())
             batches += 1
             step += 1
+            progress.update(1)
             if max_seconds is not None and time.perf_counter() - start > max_seconds:
                 stopped_early = True
                 break
         losses.append(epoch_loss / max(batches, 1))
+        progress.set_postfix(loss=f"{losses[-1]:.4f}")
         if stopped_early:
             break
+    progress.close()
     module.eval()
     return {"tokens": num_rows, "steps": step, "epochs_run": len(losses), "loss_per_epoch": losses,
             "seconds": time.perf_counter() - start, "stopped_by_time": stopped_early}

@@ -82,14 +82,18 @@ def test_bench_cache_on_a_shipped_model(tmp_path):
     assert not (tmp_path / "bench").exists(), "results went to the current directory despite --out"
 
 
-def test_bench_predictors_at_a_tiny_size(tmp_path, capsys):
-    out = tmp_path / "results"
+def test_bench_predictors_tunes_on_validation_and_reports_reproducible_recall(tmp_path, capsys):
+    from moe_infer.benchmarks.predictors import TUNING
+    from moe_infer.predictors import train
+    from moe_infer.trace import Trace
+
+    out, work = tmp_path / "results", tmp_path / "work"
     threads = torch.get_num_threads()  # the benchmark pins one thread
     try:
         status = main(["bench", "predictors", "--models", "tiny-mixtral", "--train-tokens", "384",
                        "--eval-tokens", "256", "--epochs", "1", "--sim-sequences", "1", "--prompts", "1",
-                       "--prompt-tokens", "8", "--new-tokens", "2", "--work-dir", str(tmp_path / "work"),
-                       "--out", str(out)])
+                       "--prompt-tokens", "8", "--new-tokens", "2", "--work-dir", str(work),
+                       "--out", str(out), "--tune"])
     finally:
         torch.set_num_threads(threads)
     assert status == 0, capsys.readouterr().err
@@ -97,18 +101,36 @@ def test_bench_predictors_at_a_tiny_size(tmp_path, capsys):
     assert report["command"].startswith("moe-infer bench predictors --models tiny-mixtral")
     (model,) = report["models"]
     assert set(model["predictors"]) == {"frequency", "markov", "gate-lookahead", "expertflow",
-                                        "expertflow (attention lookahead)", "expertflow (distillation loss)",
-                                        "expertflow (previous_dim=0)", "pregate", "pregate (next token)"}
-    ablations = {row: entry["options"] for row, entry in model["predictors"].items() if row.startswith("expertflow")}
-    assert {row: (o["loss"], o["previous_dim"], o["attention_lookahead"]) for row, o in ablations.items()} == {
-        "expertflow": ("membership", 8, False), "expertflow (attention lookahead)": ("membership", 8, True),
-        "expertflow (distillation loss)": ("distillation", 8, False),
-        "expertflow (previous_dim=0)": ("membership", 0, False)}
-    for entry in model["predictors"].values():
-        for recall in entry["eval"]["heldout"]["recall"].values():
-            assert 0.0 <= recall <= 1.0
+                                        "expertflow (attention lookahead)", "expertflow (previous_dim=0)",
+                                        "pregate", "pregate (next token)", "expertflow, shipped file"}
+    # tuning saw the validation trace only, and every combination of the grids
+    tuning = json.loads((out / "predictors-tune.json").read_text())["models"][0]
+    assert len(tuning["tuning"]) == sum(len(grid["hidden"]) * len(grid["loss"]) for *_, grid in TUNING)
+    assert all(set(row["eval"]) == {"validation"} for row in tuning["tuning"])
+    for group, options in tuning["tuned"].items():  # the best score of its group was chosen ...
+        rows = [row for row in tuning["tuning"] if row["group"] == group]
+        assert max(rows, key=lambda row: row["score"])["options"] == options
+    for row, group in (("expertflow", "expertflow"), ("expertflow (attention lookahead)", "expertflow"),
+                       ("pregate", "pregate")):
+        used = model["predictors"][row]["options"]  # ... and trained for the reported rows (under their own options)
+        tuned = {name: value for name, value in tuning["tuned"][group].items() if name != "attention_lookahead"}
+        assert {name: used[name] for name in tuned} == tuned
+    assert model["predictors"]["expertflow (attention lookahead)"]["options"]["attention_lookahead"] is True
+    assert model["predictors"]["expertflow (previous_dim=0)"]["options"]["previous_dim"] == 0
+    # the validation files are neither training nor held-out files
+    files = {name: set(Trace.load(work / f"tiny-mixtral-{name}.safetensors").source.split('"')) for name in
+             ("train", "validation", "heldout")}
+    assert not {f for f in files["validation"] if f.endswith(".py")} & (files["train"] | files["heldout"])
+    # a reported figure is what the recorded traces give again
+    training = Trace.load(work / "tiny-mixtral-train.safetensors")
+    heldout = Trace.load(work / "tiny-mixtral-heldout.safetensors")
+    for kind in ("frequency", "markov"):
+        again = train(kind, training).evaluate(heldout, max_distance=4)["recall"]
+        reported = model["predictors"][kind]["eval"]["heldout"]["recall"]
+        assert {int(d): r for d, r in reported.items()} == pytest.approx(again, abs=1e-12)
     assert all(row["outputs_equal"] for row in model["executor"]["rows"].values())
     assert (out / "predictors.md").read_text().startswith("# Routing predictors")
+    assert "**" in (out / "predictors-tune.md").read_text()  # the chosen rows are marked
 
 
 def test_bench_serve_against_servers_it_starts(tmp_path):

@@ -29,9 +29,10 @@ def test_demo_on_random_model_reports_exact_outputs_and_counts(entry):
     for _, counts in layers:
         assert sum(map(int, counts.split())) == 2 * (prompt_len + 7)
     # part 7: under half the expert bytes, ours and plain LRU generate the same text as unlimited
-    budget_rows = re.findall(r"^  (ours|plain LRU) +[0-9.]+ +([0-9.]+) .* (yes|NO)$", result.stdout, re.M)
-    assert [(name, same) for name, _, same in budget_rows] == [("ours", "yes"), ("plain LRU", "yes")]
-    assert all(0.0 <= float(rate) <= 1.0 for _, rate, _ in budget_rows)
+    budget_rows = re.findall(r"^  (ours|plain LRU) +[0-9.]+ +([0-9.]+) +([0-9.]+) .* (yes|NO)$", result.stdout, re.M)
+    assert [(name, same) for name, _, _, same in budget_rows] == [("ours", "yes"), ("plain LRU", "yes")]
+    # half the expert bytes: the generation touches more experts than fit, so both runs miss and move bytes
+    assert all(0.0 < float(rate) < 1.0 and float(moved) > 0 for _, rate, moved, _ in budget_rows), budget_rows
 
 
 def test_demo_on_a_shipped_model_prefetches_with_its_shipped_predictor():

@@ -76,11 +76,13 @@ def test_converted_load_equals_the_source(mixtral):
 @pytest.mark.parametrize("fast", [True, False], ids=["xxh3", "sha256-only manifest"])
 def test_flipped_expert_byte_fails_the_forward_that_reads_it(mixtral, tmp_path, fast):
     _, dst, reference = mixtral
+    if fast:
+        pytest.importorskip("xxhash")  # a declared dependency; other environments check with sha256
     path = _copy(dst, tmp_path)
     if not fast:  # a manifest written before xxh3_64 existed: checked with its sha256 instead
         manifest = _manifest(path)
         for entry in manifest["experts"] + manifest["dense"]:
-            entry.pop("xxh3_64")
+            entry.pop("xxh3_64", None)
         _write_manifest(path, manifest)
     entry = _expert_entry(path)
     _flip_byte(os.path.join(path, entry["file"]), entry["offset"] + entry["nbytes"] // 8 * 4 + 3)
@@ -99,7 +101,7 @@ def test_flipped_dense_byte_fails_load(mixtral, tmp_path):
     path = _copy(dst, tmp_path)
     dense = os.path.join(path, "dense.safetensors")
     _flip_byte(dense, os.path.getsize(dense) - 5)
-    with pytest.raises(CheckpointError, match=r"dense\.safetensors: xxh3_64 mismatch"):
+    with pytest.raises(CheckpointError, match=r"dense\.safetensors: (xxh3_64|sha256) mismatch"):
         moe_infer.load(path)
 
 

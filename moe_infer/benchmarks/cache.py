@@ -73,13 +73,17 @@ def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
     return args
 
 
-def run_model(model_name: str, args: argparse.Namespace) -> dict:
+def run_model(model_name: str, args: argparse.Namespace, report=lambda result: None) -> dict:
+    """Every run of one model; ``report(result)`` gets the partial result after each finished row."""
     import moe_infer
     import moe_infer.assets
     from moe_infer.benchmarks.predictors import LEARNED, corpora, record
     from moe_infer.cache.simulate import TraceOracle, simulate
     from moe_infer.corpus import stdlib_root
+    from tqdm.auto import tqdm
+
     from moe_infer.predictors import train
+    from moe_infer.predictors.progress import training_progress
 
     model, _ = moe_infer.assets.load_model(model_name)
     moe_infer.wrap(model)
@@ -105,7 +109,8 @@ def run_model(model_name: str, args: argparse.Namespace) -> dict:
         options = {"model": model} if name == "gate-lookahead" else {}
         if name in LEARNED:
             options.update(epochs=args.epochs, max_seconds=args.max_seconds)
-        predictors[name] = train(name, training, **options)
+        with training_progress(f"{model_name} {name}"):
+            predictors[name] = train(name, training, **options)
         result["predictors"][name] = {"kind": name, "train_seconds": time.perf_counter() - start,
                                       "options": {k: v for k, v in predictors[name].options.items() if k != "model"}}
     moe_infer.unwrap(model)
@@ -114,13 +119,17 @@ def run_model(model_name: str, args: argparse.Namespace) -> dict:
     result["capacities"] = capacities
     rows = [(policy, policy, None) for policy in DEMAND] + [
         (f"{policy} + {name}", policy, name) for name in predictors for policy in PREFETCHING]
+    progress = tqdm(total=len(capacities) * len(rows), desc=f"{model_name} simulations", unit="run")
     for capacity in capacities:
         for row, policy, predictor in rows:
             run = simulate(heldout, policy, capacity, predictor=predictors.get(predictor), prefetch_depth=1,
                            hot_from=training if policy == "static" else None)
             result["runs"].append({"row": row, "predictor": predictor, **run.as_dict()})
-        print(f"{model_name} {capacity} of {heldout.num_experts} per layer: " + ", ".join(
-            f"{r['row']} {r['hit_rate']:.3f}" for r in result["runs"] if r["capacity"] == capacity), flush=True)
+            report(result)
+            progress.update(1)
+        tqdm.write(f"{model_name} {capacity} of {heldout.num_experts} per layer: " + ", ".join(
+            f"{r['row']} {r['hit_rate']:.3f}" for r in result["runs"] if r["capacity"] == capacity))
+    progress.close()
     return result
 
 
@@ -149,14 +158,14 @@ def markdown(results: dict) -> str:
         if trained:
             lines += ["Predictors trained in: " + ", ".join(f"{name} {p['train_seconds']:.1f} s"
                                                             for name, p in trained.items()) + ".", ""]
-        capacities = model["capacities"]
+        capacities = model.get("capacities", [])
         lines += ["| policy | " + " | ".join(f"{c} of {model['num_experts']}" for c in capacities) + " |",
                   "|---" * (1 + len(capacities)) + "|"]
         cells: dict[str, dict[int, str]] = {}
         for run in model["runs"]:
             cells.setdefault(run["row"], {})[run["capacity"]] = f"{run['hit_rate']:.3f} ({run['loads']:,})"
         for row, by_capacity in cells.items():
-            lines.append(f"| {row} | " + " | ".join(by_capacity[c] for c in capacities) + " |")
+            lines.append(f"| {row} | " + " | ".join(by_capacity.get(c, "") for c in capacities) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -173,11 +182,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                "args": {"files": args.files, "eval_tokens": args.eval_tokens, "train_tokens": args.train_tokens,
                         "capacities": args.capacities, "predictors": args.predictors,
                         "oracle_noise": args.oracle_noise, "epochs": args.epochs, "max_seconds": args.max_seconds},
-               "models": [run_model(name, args) for name in args.models]}
-    (args.out / "cache.json").write_text(json.dumps(results, indent=1))
-    report = markdown(results)
-    (args.out / "cache.md").write_text(report)
-    print(report)
+               "models": []}
+
+    def write(partial_model: dict | None = None) -> None:
+        """Rewrite the result files with every finished row so far (an interrupted run keeps them)."""
+        snapshot = {**results, "models": [*results["models"], *([partial_model] if partial_model else [])]}
+        (args.out / "cache.json").write_text(json.dumps(snapshot, indent=1))
+        (args.out / "cache.md").write_text(markdown(snapshot))
+
+    for name in args.models:
+        results["models"].append(run_model(name, args, write))
+        write()
+    print(markdown(results))
     print(f"wrote {args.out / 'cache.json'} and {args.out / 'cache.md'}")
     return 0
 

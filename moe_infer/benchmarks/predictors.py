@@ -1,18 +1,28 @@
 #!/usr/bin/env python
 """Recall of every routing predictor on the shipped tiny models.
 
-For each model: record three traces with ``moe_infer.profiler.record_trace`` (every MoE input and
-the token embedding as features) -- training text (every 2nd training-split stdlib file), held-out
-text (the held-out stdlib files, split by ``moe_infer.corpus``'s rule) and text of another
-kind (license texts from /usr/share/common-licenses) -- train every predictor on the first, and
-report recall of the true experts among the predicted top-K at layer distances 1..4 on the other
-two, with calibration and cost per token (multiply-accumulates and measured time) beside the
-model's own. Then, with room for half of each layer's experts: hit rates in the trace-driven cache
-simulator (LRU, belady, and prefetch driven by each predictor), and in the executor on CPU tiers
-(greedy decoding of held-out prompts: bytes moved, time stalled, prefetches, outputs compared with
-the unbudgeted model). Writes ``bench/results/predictors.json`` and ``predictors.md``.
+For each model: record four traces with ``moe_infer.profiler.record_trace`` (every MoE input and
+the token embedding as features) -- training text (every 2nd training-split stdlib file),
+validation text (the other training-split files: never trained on, never reported as a result),
+held-out text (the held-out stdlib files, split by ``moe_infer.corpus``'s rule, which the models
+never saw) and text of another kind (license texts from /usr/share/common-licenses).
 
-    moe-infer bench predictors                      # both models, about 30 min on 1 core
+With ``--tune``, the learned predictors' hyperparameters (``TUNING``: expertflow's and pregate's
+hidden size and loss) are searched first: every
+combination is trained on the training trace and scored on the validation trace only (mean
+recall over d=1..4), each finished row written to ``predictors-tune.{json,md}``; the best
+combination of each row below is then used. Without ``--tune`` the library defaults are used.
+
+Then every predictor is trained on the training trace and its recall of the true experts among
+the predicted top-K at layer distances 1..4 is reported on validation, held-out and license text,
+with calibration and cost per token (multiply-accumulates and measured time) beside the model's
+own; the shipped ``predictor-expertflow.safetensors`` is scored the same way. Then, with room for
+half of each layer's experts: hit rates in the trace-driven cache simulator (LRU, belady, and
+prefetch driven by each predictor), and in the executor on CPU tiers (greedy decoding of
+held-out prompts: bytes moved, time stalled, prefetches, outputs compared with the unbudgeted
+model). ``predictors.json`` and ``predictors.md`` are rewritten after every finished row.
+
+    moe-infer bench predictors --tune               # both models, tuning included
     moe-infer bench predictors --models tiny-mixtral --epochs 2
 
 (``python scripts/bench_predictors.py ...`` is the same.)
@@ -41,7 +51,8 @@ from moe_infer.trace import Trace
 RESULTS = Path("bench") / "results"  # under the current directory
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1"]
 LICENSE_DIR = Path("/usr/share/common-licenses")
-# (row name, kind, options); learned predictors also get --epochs
+# (row name, kind, options); learned predictors also get --epochs. "expertflow" and "pregate" rows
+# take the tuned options of their tuning group (``TUNING``) over these.
 PREDICTORS = [
     ("frequency", "frequency", {}),
     ("markov", "markov", {}),
@@ -50,12 +61,22 @@ PREDICTORS = [
     # the next layer's attention run ahead on the residual stream (predictors/lookahead.py): more
     # recall at d=1 for one extra attention pass per MoE layer
     ("expertflow (attention lookahead)", "expertflow", {"attention_lookahead": True}),
-    # ablations of the defaults: the softmax loss, and no previous-token MoE inputs
-    ("expertflow (distillation loss)", "expertflow", {"loss": "distillation"}),
+    # ablation of the chosen options: no previous-token MoE inputs
     ("expertflow (previous_dim=0)", "expertflow", {"previous_dim": 0}),
     ("pregate", "pregate", {}),
     ("pregate (next token)", "pregate", {"lookahead": 1}),
 ]
+SHIPPED_ROW = "expertflow, shipped file"  # moe_infer.assets.predictor_path(model): trained once, not here
+# --tune: (tuning group, kind, fixed options, grid). A row of PREDICTORS takes the best combination
+# of its group (ROW_GROUP) under its own options; the attention-lookahead row shares expertflow's
+# choice (searching it apart would double the search, the costliest part of this benchmark).
+TUNING = [
+    ("expertflow", "expertflow", {"attention_lookahead": False},
+     {"hidden": [80, 192], "loss": ["membership", "distillation"]}),
+    ("pregate", "pregate", {"lookahead": 0}, {"hidden": [48, 96], "loss": ["membership", "distillation"]}),
+]
+ROW_GROUP = {"expertflow": "expertflow", "expertflow (previous_dim=0)": "expertflow",
+             "expertflow (attention lookahead)": "expertflow", "pregate": "pregate", "pregate (next token)": "pregate"}
 LEARNED = {"expertflow", "pregate"}
 DISTANCES = (1, 2, 3, 4)
 # simulator rows: (row name, policy, predictor row or None)
@@ -79,9 +100,14 @@ def ordinal(n: int) -> str:
 
 
 def corpora() -> dict[str, list[Path]]:
+    """Files of each trace: "train" (every TRAIN_EVERY-th training-split file), "validation" (the
+    training-split files in between: for choosing hyperparameters), "heldout" (the held-out split:
+    the reported result), "licenses" (another kind of text), when present."""
     _, files = stdlib_files()
     training = [path for rel, path in files if not is_heldout(rel)]
-    corpora = {"train": training[::TRAIN_EVERY], "heldout": [path for rel, path in files if is_heldout(rel)]}
+    validation = [path for i, path in enumerate(training) if i % TRAIN_EVERY]
+    corpora = {"train": training[::TRAIN_EVERY], "validation": validation,
+               "heldout": [path for rel, path in files if is_heldout(rel)]}
     licenses = [LICENSE_DIR / name for name in LICENSES if (LICENSE_DIR / name).is_file()]
     if licenses:
         corpora["licenses"] = licenses
@@ -94,7 +120,7 @@ def record(model_name: str, model, name: str, files: list[Path], work_dir: Path,
         layers = moe_infer.executor(model).moe_layer_indices
         features = ("embedding", *(f"moe_input:{layer}" for layer in layers))
         record_trace(model, path, texts=files, seq_len=512, batch_size=8, max_tokens=max_tokens,
-                     features=features, model_name=model_name, progress=False)
+                     features=features, model_name=model_name, progress=True)
     return Trace.load(path)
 
 
@@ -142,44 +168,118 @@ def cost_at_mixtral_shape(predictor) -> dict | None:
     return {"macs_per_token": int(macs), "share": macs / MIXTRAL_MACS}
 
 
-def run_model(model_name: str, args) -> dict:
+def learned_options(kind: str, options: dict, args) -> dict:
+    options = dict(options)
+    if kind in LEARNED:
+        options.update(epochs=args.epochs, max_seconds=args.max_seconds)
+    return options
+
+
+def evaluate(predictor, traces: dict[str, Trace], names) -> dict:
+    out = {}
+    for name in names:
+        evaluation = predictor.evaluate(traces[name], max_distance=max(DISTANCES))
+        out[name] = {key: evaluation[key] for key in ("recall", "recall_per_layer", "calibration", "seconds_per_token")}
+    return out
+
+
+def validation_score(entry: dict) -> float:
+    """What tuning maximises: mean validation recall over d = 1..4."""
+    recall = entry["eval"]["validation"]["recall"]
+    return sum(recall[d] for d in DISTANCES) / len(DISTANCES)
+
+
+def tune(model_name: str, traces: dict[str, Trace], args, report) -> dict[str, dict]:
+    """Every combination of ``TUNING``'s grids, trained on "train" and scored on "validation" only;
+    returns the best options of each tuning group. ``report(group, row)`` gets each finished row."""
+    import itertools
+
+    from tqdm.auto import tqdm
+
+    from moe_infer.predictors.progress import training_progress
+
+    combinations = [(group, kind, {**fixed, **dict(zip(grid, values))})
+                    for group, kind, fixed, grid in TUNING for values in itertools.product(*grid.values())]
+    best: dict[str, tuple[float, dict]] = {}
+    with tqdm(total=len(combinations), desc=f"{model_name} tuning", unit="run") as progress:
+        for group, kind, options in combinations:
+            start = time.perf_counter()
+            with training_progress(f"{model_name} {group} {options}"):
+                predictor = train(kind, traces["train"], **learned_options(kind, options, args))
+            row = {"group": group, "kind": kind, "options": options, "train_seconds": time.perf_counter() - start,
+                   "macs_per_token": predictor.cost()["macs_per_token"],
+                   "eval": evaluate(predictor, traces, ["validation"])}
+            row["score"] = validation_score(row)
+            # ties keep the first (smaller) combination of the grid
+            if group not in best or row["score"] > best[group][0]:
+                best[group] = (row["score"], options)
+            report(group, row)
+            progress.update(1)
+    return {group: options for group, (_, options) in best.items()}
+
+
+def run_model(model_name: str, args, report) -> dict:
+    """Every measurement of one model; ``report(result)`` gets the partial result after each row."""
+    from tqdm.auto import tqdm
+
+    from moe_infer.predictors import load as load_predictor
+    from moe_infer.predictors.progress import training_progress
+
     model, _ = moe_infer.assets.load_model(model_name)
     moe_infer.wrap(model)
     traces = {name: record(model_name, model, name, files, args.work_dir,
                            args.train_tokens if name == "train" else args.eval_tokens)
               for name, files in corpora().items()}
-    result = {"model": model_name, "traces": {}, "predictors": {}, "model_cost": model_cost(model, traces["heldout"])}
+    result = {"model": model_name, "traces": {}, "predictors": {}, "tuned": None,
+              "model_cost": model_cost(model, traces["heldout"])}
     for name, trace in traces.items():
         result["traces"][name] = {"tokens": trace.num_tokens, "sequences": trace.num_sequences,
                                   "files": json.loads(trace.source).get("files", [])[:3] + ["..."]}
+    if args.tune:
+        result["tuning"] = []
+
+        def tuning_row(group, row):
+            result["tuning"].append(row)
+            report(result)
+
+        result["tuned"] = tune(model_name, traces, args, tuning_row)
+    evaluated = [name for name in traces if name != "train"]
     predictors = {}
-    for row, kind, options in PREDICTORS:
-        options = dict(options)
-        if kind in LEARNED:
-            options.update(epochs=args.epochs, max_seconds=args.max_seconds)
+    shipped = moe_infer.assets.predictor_path(model_name)
+    rows = [*PREDICTORS, *([(SHIPPED_ROW, "expertflow", {})] if shipped is not None else [])]
+    for row, kind, options in tqdm(rows, desc=f"{model_name} predictors", unit="predictor"):
+        options = {**(result["tuned"] or {}).get(ROW_GROUP.get(row), {}), **options}
+        options = learned_options(kind, options, args)
         if kind == "gate-lookahead":
             options["model"] = model
         start = time.perf_counter()
-        predictor = train(kind, traces["train"], **options)
+        if row == SHIPPED_ROW:
+            predictor = load_predictor(shipped)
+        else:
+            with training_progress(f"{model_name} {row}"):
+                predictor = train(kind, traces["train"], **options)
         seconds = time.perf_counter() - start
         entry = {"kind": kind, "options": {k: v for k, v in predictor.options.items() if k != "model"},
-                 "training": predictor.training,
-                 "train_seconds": seconds, "cost": predictor.cost(),
-                 "cost_at_mixtral_shape": cost_at_mixtral_shape(predictor), "eval": {}}
-        for name, trace in traces.items():
-            if name == "train":
-                continue
-            evaluation = predictor.evaluate(trace, max_distance=max(DISTANCES))
-            entry["eval"][name] = {key: evaluation[key] for key in
-                                   ("recall", "recall_per_layer", "calibration", "seconds_per_token")}
+                 "training": predictor.training, "train_seconds": None if row == SHIPPED_ROW else seconds,
+                 "cost": predictor.cost(), "cost_at_mixtral_shape": cost_at_mixtral_shape(predictor),
+                 "eval": evaluate(predictor, traces, evaluated)}
+        if row == SHIPPED_ROW:
+            entry["file"] = f"moe_infer/assets/{model_name}/{shipped.name}"
         result["predictors"][row] = entry
         predictors[row] = predictor
-        print(f"{model_name} {row}: " + ", ".join(
+        report(result)
+        tqdm.write(f"{model_name} {row}: " + ", ".join(
             f"{name} " + " ".join(f"{entry['eval'][name]['recall'][d]:.3f}" for d in DISTANCES)
-            for name in entry["eval"]) + f" (trained in {seconds:.0f} s)", flush=True)
+            for name in entry["eval"]) + f" ({seconds:.0f} s)")
     moe_infer.unwrap(model)
     result["simulator"] = simulations(traces, predictors, args)
-    result["executor"] = executions(model, traces["heldout"], predictors, args)
+    report(result)
+    def executor_row(partial: dict) -> None:
+        result["executor"] = partial
+        report(result)
+
+    result["executor"] = executions(model, traces["heldout"], predictors, args, executor_row)
+    report(result)
     return result
 
 
@@ -189,7 +289,7 @@ def simulations(traces: dict[str, Trace], predictors: dict, args) -> dict:
 
     out = {}
     for name, trace in traces.items():
-        if name == "train":
+        if name in ("train", "validation"):
             continue
         trace = trace.select_sequences([seq for seq, _ in trace.sequences()][:args.sim_sequences])
         capacity = trace.num_experts // 2
@@ -203,7 +303,7 @@ def simulations(traces: dict[str, Trace], predictors: dict, args) -> dict:
     return out
 
 
-def executions(model, trace: Trace, predictors: dict, args) -> dict:
+def executions(model, trace: Trace, predictors: dict, args, report=lambda out: None) -> dict:
     """Greedy decoding of held-out prompts under a CPU-tier budget of half of the experts."""
     import tempfile
 
@@ -242,20 +342,28 @@ def executions(model, trace: Trace, predictors: dict, args) -> dict:
                                 "bytes_moved": tier["bytes_moved"], "stall_seconds": stats["stall_seconds"],
                                 "prefetch": stats["prefetch"], "predictor_recall": stats["predictor_recall"]}
             print(f"executor {row}: {out['rows'][row]}", flush=True)
+            report(out)
     return out
 
 
+def page_header(title: str, results: dict) -> list[str]:
+    """A result page's title and the line naming the date, machine and command."""
+    return [title, "", f"{results['date']}, {results['device']}, torch {results['torch']}, 1 thread. "
+                       f"Command: `{results['command']}`.", ""]
+
+
 def markdown(results: dict) -> str:
-    lines = ["# Routing predictors: recall on held-out text and on text of another kind", "",
-             f"{results['date']}, {results['device']}, torch {results['torch']}, 1 thread. "
-             f"Command: `{results['command']}`.", "",
+    lines = [*page_header("# Routing predictors: recall on held-out text and on text of another kind", results),
              "Recall = mean fraction of a token's K true experts found among the predictor's top-K at that "
              "layer, predicted from what is known d MoE layers earlier (for layers below d: from what is "
              "known before the first MoE layer); averaged over every MoE layer. Traces: prefill over "
              f"512-token windows. Training: every {ordinal(TRAIN_EVERY)} training-split stdlib file; held-out: "
              "the held-out "
              "stdlib files (`int(sha256(relpath)[:8],16) % 100 < 5`, the split the models were trained "
-             "with); other text: license texts (" + ", ".join(LICENSES) + "). Learned predictors keep "
+             "with); validation: the training-split files between the training ones (never trained on; "
+             + ("hyperparameters were chosen on it alone, `predictors-tune.md`" if results["args"].get("tune")
+                else "not used for any choice in this run: library defaults") + "); "
+             "other text: license texts (" + ", ".join(LICENSES) + "). Learned predictors keep "
              "their top-K within the router's group limit when the training trace shows one "
              "(tiny-deepseek: 2 of 4 blocks of 8 experts; `features.group_limit`).", ""]
     for model in results["models"]:
@@ -266,9 +374,13 @@ def markdown(results: dict) -> str:
                   f"{cost['seconds_per_token'] * 1e6:.1f} us per token (prefill, this machine).", ""]
         names = [name for name in model["traces"] if name != "train"]
         header = "| predictor | " + " | ".join(f"{name} d={d}" for name in names for d in DISTANCES)
+        if model.get("tuned"):
+            lines += ["Tuned on validation (`predictors-tune.md`): " + "; ".join(
+                f"{group}: " + ", ".join(f"{k}={v}" for k, v in options.items())
+                for group, options in model["tuned"].items()) + ".", ""]
         lines += [header + " | ECE d=1 (held-out) | MACs/token | % of model | % at Mixtral-8x7B shape "
                   "| us/token offline |", "|---" * (1 + len(names) * len(DISTANCES) + 5) + "|"]
-        best = {(name, d): max(p["eval"][name]["recall"][d] for p in model["predictors"].values())
+        best = {(name, d): max((p["eval"][name]["recall"][d] for p in model["predictors"].values()), default=None)
                 for name in names for d in DISTANCES}
         for row, entry in model["predictors"].items():
             cells = []
@@ -298,8 +410,38 @@ def markdown(results: dict) -> str:
             lines.append(f"- {row}: d=1 " + " ".join(f"{v:.2f}" for v in per_layer[1])
                          + "; d=4 " + " ".join(f"{v:.2f}" for v in per_layer[4]))
         lines.append("")
-        lines += simulator_markdown(model), ""
-        lines += executor_markdown(model), ""
+        if "simulator" in model:
+            lines += simulator_markdown(model), ""
+        if model.get("executor", {}).get("rows"):
+            lines += executor_markdown(model), ""
+    return "\n".join(lines)
+
+
+def tuning_markdown(results: dict) -> str:
+    """The tuning runs of ``--tune``: every combination's validation recall; the chosen ones in bold."""
+    lines = [*page_header("# Routing predictors: hyperparameter search on validation text", results),
+             "Each combination was trained on the training trace and scored on the validation trace only "
+             "(training-split stdlib files between the training ones; never trained on, and distinct from the "
+             "held-out files that `predictors.md` reports). Score: mean recall over d = 1..4; the best "
+             "combination of each group (bold; ties keep the smaller network) is what `predictors.md` "
+             "trains. Searched: " + "; ".join(
+                 f"{group}: " + " x ".join(f"{k} in {v}" for k, v in grid.items())
+                 + (" (" + ", ".join(f"{k}={v}" for k, v in fixed.items()) + ")" if fixed else "")
+                 for group, _, fixed, grid in TUNING) + f"; {results['args']['epochs']} epochs, "
+             f"{results['args']['train_tokens']:,} training tokens.", ""]
+    for model in results["models"]:
+        rows = model.get("tuning", [])
+        lines += [f"## {model['model']}", "",
+                  "| group | options | validation d=1 | d=2 | d=3 | d=4 | score | MACs/token | train s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            recall = row["eval"]["validation"]["recall"]
+            chosen = (model.get("tuned") or {}).get(row["group"]) == row["options"]
+            options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+            score = f"**{row['score']:.3f}**" if chosen else f"{row['score']:.3f}"
+            lines.append(f"| {row['group']} | {options} | " + " | ".join(f"{recall[d]:.3f}" for d in DISTANCES)
+                         + f" | {score} | {row['macs_per_token']:,} | {row['train_seconds']:.0f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -353,6 +495,9 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts decoded in the executor run")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--tune", action="store_true",
+                        help="search the learned predictors' hyperparameters on the validation text first "
+                             "(predictors-tune.json/.md) and use the best")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of predictors.json and predictors.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -363,10 +508,23 @@ def main(argv=None, prog: str | None = None) -> int:
                "python": platform.python_version(),
                "command": " ".join([parser.prog, *(sys.argv[1:] if argv is None else argv)]),
                "args": {"epochs": args.epochs, "train_tokens": args.train_tokens, "eval_tokens": args.eval_tokens,
-                        "max_seconds": args.max_seconds},
-               "models": [run_model(name, args) for name in args.models]}
-    (args.out / "predictors.json").write_text(json.dumps(results, indent=1))
-    (args.out / "predictors.md").write_text(markdown(results))
+                        "max_seconds": args.max_seconds, "tune": args.tune},
+               "models": []}
+
+    def write(partial_model: dict | None = None) -> None:
+        """Rewrite the result files with every finished row so far (an interrupted run keeps them)."""
+        snapshot = {**results, "models": [*results["models"], *([partial_model] if partial_model else [])]}
+        (args.out / "predictors.json").write_text(json.dumps(snapshot, indent=1))
+        (args.out / "predictors.md").write_text(markdown(snapshot))
+        if args.tune:
+            (args.out / "predictors-tune.json").write_text(json.dumps(
+                {**snapshot, "models": [{k: m[k] for k in ("model", "traces", "tuning", "tuned") if k in m}
+                                        for m in snapshot["models"]]}, indent=1))
+            (args.out / "predictors-tune.md").write_text(tuning_markdown(snapshot))
+
+    for name in args.models:
+        results["models"].append(run_model(name, args, write))
+        write()
     print(markdown(results))
     print(f"wrote {args.out / 'predictors.json'} and {args.out / 'predictors.md'}")
     return 0
