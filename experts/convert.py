@@ -24,6 +24,7 @@ import torch
 
 from .fp8 import DEFAULT_BLOCK, dequantize, scale_shape
 from .hub_layouts import INDEX_FILE, ConversionPlan, LayerPlan, SourceCheckpoint, plan_conversion
+from .gptq_awq import ImportedSource, import_format_of
 from .math import ExpertTensors
 from .quant import DEFAULT_GROUP_SIZE, QuantizedWeight, QuantScheme, part_specs
 from .quant import quantize as quantize_weight
@@ -195,7 +196,11 @@ class _Converter:
         quantized blocks wait for the tensors before them."""
         quantized: dict[str, list[QuantizedWeight]] = {"w13": [], "w2": []}
         biases = []
-        for kind, block in self._expert_parts(plan, e):
+        if isinstance(self.source, ImportedSource):  # GPTQ / AWQ experts: re-packed, never dequantized
+            roles = plan.per_expert[e]
+            quantized = {"w13": [self.source.read_quantized(roles["gate"]), self.source.read_quantized(roles["up"])],
+                         "w2": [self.source.read_quantized(roles["down"])]}
+        for kind, block in self._expert_parts(plan, e) if not isinstance(self.source, ImportedSource) else ():
             if kind in quantized:
                 quantized[kind].append(quantize_weight(block, self.options.quantize))
             else:
@@ -354,10 +359,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtyp
                           f"row); got quantize={quantize!r}")
     if isinstance(quantize, str):
         quantize = QuantScheme(quantize, group_size if group_size is not None else DEFAULT_GROUP_SIZE)
-    options = ConvertOptions(dtype, fp8, quantize)
     start = time.perf_counter()
     source = SourceCheckpoint(src)
     try:
+        imported = import_format_of(src)  # GPTQ / AWQ: experts re-packed into int4, the rest dequantized
+        if imported is not None:
+            scheme = QuantScheme("int4", imported.group_size)
+            if quantize is not None and quantize != scheme:
+                raise ConfigError(f"{src} is a {imported.method.upper()} int4 checkpoint in groups of "
+                                  f"{imported.group_size}; its experts are imported as they are (quantize={scheme.name!r}"
+                                  f", group_size={scheme.group_size}), not as {quantize.as_json()}")
+            quantize, source = scheme, ImportedSource(source, imported)
+        options = ConvertOptions(dtype, fp8, quantize)
         fingerprint = source.fingerprint()
         if _check_destination(dst, fingerprint, options):
             if verify_after:
