@@ -330,6 +330,7 @@ class ModelExecutor:
             "tiers": cache["tiers"],
             "prefetch": cache["prefetch"],
             "predictor_recall": self.predictor_hook.recall() if self.predictor_hook is not None else None,
+            "predictor_seconds": self.predictor_hook.seconds if self.predictor_hook is not None else 0.0,
             "cpu_computed_experts": cache["cpu_computed_experts"],
             "stall_seconds": cache["stall_seconds"],
             "kernel": self.kernel,

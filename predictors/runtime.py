@@ -19,6 +19,8 @@ E experts, W window width.
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Callable
 from typing import Any
 
@@ -118,6 +120,7 @@ class PredictionHook:
         self.found: dict[int, int] = {}  # distance -> true experts found among the predicted top-K
         self.needed: dict[int, int] = {}  # distance -> true experts
         self.sunk = 0  # sink calls
+        self.seconds = 0.0  # wall time spent in the hook (predicting, scoring, prefetch requests)
 
     def recall(self) -> dict[int, float]:
         """Recall of the true experts among each token's predicted top-K, per distance."""
@@ -150,6 +153,13 @@ class PredictionHook:
                          previous.reshape(num_tokens, num_layers, self.top_k), previous_hidden, self.lookahead)
 
     def __call__(self, layer, hidden: torch.Tensor, routing) -> None:
+        start = time.perf_counter()
+        try:
+            self._observe(layer, hidden, routing)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _observe(self, layer, hidden: torch.Tensor, routing) -> None:
         position = self.positions[layer.layer_idx]
         if position == 0 or self.state is None:
             self.state = self._new_call(hidden.shape[0])
