@@ -16,21 +16,26 @@ from abc import ABC, abstractmethod
 import torch
 
 from moe_infer.experts.math import Activation, ExpertTensors, projection_tensors
+from moe_infer.experts.quant import QuantizedWeight
 from moe_infer.errors import ConfigError
 
 from .pool import SlotLayout
 
 
 def tensors_nbytes(t: ExpertTensors) -> int:
-    return sum(x.numel() * x.element_size() for x in (t.w13, t.w2, t.b13, t.b2) if x is not None)
+    """Bytes of an expert's tensors (a quantized weight counts its packed bytes, scales and zeros)."""
+    return sum(x.nbytes if isinstance(x, QuantizedWeight) else x.numel() * x.element_size()
+               for x in (t.w13, t.w2, t.b13, t.b2) if x is not None)
 
 
 def empty_like_expert(template: ExpertTensors, device: torch.device | str, *, pin: bool = False) -> ExpertTensors:
     """Uninitialised buffers shaped like `template` on `device` (pinned host memory if `pin`)."""
 
-    def make(x: torch.Tensor | None) -> torch.Tensor | None:
+    def make(x):
         if x is None:
             return None
+        if isinstance(x, QuantizedWeight):
+            return x.map(make)
         # the template's strides, not contiguous ones: a transposed weight (GPT-OSS keeps [H, 2I])
         # must stay transposed, or the matmul takes another path and rounds differently
         strides = x.stride() if _dense(x) else None
@@ -57,7 +62,10 @@ def copy_expert(dst: ExpertTensors, src: ExpertTensors, *, non_blocking: bool = 
     for d, s in ((dst.w13, src.w13), (dst.w2, src.w2), (dst.b13, src.b13), (dst.b2, src.b2)):
         if (d is None) != (s is None):
             raise ConfigError("copy_expert: source and destination disagree on biases")
-        if d is not None:
+        if isinstance(d, QuantizedWeight):
+            for role, part in d.parts().items():
+                part.copy_(s.parts()[role], non_blocking=non_blocking)
+        elif d is not None:
             d.copy_(s, non_blocking=non_blocking)
 
 
@@ -151,7 +159,8 @@ class StoreBacking(Backing):
         self.store = store
         self.activations = activations
         self.dtype = dtype if dtype is not None else store.compute_dtype
-        self.cast = self.dtype != store.compute_dtype or store.fp8_block is not None
+        # int8 / int4 experts are held as stored (their slot layout is the file's); only float or FP8 ones cast
+        self.cast = store.quant_scheme is None and (self.dtype != store.compute_dtype or store.fp8_block is not None)
         self._templates: dict[int, ExpertTensors] = {}
 
     @property
@@ -167,6 +176,10 @@ class StoreBacking(Backing):
             # shapes, strides and dtypes only (on `meta`): keeping a real expert per layer as the
             # template held a layer count of experts outside every budget (1.3 GB for 4 Mixtral layers)
             layout = self.store.layout(layer_idx)
+            if self.store.quant_scheme is not None:  # QuantizedWeight views of meta tensors
+                self._templates[layer_idx] = self.store.tensors_from_bytes(
+                    layer_idx, torch.empty(layout.nbytes, dtype=torch.uint8, device="meta"))
+                return self._templates[layer_idx]
             shapes = {kind: (dtype, shape) for kind, dtype, shape, _ in layout.parts}
             dtype_of = lambda kind: self.dtype if kind in ("w13", "w2") or self.cast else shapes[kind][0]  # noqa: E731
             self._templates[layer_idx] = ExpertTensors(*(
@@ -184,7 +197,8 @@ class StoreBacking(Backing):
         if self.cast:
             return super().slot_layout(layer_idx)
         return SlotLayout.of_bytes([(kind, dtype, tuple(shape), off)
-                                    for kind, dtype, shape, off in self.store.layout(layer_idx).parts])
+                                    for kind, dtype, shape, off in self.store.layout(layer_idx).parts],
+                                   quant=self.store.quant_scheme)
 
     def fill(self, layer_idx: int, expert: int, raw: torch.Tensor, *, drop_page_cache: bool = False) -> None:
         if not self.cast:
@@ -201,7 +215,7 @@ class StoreBacking(Backing):
 
     def projection(self, layer_idx: int, expert: int, projection: str) -> ExpertTensors:
         weight, bias = self.store.read_projection(layer_idx, expert, projection)
-        if weight.dtype != self.dtype:
+        if not isinstance(weight, QuantizedWeight) and weight.dtype != self.dtype:
             weight, bias = weight.to(self.dtype), None if bias is None else bias.to(self.dtype)
         return projection_tensors(projection, weight, bias)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_infer.experts.math import Activation, ExpertTensors, expert_forward
+from moe_infer.experts.quant import QuantizedWeight
 
 from .backing import copy_expert, empty_like_expert, tensors_nbytes
 
@@ -47,7 +48,10 @@ class CostModel:
         it, a pinned host -> `device` copy is timed."""
         host = empty_like_expert(template, "cpu", pin=torch.device(device).type == "cuda")
         for x in (host.w13, host.w2, host.b13, host.b2):
-            if x is not None:
+            if isinstance(x, QuantizedWeight):  # timing only: any bytes, finite scales
+                for part in x.parts().values():
+                    part.fill_(1)
+            elif x is not None:
                 x.normal_(0, 0.02)
         dst = empty_like_expert(template, device)
 
@@ -60,7 +64,9 @@ class CostModel:
             copy_once = fetch
 
         def cpu_once(rows: int):
-            x = torch.randn(rows, host.w13.shape[1], dtype=host.w13.dtype)
+            dtype = host.b13.dtype if isinstance(host.w13, QuantizedWeight) and host.b13 is not None else (
+                torch.bfloat16 if isinstance(host.w13, QuantizedWeight) else host.w13.dtype)
+            x = torch.randn(rows, host.w13.shape[1], dtype=dtype)
             return lambda: expert_forward(x, host, activation)
 
         copy_s = _median_seconds(copy_once, repeats)

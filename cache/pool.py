@@ -34,6 +34,7 @@ from torch import Tensor
 
 from moe_infer.errors import ConfigError
 from moe_infer.experts.math import ExpertTensors
+from moe_infer.experts.quant import PART_ROLES, QuantizedWeight, QuantScheme
 
 KINDS = ("w13", "w2", "b13", "b2")  # the parts of a floating-point expert, as ExpertTensors holds them
 _pinned = {"bytes": 0}
@@ -67,6 +68,9 @@ class SlotLayout:
     parts: tuple[Part, ...]
     nbytes: int  # bytes from the slot's start to the end of its last part
     interleaved: bool = False
+    # int8 / int4 experts (experts/quant.py): parts "w13.qweight", "w13.scales", ["w13.zeros"], "w2...."
+    # that `view` and `SlotPool.stacked` assemble into QuantizedWeight
+    quant: QuantScheme | None = None
 
     @classmethod
     def compact(cls, template: ExpertTensors) -> "SlotLayout":
@@ -85,13 +89,15 @@ class SlotLayout:
         return cls(tuple(parts), offset, template.interleaved)
 
     @classmethod
-    def of_bytes(cls, parts: list[tuple[str, torch.dtype, tuple[int, ...], int]]) -> "SlotLayout":
-        """A layout of contiguous tensors at given byte offsets (a converted checkpoint's expert range)."""
+    def of_bytes(cls, parts: list[tuple[str, torch.dtype, tuple[int, ...], int]],
+                 quant: QuantScheme | None = None) -> "SlotLayout":
+        """A layout of contiguous tensors at given byte offsets (a converted checkpoint's expert range;
+        `quant`: its int8 / int4 scheme)."""
         out = []
         for name, dtype, shape, offset in parts:
             strides = tuple(torch.empty(shape, device="meta").stride())
             out.append(Part(name, dtype, tuple(shape), strides, offset, torch.Size(shape).numel() * dtype.itemsize))
-        return cls(tuple(out), max(p.offset + p.nbytes for p in out))
+        return cls(tuple(out), max(p.offset + p.nbytes for p in out), quant=quant)
 
     @property
     def alignment(self) -> int:
@@ -113,6 +119,12 @@ class SlotLayout:
         for p in self.parts:
             typed = raw.view(p.dtype) if raw.ndim == 1 else raw.view(-1).view(p.dtype)
             found[p.name] = make(p, typed)
+        if self.quant is not None:
+            # in_features: w13 is [.., 2I, H] and w2 [.., H, I]; H and I read off the rows of the other weight
+            hidden, inter = found["w2.qweight"].shape[-2], found["w13.qweight"].shape[-2] // 2
+            w13, w2 = (QuantizedWeight(self.quant, *(found.get(f"{name}.{role}") for role in PART_ROLES), k)
+                       for name, k in (("w13", hidden), ("w2", inter)))
+            return ExpertTensors(w13, w2, found.get("b13"), found.get("b2"))
         return ExpertTensors(found["w13"], found["w2"], found.get("b13"), found.get("b2"),
                              interleaved=self.interleaved)
 

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from moe_infer.errors import ConfigError
 from moe_infer.experts.math import ExpertTensors, expert_counts, group_by_expert, moe_forward
+from moe_infer.experts.quant import QuantizedWeight
 
 from .backing import Backing
 from .cpu_compute import CostModel, split_misses
@@ -451,14 +452,16 @@ class ExpertCache:
         slot_map = slot_map.pin_memory() if self.device.type == "cuda" else slot_map
         slots = slot_ids(slot_map.to(hidden.device, non_blocking=True), routing.expert_ids)
         weights = pool.stacked(layer_idx)
+        quant = weights.w13.scheme if isinstance(weights.w13, QuantizedWeight) else None
+        dtype = hidden.dtype if quant is not None else weights.w13.dtype  # quantized: computed in hidden's dtype
         num_tokens, top_k = routing.expert_ids.shape
         config = self._launch_configs.get((layer_idx, num_tokens))
         if config is None:  # looked up once per layer and token count (the lookup touches the file system)
             if len(self._launch_configs) > 4096:
                 self._launch_configs.clear()
             config = self._launch_configs[(layer_idx, num_tokens)] = get_config(
-                self.num_experts[layer_idx], weights.w2.shape[2], top_k, num_tokens, weights.w13.dtype, hidden.device)
-        out = fused_moe_with_config(hidden.to(weights.w13.dtype), weights.w13, weights.w2, slots,
+                self.num_experts[layer_idx], weights.w2.shape[2], top_k, num_tokens, dtype, hidden.device, quant)
+        out = fused_moe_with_config(hidden.to(dtype), weights.w13, weights.w2, slots,
                                     routing.expert_weights, config, activation=activation, b13=weights.b13,
                                     b2=weights.b2, interleaved=weights.interleaved)
         with self.cond:

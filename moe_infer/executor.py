@@ -166,18 +166,20 @@ class ModelExecutor:
     def _check_quantize(self, config: MoEConfig) -> None:
         """Refuse a `quantize` this model cannot take, and what quantized experts cannot run with yet
         (before anything changes)."""
+        from moe_infer.experts.store import StoreExperts
+
         current, wanted = self.quantization, config.quantize
         if wanted is not None or current is not None:
             if config.parallel is not None:
                 raise NotSupported("parallel with quantized experts: the multi-rank path slices float experts only "
                                    "in this version")
-            if config.gpu_memory is not None or config.cpu_memory is not None:
-                raise NotSupported("an expert budget (gpu_memory / cpu_memory) with quantized experts: the tiered "
-                                   "cache moves float experts in this version; run them without a budget")
+            in_memory = not any(isinstance(layer.expert_source, StoreExperts) for layer in self.layers)
+            if in_memory and (config.gpu_memory is not None or config.cpu_memory is not None):
+                raise NotSupported("an expert budget (gpu_memory / cpu_memory) with experts quantized in memory: the "
+                                   "tiered cache holds quantized experts of a converted checkpoint only in this "
+                                   "version (convert with --quantize, then load with the budget)")
         if wanted is None or wanted == current:
             return
-        from moe_infer.experts.store import StoreExperts
-
         if any(isinstance(layer.expert_source, StoreExperts) for layer in self.layers):
             raise ConfigError(f"quantize={wanted.name!r}: this model reads its experts from a converted checkpoint "
                               f"(stored as {current.name if current else 'float'}); convert it with "

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from moe_infer.benchmarks import predictors as bench_predictors  # the training-split corpus and trace recording
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_predictors  # noqa: E402  (the training-split corpus and trace recording)
 import bench_traces  # noqa: E402
 
 

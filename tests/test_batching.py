@@ -209,10 +209,10 @@ def test_cli_generate_from_a_prompts_file(tmp_path, capsys):
                  "--max-new-tokens", "4", "--max-batch-size", "2", "--token-scheduling", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("] '") == 5 and "expert scheduler" in out and "distinct experts per micro-batch" in out
-    with pytest.raises(SystemExit) as exit_info:  # a MoEConfig flag's choices are checked by the parser
+    with pytest.raises(SystemExit) as exit_info:  # argparse checks the choices MoEConfig declares
         main(["generate", "--model", "tiny-mixtral", "--prompt", "x", "--cache-policy", "fifo"])
     assert exit_info.value.code == 2
-    assert "--cache-policy: invalid choice: 'fifo'" in capsys.readouterr().err
+    assert "invalid choice: 'fifo' (choose from 'lru', 'lfu', 'expertflow', 'static')" in capsys.readouterr().err
 
 
 def test_predicted_next_token_scores_drive_the_replay():

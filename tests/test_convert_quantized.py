@@ -112,3 +112,23 @@ def test_group_size_and_biases(tmp_path):
     ids = torch.randint(3, tiny_models.VOCAB_SIZE, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_cache_budgets_count_quantized_bytes(converted, kernel):
+    """A budget over a quantized store holds quantized experts: slots of the stored size (about 4x
+    more int4 experts per byte than bf16), the same logits as without a cache, through the torch path
+    and through the fused quantized kernels over the slot pool (Triton's interpreter here)."""
+    ids = torch.tensor([list(b"for i in range(10):\n")])
+    with torch.no_grad():
+        expected = moe_infer.load(converted["int4"])(ids).logits
+    per_expert = {name: expert_bytes(converted[name]) // 48 for name in ("bf16", "int4")}
+    budget = 6 * per_expert["int4"]
+    model = moe_infer.load(converted["int4"], cpu_memory=budget, kernel=kernel)
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, **({} if kernel == "triton" else dict(rtol=0, atol=0)))
+    stats = moe_infer.executor(model).stats()
+    tier = stats["tiers"]["cpu"]
+    assert tier["slot_bytes"] <= per_expert["int4"] + 64 and tier["slots"] == 6 >= 3 * (budget // per_expert["bf16"])
+    assert tier["peak_bytes"] <= budget and stats["kernel"] == kernel
