@@ -107,3 +107,37 @@ def test_readme_snippet_runs(index, stand_ins, monkeypatch):
         model = scope.get("model")
         if model is not None and moe_infer.is_wrapped(model):
             moe_infer.executor(model).close()
+
+
+def readme_commands() -> list[str]:
+    """Every `moe-infer ...` line of the README's bash snippets (continuations joined, comments and
+    `[optional ...]` parts dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line.startswith("moe-infer "):
+                commands.append(re.sub(r"\s*\[[^\]]*\]", "", line))
+    return commands
+
+
+def test_every_readme_command_parses():
+    """The commands and flags the README shows exist, with values the parser accepts (running them is
+    what the other tests of each command do)."""
+    import shlex
+
+    from moe_infer.benchmarks import BENCHMARKS
+    from moe_infer.cli import build_parser
+
+    commands = readme_commands()
+    assert len(commands) >= 20
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        if "--help" in argv:
+            continue
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_info:
+            pytest.fail(f"README command does not parse (exit {exit_info.code}): {command}")
+        if args.command == "bench":
+            assert args.name in BENCHMARKS, command

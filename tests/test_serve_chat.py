@@ -159,7 +159,11 @@ def test_serve_user_errors_are_one_line_and_exit_2(capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "tiny-mixtral", "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
-    assert main(["serve", "tiny-mixtral", "--cache-policy", "fifo"]) == 2
-    assert "MoEConfig.cache_policy='fifo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a MoEConfig flag's choices are checked by the parser
+        main(["serve", "tiny-mixtral", "--cache-policy", "fifo"])
+    assert exit_info.value.code == 2
+    assert "--cache-policy: invalid choice: 'fifo'" in capsys.readouterr().err
+    assert main(["serve", "tiny-mixtral", "--predictor", "no-such-predictor"]) == 2  # MoEConfig's own check
+    assert "MoEConfig.predictor='no-such-predictor'" in capsys.readouterr().err
     assert main(["serve", "tiny-mixtral", "--chat-template", "/nonexistent/template.jinja"]) == 2
     assert "--chat-template '/nonexistent/template.jinja': no such file" in capsys.readouterr().err
