@@ -86,7 +86,9 @@ def mixtral_layer_errors(num_experts: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-bytes", type=int, default=65536)
-    parser.add_argument("--layer-experts", type=int, default=8, help="experts of the Mixtral-shaped layer (0: skip)")
+    parser.add_argument("--layer-experts", type=int, default=2,
+                        help="experts of the Mixtral-shaped layer (0: skip); 8 needs about 4 GB for the float "
+                             "weights alone, and a run with 8 beside other jobs was killed before it wrote anything")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     machine = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                          "top1_agreement": agreement, "meets_aim": increase <= max_increase and agreement >= min_top1})
             print(f"{name} {scheme_name}: {bpb:.4f} bits/byte ({increase:+.2%}), top-1 agreement {agreement:.2%}",
                   flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quant_accuracy.jsonl"), "a") as f:  # the model rows first: the layer is the heavy part
+        for row in rows:
+            f.write(json.dumps({**row, "device": machine, "torch": torch.__version__, "command": command}) + "\n")
     layer = mixtral_layer_errors(args.layer_experts) if args.layer_experts else {}
     for scheme_name, error in layer.items():
         print(f"Mixtral-shaped layer ({args.layer_experts} experts) {scheme_name}: relative output error {error:.4f}")
@@ -114,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quant_accuracy.jsonl"), "a") as f:
-        for row in rows:
-            f.write(json.dumps({**row, **record}) + "\n")
         if layer:
             f.write(json.dumps({"mixtral_layer_rel_error": layer, "layer_experts": args.layer_experts, **record}) + "\n")
     lines = ["# Accuracy of quantized experts\n", f"Machine: {machine}; torch {torch.__version__}. Command: `{command}`.",
