@@ -100,13 +100,14 @@ def test_readme_snippet_runs(index, stand_ins, monkeypatch):
     scope = {"torch": torch, "moe_infer": moe_infer, "AutoModelForCausalLM": AutoModelForCausalLM,
              "PlacementPlan": PlacementPlan, **namespace}
     # `model` where a snippet uses one it did not make (a wrapped model, as "model: wrapped" says)
-    scope["model"] = moe_infer.wrap(moe_infer.assets.load_model("tiny-mixtral")[0])
+    supplied = scope["model"] = moe_infer.wrap(moe_infer.assets.load_model("tiny-mixtral")[0])
     try:
         exec(compile(_prepared(snippet, paths), f"README.md python snippet {index}", "exec"), scope)
-    finally:
-        model = scope.get("model")
-        if model is not None and moe_infer.is_wrapped(model):
-            moe_infer.executor(model).close()
+    finally:  # join the cache threads of every model the snippet left wrapped
+        for model in {id(m): m for m in (supplied, scope.get("model"), scope.get("in_memory"))
+                      if m is not None}.values():
+            if moe_infer.is_wrapped(model):
+                moe_infer.executor(model).close()
 
 
 def readme_commands() -> list[str]:
