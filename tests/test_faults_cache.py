@@ -31,6 +31,11 @@ def cache_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("moe-infer")]
 
 
+def threads_left(before: set[threading.Thread]) -> list[threading.Thread]:
+    """The cache threads started since `before` that are still alive (earlier tests may leave their own)."""
+    return [t for t in cache_threads() if t not in before]
+
+
 EXIT_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
@@ -84,6 +89,7 @@ class HangingBacking(ModuleBacking):
 
 
 def test_a_hung_read_fails_one_forward_and_the_next_succeeds(tiny_model):
+    before = set(cache_threads())
     model = tiny_model("mixtral")
     ids = tiny_models.token_ids(3, 1, 8)
     with torch.no_grad():
@@ -106,7 +112,7 @@ def test_a_hung_read_fails_one_forward_and_the_next_succeeds(tiny_model):
     finally:
         backing.release.set()
         moe_infer.unwrap(model)
-    assert not cache_threads()
+    assert not threads_left(before)
 
 
 def test_load_timeout_is_a_config_field():
@@ -129,6 +135,7 @@ def test_two_threads_forwarding_on_a_budgeted_model_with_a_predictor():
     prompts = [torch.tensor([list(f"def f{i}(x):\n    return x * {i}\n".encode())[: 8 + i % 7]]) for i in range(80)]
     with torch.no_grad():
         expected = [model(p).logits for p in prompts]
+    before = set(cache_threads())
     moe_infer.wrap(model, cpu_memory=12 * nbytes, predictor=str(assets.predictor_path("tiny-mixtral")),
                    cache_policy="expertflow")
     ex = moe_infer.executor(model)
@@ -158,4 +165,4 @@ def test_two_threads_forwarding_on_a_budgeted_model_with_a_predictor():
     for i in range(80):
         assert torch.equal(results[i], expected[i]), i
     assert stats["prefetch"]["issued"] > 0 and stats["tiers"]["cpu"]["peak_bytes"] <= 12 * nbytes
-    assert not cache_threads()
+    assert not threads_left(before)
