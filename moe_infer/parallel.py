@@ -26,6 +26,7 @@ W ranks, D = W / r columns, P = I / r piece of an expert.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import time
@@ -91,7 +92,19 @@ def init_distributed(*, backend: str | None = None, timeout: datetime.timedelta 
         else:
             kwargs = {"timeout": timeout} if timeout is not None else {}
             dist.init_process_group(backend, **kwargs)
+        # A group left alive at interpreter exit can abort the process (gloo's worker threads still
+        # hold work when C++ statics are torn down: "terminate called without an active exception",
+        # SIGABRT after a successful run). The group created here is destroyed while Python is alive.
+        atexit.register(_destroy_group_at_exit)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_group_at_exit() -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # exiting anyway; a failed peer may have left the group unusable
+            pass
 
 
 def _collective(what: str, layer_idx: int | None, fn, *args, **kwargs):
