@@ -4,7 +4,7 @@ This module owns turning text into sequences (windows of a corpus, prompts of a 
 running a wrapped model over them in batches (prefill with teacher forcing, or a greedy decode
 loop with a KV cache), capturing every MoE layer's routing through ``MoELayer.routing_observers``
 and writing a ``moe_infer.trace/1`` file with bounded memory. It does not define the trace format
-(``moe_infer.trace``) nor compute statistics on traces (``moe_infer.trace_stats``).
+(``moe_infer.traces.trace``) nor compute statistics on traces (``moe_infer.traces.stats``).
 
 Streaming: records are accumulated for at most ``chunk_tokens`` tokens, each chunk is saved as a
 part trace in a temporary folder next to the output, and the parts are joined into one
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from moe_infer.experts.tensorfile import DTYPES as SAFETENSORS_DTYPES, build_header
 from moe_infer.models import DTYPES, decode_tokens, encode_text, load_model  # noqa: F401 (re-exported)
 from moe_infer.models import cache_argument, output_cache
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError, MissingFile
 
 __all__ = [

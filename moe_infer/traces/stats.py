@@ -3,7 +3,7 @@
 This module owns the numbers behind ``moe-infer trace-stats``: per-layer expert popularity and
 load imbalance, routing entropy, same-layer reuse between consecutive tokens, cross-layer
 conditional probabilities and how well they predict the next layers' experts, co-activation within
-a layer; and their JSON, markdown and PNG forms. It does not record traces (``moe_infer.profiler``)
+a layer; and their JSON, markdown and PNG forms. It does not record traces (``moe_infer.traces.profiler``)
 nor train predictors (``moe_infer.predictors``): the cross-layer predictability here is an
 in-sample upper reference, not a predictor's held-out recall.
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError, NotSupported
 
 __all__ = ["TraceAnalysis", "analyze", "format_markdown", "trace_statistics", "write_plots", "write_report"]
