@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .math import Activation, ExpertTensors
-from .quant import QuantizedWeight, QuantScheme, quantize
+from .quant import QuantizedWeight, QuantScheme, part_specs, quantize
 
 
 class QuantizedExperts:
@@ -55,6 +55,23 @@ class QuantizedExperts:
     def __call__(self, expert_idx: int) -> ExpertTensors:
         return self._experts[expert_idx]
 
+    def tensors(self) -> list[Tensor]:
+        """Every tensor it holds (packed weights, scales, zero points, biases)."""
+        return [*self.w13.parts().values(), *self.w2.parts().values(),
+                *(b for b in (self.b13, self.b2) if b is not None)]
+
+    def replace_tensors(self, tensors: list[Tensor]) -> None:
+        """Hold `tensors` (same shapes and dtypes, in the order of `tensors()`) instead, e.g. copies on
+        another device (the cache moves a CUDA model's quantized experts to host memory, its backing)."""
+        it = iter(tensors)
+        w13 = QuantizedWeight(self.scheme, *(next(it) if role in self.w13.parts() else None
+                                             for role in ("qweight", "scales", "zeros")), self.w13.in_features)
+        w2 = QuantizedWeight(self.scheme, *(next(it) if role in self.w2.parts() else None
+                                            for role in ("qweight", "scales", "zeros")), self.w2.in_features)
+        b13 = next(it) if self.b13 is not None else None
+        b2 = next(it) if self.b2 is not None else None
+        self.__init__(w13, w2, self.activation, b13, b2)
+
     @property
     def device(self) -> torch.device:
         return self.w13.device
@@ -66,6 +83,16 @@ class QuantizedExperts:
 
     def __repr__(self) -> str:
         return (f"QuantizedExperts({self.scheme.as_json()}, experts={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, device={self.device})")
+
+
+def quantized_expert_nbytes(source, scheme: QuantScheme) -> int:
+    """Bytes one expert of `source` (float experts, e.g. `ModuleExperts`) will take once quantized
+    with `scheme` (`QuantizedExperts.expert_nbytes` of the result), from its shapes alone."""
+    t = source(0)  # w13 [2I, H] (gate/up interleaved or not), w2 [H, I]
+    (two_inter, hidden), inter = t.w13.shape, t.w2.shape[1]
+    specs = [*part_specs(scheme, two_inter, hidden).values(), *part_specs(scheme, hidden, inter).values()]
+    weights = sum(dtype.itemsize * torch.Size(shape).numel() for dtype, shape in specs)
+    return weights + sum(b.numel() * b.element_size() for b in (t.b13, t.b2) if b is not None)
 
 
 def _stack(weights: list[QuantizedWeight]) -> QuantizedWeight:

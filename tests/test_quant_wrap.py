@@ -78,6 +78,41 @@ def test_wrap_quantize_refusals():
     with pytest.raises(ConfigError, match="MoEConfig.quantize='int3'"):
         moe_infer.MoEConfig(quantize="int3")
     fresh = tiny_models.build("mixtral", seed=1)
-    with pytest.raises(NotSupported, match="expert budget"):
-        moe_infer.wrap(fresh, quantize="int4", cpu_memory="1MiB")
+    with pytest.raises(ConfigError, match="smaller than one expert"):
+        moe_infer.wrap(fresh, quantize="int4", cpu_memory=100)
     assert not moe_infer.is_wrapped(fresh) and not fresh.model.layers[0].mlp.experts.gate_up_proj.is_meta
+    with pytest.raises(NotSupported, match="offload_dir"):
+        moe_infer.wrap(fresh, quantize="int4", offload_dir="/nonexistent/x")
+    assert not moe_infer.is_wrapped(fresh)
+
+
+@pytest.mark.parametrize("family, scheme, kernel", [
+    ("mixtral", "int8", "torch"), ("mixtral", QuantScheme("int4", 32), "torch"),
+    ("gpt_oss", QuantScheme("int4", 32), "torch"), ("mixtral", QuantScheme("int4", 32), "triton"),
+], ids=["int8", "int4-g32", "gpt_oss", "int4-g32-triton"])
+def test_a_budget_caches_the_experts_quantized_in_memory(family, scheme, kernel):
+    """wrap(quantize=, cpu_memory=): the cache holds the quantized experts (slots of their quantized
+    bytes, so a budget below one float expert still fits several) and computes exactly what the model
+    quantized without a budget computes (the torch path; the fused w4a16 kernel over the slot pool,
+    in Triton's interpreter, to rounding); bytes moved are quantized bytes."""
+    scheme = QuantScheme(scheme) if isinstance(scheme, str) else scheme
+    ids = torch.randint(3, tiny_models.VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(4))
+    reference = moe_infer.wrap(tiny_models.build(family, seed=2), quantize=scheme)
+    source = moe_infer.executor(reference).layers[0].expert_source
+    quantized, float_bytes = source.expert_nbytes(), tiny_models.build(family, seed=2).model.layers[0].mlp.experts
+    float_bytes = sum(p[0].numel() * p.element_size() for p in float_bytes.parameters())
+    budget = 3 * quantized + 16
+    assert budget < float_bytes  # no float expert would fit
+    model = moe_infer.wrap(tiny_models.build(family, seed=2), quantize=scheme, cpu_memory=budget, kernel=kernel)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, **(dict(rtol=1e-4, atol=1e-4) if kernel == "triton" else
+                                                 dict(rtol=0, atol=0)))
+    stats = moe_infer.executor(model).stats()
+    tier = stats["tiers"]["cpu"]
+    assert stats["quantization"] == scheme.as_json() and stats["kernel"] == kernel
+    assert tier["slots"] == 3 and quantized <= tier["slot_bytes"] <= quantized + 64
+    loaded = tier["misses"] - stats["cpu_computed_experts"]  # the others ran from the backing, unmoved
+    assert loaded > 0 and tier["bytes_moved"] == loaded * quantized
+    assert tier["peak_bytes"] <= budget
