@@ -2,9 +2,9 @@
 and by `scripts/parallel_scale_table.py`).
 
 Owns the arithmetic only (numpy, no torch.distributed): which ranks compute which expert pieces
-for a given r (the same rule `moe_infer.parallel` executes), how many bytes each rank sends and
+for a given r (the same rule `moe_infer.distributed.parallel` executes), how many bytes each rank sends and
 receives, how many FLOPs and weight bytes each rank computes on, and the resulting time estimate
-under stated link bandwidths. It does not measure anything; `moe_infer.parallel` measures the
+under stated link bandwidths. It does not measure anything; `moe_infer.distributed.parallel` measures the
 bandwidths of the running job and passes them in as `Links`/`Device`.
 
 Shape legend: W ranks, E experts, H hidden, I intermediate (per expert), K top-k.

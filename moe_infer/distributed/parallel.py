@@ -4,9 +4,9 @@ Owns: the process-group setup (`init_distributed`: torchrun's environment, or
 `deepspeed.init_distributed` when the deepspeed launcher started the job), the sharded expert
 layout (`ExpertShard`), the per-call weight exchange, the token dispatch and combine with
 all-to-all (dropless, or with a capacity factor), the sharding factor r of each call (fixed, or
-chosen by the cost model of `moe_infer.parallel_cost`) and the communication statistics.
+chosen by the cost model of `moe_infer.distributed.cost`) and the communication statistics.
 Not owned: routing (each rank routes its own tokens), shared experts (replicated, computed on the
-rank that holds the token), the semantics of r (documented in `moe_infer.parallel_cost`).
+rank that holds the token), the semantics of r (documented in `moe_infer.distributed.cost`).
 
 Layout, the same for every r: with W ranks, rank p keeps slice p of every expert's intermediate
 dimension (gate rows, up rows and down columns [p*I/W, (p+1)*I/W)); biases are small and
@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_infer import parallel_cost
+from moe_infer.distributed import cost as parallel_cost
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.experts.math import Activation, ExpertTensors, moe_forward
 from moe_infer.errors import ConfigError
