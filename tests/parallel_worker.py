@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_infer  # noqa: E402
 from moe_infer.experts.math import moe_forward  # noqa: E402
 from moe_infer.experts.layout import ModuleExperts  # noqa: E402
-from moe_infer.distributed.parallel import ParallelError, build_runtime, init_distributed, launched_by_deepspeed  # noqa: E402
+from moe_infer.distributed.group import ParallelError, init_distributed, launched_by_deepspeed  # noqa: E402
+from moe_infer.distributed.parallel import build_runtime  # noqa: E402
 
 
 class TinyExperts(torch.nn.Module):

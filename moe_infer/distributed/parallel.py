@@ -1,21 +1,12 @@
 """Tutel-style adaptive parallelism of the MoE layers on `torch.distributed`.
 
-Owns: the process-group setup (`init_distributed`: torchrun's environment, or
-`deepspeed.init_distributed` when the deepspeed launcher started the job), the sharded expert
-layout (`ExpertShard`), the per-call weight exchange, the token dispatch and combine with
-all-to-all (dropless, or with a capacity factor), the sharding factor r of each call (fixed, or
-chosen by the cost model of `moe_infer.distributed.cost`) and the communication statistics.
-Not owned: routing (each rank routes its own tokens), shared experts (replicated, computed on the
-rank that holds the token), the semantics of r (documented in `moe_infer.distributed.cost`).
-
-Layout, the same for every r: with W ranks, rank p keeps slice p of every expert's intermediate
-dimension (gate rows, up rows and down columns [p*I/W, (p+1)*I/W)); biases are small and
-replicated. An expert's output is the sum over its intermediate slices, so any assignment of
-slices to ranks computes the same function: switching r changes what each call exchanges, never
-what a rank stores. A model's in-memory experts are cut in place: the experts module's
-`gate_up_proj` / `down_proj` are replaced by the rank's slice and the full tensors freed, so each
-rank holds 1/W of the expert weights; `release` (used by `unwrap` and `parallel=None`) gathers
-them back exactly with an all-gather.
+Owns: the per-call weight exchange, the token dispatch and combine with all-to-all (dropless, or
+with a capacity factor), the sharding factor r of each call (fixed, or chosen by the cost model
+of `moe_infer.distributed.cost`), the communication statistics, and entering and leaving the
+multi-rank path (`build_runtime`, `release`). Not owned: the process group
+(`moe_infer.distributed.group`), the sharded layout every r reads (`moe_infer.distributed.shard`),
+routing (each rank routes its own tokens), shared experts (replicated, computed on the rank that
+holds the token), the semantics of r (documented in `moe_infer.distributed.cost`).
 
 Every rank of the job must run the same sequence of forward calls with the same r (as with any
 collective); the number of tokens may differ per rank, including zero.
@@ -26,9 +17,6 @@ W ranks, D = W / r columns, P = I / r piece of an expert.
 
 from __future__ import annotations
 
-import atexit
-import datetime
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,272 +24,23 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from moe_infer.distributed import cost as parallel_cost
+from moe_infer.distributed.group import all_to_all, collective, init_distributed
+from moe_infer.distributed.group import ParallelError, launched_by_deepspeed  # noqa: F401 (moe_infer.parallel's names)
+from moe_infer.distributed.shard import ExpertShard, GatheredExperts
 from moe_infer.experts.layout import ModuleExperts
-from moe_infer.experts.math import Activation, ExpertTensors, moe_forward
+from moe_infer.experts.math import moe_forward
 from moe_infer.errors import ConfigError
 
 MODES = ("auto", "ep", "tp")
 _HISTORY = 256  # per-call records kept for stats()
 
 
-class ParallelError(RuntimeError):
-    """A collective of the parallel MoE path failed: another rank failed, left or timed out."""
-
-
 class Placement(Protocol):
     def device_of(self, layer_idx: int, expert: int) -> int: ...
 
-
-# -- process group -------------------------------------------------------------------------------
-
-def launched_by_deepspeed() -> bool:
-    """The deepspeed launcher sets CROSS_RANK/LOCAL_SIZE for its workers; torchrun sets
-    TORCHELASTIC_RUN_ID instead."""
-    return "CROSS_RANK" in os.environ and "LOCAL_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
-
-
-def init_distributed(*, backend: str | None = None, timeout: datetime.timedelta | None = None) -> tuple[int, int]:
-    """Join the job's default process group (created here if nobody did yet); returns (rank, world size).
-
-    Uses the group that already exists (the user's, DeepSpeed's, Accelerate's); otherwise reads the
-    launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): `deepspeed.init_distributed`
-    when the deepspeed launcher started the job, `torch.distributed.init_process_group` otherwise.
-    `backend` defaults to nccl when CUDA is available, gloo elsewhere.
-    """
-    if not dist.is_available():
-        raise RuntimeError("MoEConfig.parallel needs torch.distributed, which this torch build does not have")
-    if not dist.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise ConfigError(
-                "MoEConfig.parallel needs a multi-process job: launch with `torchrun --nproc-per-node N script.py` "
-                "or `deepspeed --num_gpus N script.py`, or call torch.distributed.init_process_group() before "
-                "wrapping (RANK and WORLD_SIZE are not set)"
-            )
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl" and "LOCAL_RANK" in os.environ:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        if launched_by_deepspeed():
-            import deepspeed
-
-            kwargs = {"timeout": timeout} if timeout is not None else {}
-            deepspeed.init_distributed(dist_backend=backend, **kwargs)
-        else:
-            kwargs = {"timeout": timeout} if timeout is not None else {}
-            dist.init_process_group(backend, **kwargs)
-        # A group left alive at interpreter exit can abort the process (gloo's worker threads still
-        # hold work when C++ statics are torn down: "terminate called without an active exception",
-        # SIGABRT after a successful run). The group created here is destroyed while Python is alive.
-        atexit.register(_destroy_group_at_exit)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _destroy_group_at_exit() -> None:
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # exiting anyway; a failed peer may have left the group unusable
-            pass
-
-
-def _collective(what: str, layer_idx: int | None, fn, *args, **kwargs):
-    """Run one collective; a failure names the rank, the layer and the collective."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as err:  # gloo and nccl raise RuntimeError/DistBackendError subclasses
-        where = f" in MoE layer {layer_idx}" if layer_idx is not None else ""
-        raise ParallelError(
-            f"rank {dist.get_rank()}/{dist.get_world_size()}: {what}{where} failed; another rank probably "
-            f"failed, left the job or timed out ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from err
-
-
-def _all_to_all(rows: Tensor, send_counts: list[int], recv_counts: list[int], what: str, layer_idx: int) -> Tensor:
-    """all_to_all_single along dim 0 with the given row counts per rank."""
-    out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
-    _collective(what, layer_idx, dist.all_to_all_single, out, rows.contiguous(), recv_counts, send_counts)
-    return out
-
-
-# -- layout --------------------------------------------------------------------------------------
-
-class ExpertShard:
-    """One rank's slice of every expert of one layer (the layout shared by every r).
-
-    The slice lives in `module`, an experts module whose `gate_up_proj` and `down_proj` hold
-    intermediate slice `rank` in the module's own layout (transposed or not, gate and up
-    concatenated or interleaved): for a model's in-memory experts it is the model's own experts
-    module, whose full parameters are replaced by the slice (and freed) when the shard is cut; for
-    other expert sources (a converted checkpoint's store) a holder module in the plain layout.
-    Biases are small and stay whole (replicated). Views of the slice are taken on every use, so
-    `.to()` / `.half()` of the model after wrapping are followed.
-    """
-
-    def __init__(self, module: nn.Module, *, transposed: bool, interleaved: bool, has_bias: bool,
-                 intermediate_size: int, world_size: int, activation: Activation, in_place: bool,
-                 source: Any):
-        self.module = module
-        self.transposed, self.interleaved, self.has_bias = transposed, interleaved, has_bias
-        self.intermediate_size = intermediate_size  # I, the full width
-        self.slice_width = intermediate_size // world_size  # S
-        self.activation = activation
-        self.in_place = in_place  # the model's experts module holds the slice (gather it back to unwrap)
-        self.source = source  # the expert source over the full weights, from before the cut
-
-    @classmethod
-    def from_source(cls, source: Any, rank: int, world_size: int) -> "ExpertShard":
-        """Cut slice `rank` out of an expert source (`source(e) -> ExpertTensors`); a `ModuleExperts`
-        over real tensors is cut in place: its module keeps only the slice afterwards."""
-        i_size = source.intermediate_size
-        if i_size % world_size:
-            raise ConfigError(
-                f"MoEConfig.parallel: the experts' intermediate size {i_size} is not divisible by the world size "
-                f"{world_size}; use a number of ranks that divides {i_size}"
-            )
-        s = i_size // world_size
-        lo = rank * s
-        if isinstance(source, ModuleExperts) and not source.module.gate_up_proj.is_meta:
-            m = source.module
-            shard = cls(m, transposed=source.transposed, interleaved=source.interleaved, has_bias=source.has_bias,
-                        intermediate_size=i_size, world_size=world_size, activation=source.activation,
-                        in_place=True, source=source)
-            gu_dim, down_dim = shard._dims()
-            gate_up = m.gate_up_proj.data
-            if shard.interleaved:  # gate and up of intermediate row i are rows 2i, 2i + 1
-                cut = gate_up.narrow(gu_dim, 2 * lo, 2 * s)
-            else:
-                cut = torch.cat((gate_up.narrow(gu_dim, lo, s), gate_up.narrow(gu_dim, i_size + lo, s)), gu_dim)
-            down = m.down_proj.data.narrow(down_dim, lo, s)
-            # fresh storage of the slice's size: the full tensors are freed once nothing else holds them
-            m.gate_up_proj = nn.Parameter(cut.contiguous().clone(), requires_grad=m.gate_up_proj.requires_grad)
-            m.down_proj = nn.Parameter(down.contiguous().clone(), requires_grad=m.down_proj.requires_grad)
-            return shard
-        gate_up, down, b13, b2 = [], [], [], []
-        for e in range(source.num_experts):
-            t: ExpertTensors = source(e).canonical()
-            gate_up.append(torch.cat((t.w13[lo:lo + s], t.w13[i_size + lo:i_size + lo + s])))
-            down.append(t.w2[:, lo:lo + s])
-            b13.append(t.b13)
-            b2.append(t.b2)
-        return cls.of_slices(torch.stack(gate_up), torch.stack(down), intermediate_size=i_size, world_size=world_size,
-                             activation=source.activation, b13=None if b13[0] is None else torch.stack(b13),
-                             b2=None if b2[0] is None else torch.stack(b2), source=source)
-
-    @classmethod
-    def of_slices(cls, gate_up: Tensor, down: Tensor, *, intermediate_size: int, world_size: int,
-                  activation: Activation, b13: Tensor | None = None, b2: Tensor | None = None,
-                  source: Any = None) -> "ExpertShard":
-        """A shard over given slices in the plain layout: `gate_up` [E, 2S, H] (gate rows then up
-        rows), `down` [E, H, S], whole biases `b13` [E, 2I] and `b2` [E, H]."""
-        holder = nn.Module()
-        holder.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
-        holder.down_proj = nn.Parameter(down, requires_grad=False)
-        if b13 is not None:
-            holder.gate_up_proj_bias = nn.Parameter(b13, requires_grad=False)
-            holder.down_proj_bias = nn.Parameter(b2, requires_grad=False)
-        return cls(holder, transposed=False, interleaved=False, has_bias=b13 is not None,
-                   intermediate_size=intermediate_size, world_size=world_size, activation=activation,
-                   in_place=False, source=source)
-
-    def _dims(self) -> tuple[int, int]:
-        """The dimension of gate_up_proj that holds 2I, and that of down_proj that holds I."""
-        return (2, 1) if self.transposed else (1, 2)
-
-    def gather_full(self, layer_idx: int) -> None:
-        """Collective: put the full weights back into the module (all-gather of every rank's slice;
-        exact: the slices are copied, not recomputed)."""
-        m, world, s = self.module, dist.get_world_size(), self.slice_width
-        gu_dim, down_dim = self._dims()
-        full = []
-        for param in (m.gate_up_proj, m.down_proj):
-            local = param.data.contiguous()
-            parts = [torch.empty_like(local) for _ in range(world)]
-            _collective("gathering the full expert weights", layer_idx, dist.all_gather, parts, local)
-            full.append(parts)
-        gate_up_parts, down_parts = full
-        if self.interleaved:
-            gate_up = torch.cat(gate_up_parts, gu_dim)
-        else:
-            gate_up = torch.cat([p.narrow(gu_dim, 0, s) for p in gate_up_parts]
-                                + [p.narrow(gu_dim, s, s) for p in gate_up_parts], gu_dim)
-        m.gate_up_proj = nn.Parameter(gate_up, requires_grad=m.gate_up_proj.requires_grad)
-        m.down_proj = nn.Parameter(torch.cat(down_parts, down_dim), requires_grad=m.down_proj.requires_grad)
-
-    @property
-    def num_experts(self) -> int:
-        return self.module.gate_up_proj.shape[0]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.module.down_proj.shape[2 if self.transposed else 1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.module.gate_up_proj.dtype
-
-    def views(self) -> tuple[Tensor, Tensor, Tensor]:
-        """gate [E, S, H], up [E, S, H] and down transposed [E, S, H] of the slice (views)."""
-        gate_up = self.module.gate_up_proj
-        gate_up = gate_up.transpose(1, 2) if self.transposed else gate_up  # [E, 2S, H]
-        if self.interleaved:
-            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
-        else:
-            gate, up = gate_up[:, :self.slice_width], gate_up[:, self.slice_width:]
-        down = self.module.down_proj
-        return gate, up, (down if self.transposed else down.transpose(1, 2))
-
-    def stacked(self, experts: Tensor | None = None) -> Tensor:
-        """A new tensor [n, 3, S, H] of the slices of `experts` (all when None): what is sent."""
-        parts = self.views()
-        if experts is not None:
-            parts = [p[experts] for p in parts]
-        return torch.stack(parts, dim=1)
-
-    @property
-    def b13(self) -> Tensor | None:
-        """[E, 2I] gate then up biases (whole)."""
-        if not self.has_bias:
-            return None
-        b = self.module.gate_up_proj_bias
-        return torch.cat((b[:, 0::2], b[:, 1::2]), 1) if self.interleaved else b
-
-    @property
-    def b2(self) -> Tensor | None:
-        return self.module.down_proj_bias if self.has_bias else None
-
-    def piece_forward(self, x: Tensor, expert: int, piece: tuple[Tensor, Tensor, Tensor], lo: int,
-                      b13: Tensor | None, b2: Tensor | None) -> Tensor:
-        """x [N, H] through intermediate range [lo, lo + P) of `expert`, whose weights are `piece`
-        (gate, up, down transposed, each [P, H]): the partial output [N, H]; the down-projection
-        bias is added by the piece at 0. `b13`, `b2`: `self.b13`, `self.b2`, read once per call."""
-        i_size, width = self.intermediate_size, piece[0].shape[0]
-        gate, up = F.linear(x, piece[0]), F.linear(x, piece[1])
-        if b13 is not None:
-            gate = gate + b13[expert, lo:lo + width]
-            up = up + b13[expert, i_size + lo:i_size + lo + width]
-        out = F.linear(self.activation(gate, up), piece[2].t())
-        if b2 is not None and lo == 0:
-            out = out + b2[expert]
-        return out
-
-
-class GatheredExperts:
-    """Expert source over fully gathered weights [E, 3, I, H] (data parallel, r = 0)."""
-
-    def __init__(self, full: Tensor, b13: Tensor | None, b2: Tensor | None):
-        self.full, self.b13, self.b2 = full, b13, b2
-
-    def __call__(self, e: int) -> ExpertTensors:
-        w = self.full[e]
-        b13 = None if self.b13 is None else self.b13[e]
-        b2 = None if self.b2 is None else self.b2[e]
-        return ExpertTensors(torch.cat((w[0], w[1])), w[2].t(), b13, b2)
-
-
-# -- runtime -------------------------------------------------------------------------------------
 
 @dataclass
 class CallRecord:
@@ -411,8 +150,8 @@ class ParallelRuntime:
         small = torch.zeros(world, device=device)
         big = torch.zeros(world * (1 << 18), device=device)  # 1 MiB to every rank
         out_small, out_big = torch.empty_like(small), torch.empty_like(big)
-        latency = timed(lambda: _collective("bandwidth probe", None, dist.all_to_all_single, out_small, small))
-        big_s = timed(lambda: _collective("bandwidth probe", None, dist.all_to_all_single, out_big, big))
+        latency = timed(lambda: collective("bandwidth probe", None, dist.all_to_all_single, out_small, small))
+        big_s = timed(lambda: collective("bandwidth probe", None, dist.all_to_all_single, out_big, big))
         a = torch.randn(256, 512, device=device, dtype=dtype)
         b = torch.randn(512, 512, device=device, dtype=dtype)
         mm_s = timed(lambda: a @ b)
@@ -422,7 +161,7 @@ class ParallelRuntime:
         worst = torch.tensor([latency, big_s, mm_s, copy_s], dtype=torch.float64)
         if device.type == "cuda":
             worst = worst.to(device)
-        _collective("bandwidth probe", None, dist.all_reduce, worst, op=dist.ReduceOp.MAX)
+        collective("bandwidth probe", None, dist.all_reduce, worst, op=dist.ReduceOp.MAX)
         latency, big_s, mm_s, copy_s = worst.tolist()
         sent = big.numel() // world * (world - 1) * big.element_size()
         bw = sent / max(big_s - latency, 1e-9)
@@ -476,10 +215,10 @@ class ParallelExperts:
         if dist.get_backend() == "nccl":
             local_dev = local.to(hidden.device)
             gathered_dev = [torch.empty_like(local_dev) for _ in range(world)]
-            _collective("exchanging pair counts", layer, dist.all_gather, gathered_dev, local_dev)
+            collective("exchanging pair counts", layer, dist.all_gather, gathered_dev, local_dev)
             gathered = [g.cpu() for g in gathered_dev]
         else:
-            _collective("exchanging pair counts", layer, dist.all_gather, gathered, local)
+            collective("exchanging pair counts", layer, dist.all_gather, gathered, local)
         table = torch.stack(gathered).numpy()  # [W, E + 1]
         raw_counts, tokens = table[:, :num_experts], table[:, num_experts]
 
@@ -516,7 +255,7 @@ class ParallelExperts:
         world = rt.world_size
         num_experts = self.num_experts
         send = w.unsqueeze(0).expand(world, *w.shape).reshape(world * num_experts, *w.shape[1:])
-        recv = _all_to_all(send, [num_experts] * world, [num_experts] * world, "gathering expert weights", self.layer_idx)
+        recv = all_to_all(send, [num_experts] * world, [num_experts] * world, "gathering expert weights", self.layer_idx)
         full = recv.view(world, *w.shape).permute(1, 2, 0, 3, 4).reshape(num_experts, 3, -1, w.shape[-1])
         ids = torch.where(keep, flat_ids, torch.full_like(flat_ids, -1)).view(expert_weights.shape)
         out = moe_forward(hidden, ids, expert_weights, GatheredExperts(full, shard.b13, shard.b2), num_experts,
@@ -543,7 +282,7 @@ class ParallelExperts:
             send_counts = np.bincount(dest, minlength=world).tolist()
             recv_counts = [len(my_experts) if q // num_columns == my_piece else 0 for q in range(world)]
             send = shard.stacked(torch.from_numpy(order).to(hidden.device))
-            recv = _all_to_all(send, send_counts, recv_counts, "exchanging expert weight slices", layer)
+            recv = all_to_all(send, send_counts, recv_counts, "exchanging expert weight slices", layer)
             pieces = (recv.view(num_columns, len(my_experts), *send.shape[1:]).permute(1, 2, 0, 3, 4)
                       .reshape(len(my_experts), 3, num_columns * slice_width, hidden_size))
             weight_bytes = (num_experts - send_counts[rank]) * send[0].numel() * send.element_size()
@@ -577,7 +316,7 @@ class ParallelExperts:
 
         recv_layout = layout[:, my_experts]  # [W, n_mine] rows from each sender per expert of my column
         recv_counts = recv_layout.sum(axis=1).tolist()
-        received = _all_to_all(send, send_counts, recv_counts, "dispatching tokens", layer)
+        received = all_to_all(send, send_counts, recv_counts, "dispatching tokens", layer)
         row_expert = np.repeat(np.tile(my_experts, world), recv_layout.reshape(-1))
         partial = torch.zeros_like(received)
         row_expert_t = torch.from_numpy(row_expert).to(received.device)
@@ -586,7 +325,7 @@ class ParallelExperts:
             idx = torch.nonzero(row_expert_t == e).squeeze(1)
             if idx.numel():
                 partial[idx] = shard.piece_forward(received[idx], e, piece_of(j), lo, b13, b2)
-        returned = _all_to_all(partial, recv_counts, send_counts, "combining expert outputs", layer)
+        returned = all_to_all(partial, recv_counts, send_counts, "combining expert outputs", layer)
 
         out_dtype = torch.promote_types(hidden.dtype, expert_weights.dtype)
         num_tokens, top_k = expert_weights.shape

@@ -4,9 +4,9 @@ This module owns: the inter-layer affinity of experts measured on a trace, the `
 (which device holds which expert of which MoE layer, replicas included) with its file format,
 the planner `plan()` (exact integer programming with `scipy.optimize.milp` where the problem is
 small enough, block-coordinate ascent with exact per-layer assignment beyond), the baselines it is
-measured against (round-robin, load-only balancing) and the static hot set of the `static` cache
-policy. It does not move weights or dispatch tokens: the cache and the parallel executor consume
-plans.
+measured against (round-robin, load-only balancing). It does not move weights or dispatch tokens:
+the cache and the parallel executor consume plans. The trace counts it plans from (`affinity`,
+`expert_load`) and the `static` policy's hot set live in `moe_infer.traces.popularity`.
 
 Shape legend: N tokens, L MoE layers (positions in ``trace.moe_layers``), K top-k, E experts per
 layer, D devices.
@@ -41,6 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moe_infer.files import save_safetensors
+from moe_infer.traces.popularity import affinity, expert_load, hot_set  # noqa: F401 (hot_set: moe_infer.placement's name)
 from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError, MissingFile
 
@@ -49,50 +50,6 @@ METHODS = ("auto", "milp", "heuristic", "load", "round-robin")
 # integer programs up to this many variables go to scipy's HiGHS (with the time limit; its LP relaxation is
 # weak, so beyond a few hundred variables it rarely proves optimality); larger ones use the heuristic only
 MILP_MAX_VARIABLES = 800
-
-
-# ----------------------------------------------------------------------------- trace statistics
-
-def affinity(trace: Trace) -> np.ndarray:
-    """Counts of (expert at MoE layer l, expert at layer l + 1) pairs over all tokens:
-    float64 [L - 1, E, E] (each token adds K x K pairs per layer pair)."""
-    ids = trace.expert_ids.numpy().astype(np.int64)  # [N, L, K]
-    num_experts = trace.num_experts
-    out = np.zeros((max(trace.num_layers - 1, 0), num_experts, num_experts))
-    for l in range(trace.num_layers - 1):
-        pairs = ids[:, l, :, None] * num_experts + ids[:, l + 1, None, :]  # [N, K, K]
-        out[l] = np.bincount(pairs.ravel(), minlength=num_experts * num_experts).reshape(num_experts, num_experts)
-    return out
-
-
-def expert_load(trace: Trace) -> np.ndarray:
-    """(token, k) pairs routed to each expert of each MoE layer: float64 [L, E]."""
-    ids = trace.expert_ids.numpy().astype(np.int64)  # [N, L, K]
-    out = np.zeros((trace.num_layers, trace.num_experts))
-    for l in range(trace.num_layers):
-        out[l] = np.bincount(ids[:, l, :].ravel(), minlength=trace.num_experts)
-    return out
-
-
-def hot_set(trace: Trace, slots: int, *, per_layer: bool = True) -> dict[int, list[int]]:
-    """The experts a `static` cache keeps resident: the most used ones of the trace.
-
-    ``slots`` is expert slots per MoE layer (``per_layer=True``) or in total across layers (then
-    layers compete: the slots go to the globally most used (layer, expert) pairs). Returns
-    ``{decoder-layer index: sorted expert ids}``; ties go to the lower expert id.
-    """
-    _check_positive_int("slots", slots)
-    load = expert_load(trace)  # [L, E]
-    layers = list(trace.moe_layers)
-    if per_layer:
-        keep = min(slots, trace.num_experts)
-        # stable sort on -load: equal loads keep expert order
-        return {layers[l]: sorted(np.argsort(-load[l], kind="stable")[:keep].tolist()) for l in range(len(layers))}
-    flat = np.argsort(-load.ravel(), kind="stable")[: min(slots, load.size)]
-    chosen: dict[int, list[int]] = {layer: [] for layer in layers}
-    for index in flat.tolist():
-        chosen[layers[index // trace.num_experts]].append(index % trace.num_experts)
-    return {layer: sorted(experts) for layer, experts in chosen.items()}
 
 
 # ----------------------------------------------------------------------------- the plan
