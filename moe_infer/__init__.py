@@ -28,12 +28,12 @@ _NAMES = {
     "generate_many": "moe_infer.batching",
     "MoEConfig": "moe_infer.config",
     "UnsupportedModel": "moe_infer.families", "supported_families": "moe_infer.families",
-    "Trace": "moe_infer.trace",
+    "Trace": "moe_infer.traces.trace",
 }
 # the public subpackages and modules (any other submodule is reachable as an attribute too)
 _MODULES = ("api", "assets", "batching", "benchmarks", "cache", "config", "corpus", "errors", "executor", "experts",
             "families", "kernels", "models", "parallel", "placement", "predictors", "profiler", "routing", "serving",
-            "trace", "trace_stats")
+            "trace", "trace_stats", "traces")
 
 __all__ = ["MoEConfig", "Trace", "UnsupportedModel", "executor", "generate_many", "is_wrapped", "load", "placement",
            "supported_families", "unwrap", "wrap"]

@@ -41,7 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moe_infer.files import save_safetensors
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError, MissingFile
 
 FORMAT = "moe_infer.placement/1"

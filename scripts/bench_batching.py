@@ -73,7 +73,7 @@ def interleaved_order(kind_counts: dict[str, int]) -> list[int]:
 def replay(model_name: str, trace_dir: Path, batch_sizes: list[int], prompt_tokens: int, decode_tokens: int,
            predictors: dict) -> list[dict]:
     from moe_infer.batching import PredictedRouting, simulate_schedule
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     path, counts = bench_traces.record(model_name, trace_dir)
     trace = Trace.load(path)

@@ -23,7 +23,7 @@ import bench_traces  # noqa: E402
 
 def measure(model_name: str, trace_dir: Path, device_counts: list[int]) -> list[dict]:
     from moe_infer import placement
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     path, _ = bench_traces.record(model_name, trace_dir)
     planning, held_out = Trace.load(path).split(0.5, seed=0)

@@ -37,7 +37,7 @@ def _reason(snippet: str) -> str | None:
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     from moe_infer.experts.convert import convert
-    from moe_infer.profiler import record_trace
+    from moe_infer.traces.profiler import record_trace
 
     work = tmp_path_factory.mktemp("readme")
     tiny = moe_infer.assets.path("tiny-mixtral")
