@@ -18,7 +18,7 @@ Each iteration of the engine thread, between forward passes:
    first token and joins the decode pool;
 4. decode: every pooled request decodes one token, in the micro-batches the planner forms
    (``scheduler``: "expert" groups requests by routing signature, "fcfs" in arrival order;
-   `moe_infer.batching.DecodePool`).
+   `moe_infer.serving.batching.DecodePool`).
 A request whose forward pass or token choice fails gets a `Failed` event and leaves; the others go
 on (a failed micro-batch is rolled back and its members retried alone). `close` fails what is
 still in flight ("shutting down") and joins the thread.
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_infer.batching import (DecodePool, GroupPlanner, PooledRequest, SchedulerStats, check_model,
+from moe_infer.serving.batching import (DecodePool, GroupPlanner, PooledRequest, SchedulerStats, check_model,
                                 signature_name, signature_source, _check_int)
 from moe_infer.serving.sampling import RequestSampler, SamplingParams
 from moe_infer.serving.text import TextAssembler
