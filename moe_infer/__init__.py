@@ -33,7 +33,7 @@ _NAMES = {
 # the public subpackages and modules (any other submodule is reachable as an attribute too)
 _MODULES = ("api", "assets", "batching", "benchmarks", "cache", "config", "corpus", "errors", "executor", "experts",
             "families", "kernels", "models", "parallel", "placement", "predictors", "profiler", "routing", "serving",
-            "trace", "trace_stats", "traces")
+            "trace", "trace_stats", "traces", "distributed")
 
 __all__ = ["MoEConfig", "Trace", "UnsupportedModel", "executor", "generate_many", "is_wrapped", "load", "placement",
            "supported_families", "unwrap", "wrap"]

@@ -57,7 +57,7 @@ def _trace_stats(args: argparse.Namespace) -> int:
 
 
 def _placement(args: argparse.Namespace) -> int:
-    from moe_infer import placement
+    from moe_infer.distributed import placement
     from moe_infer.traces.trace import Trace
 
     trace = Trace.load(args.trace)

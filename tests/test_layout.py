@@ -12,6 +12,9 @@ MOVED = {
     "moe_infer.profiler": "moe_infer.traces.profiler",
     "moe_infer.trace_stats": "moe_infer.traces.stats",
     "moe_infer.corpus": "moe_infer.traces.corpus",
+    "moe_infer.parallel": "moe_infer.distributed.parallel",
+    "moe_infer.parallel_cost": "moe_infer.distributed.cost",
+    "moe_infer.placement": "moe_infer.distributed.placement",
 }
 
 

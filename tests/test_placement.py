@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moe_infer import placement
+from moe_infer.distributed import placement
 from moe_infer.cli import main
-from moe_infer.placement import PlacementPlan
+from moe_infer.distributed.placement import PlacementPlan
 from moe_infer.traces.trace import Trace
 
 

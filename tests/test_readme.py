@@ -94,7 +94,7 @@ def test_readme_snippet_runs(index, stand_ins, monkeypatch):
     work, namespace, paths = stand_ins
     monkeypatch.chdir(work)
     monkeypatch.setenv("MOE_INFER_CACHE", str(work / "cache"))
-    from moe_infer.placement import PlacementPlan
+    from moe_infer.distributed.placement import PlacementPlan
     from transformers import AutoModelForCausalLM
 
     scope = {"torch": torch, "moe_infer": moe_infer, "AutoModelForCausalLM": AutoModelForCausalLM,

@@ -40,7 +40,7 @@ def test_import_is_lazy_and_subpackages_are_attributes():
         "import moe_infer.executor\n"
         "assert callable(moe_infer.executor) and moe_infer.executor.__module__ == 'moe_infer.api'\n"
         "from moe_infer import executor, placement, wrap\n"
-        "assert executor is moe_infer.api.executor and placement.__name__ == 'moe_infer.placement'\n"
+        "assert executor is moe_infer.api.executor and placement.__name__ == 'moe_infer.distributed.placement'\n"
         "try:\n    moe_infer.no_such_name\nexcept AttributeError as err:\n    print(err)\n")
     assert result.returncode == 0, result.stderr
     assert "tiny-mixtral" in result.stdout and "moe_infer.cache" in result.stdout
