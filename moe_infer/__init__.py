@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 _NAMES = {
     "wrap": "moe_infer.api", "unwrap": "moe_infer.api", "load": "moe_infer.api", "executor": "moe_infer.api",
     "is_wrapped": "moe_infer.api",
-    "generate_many": "moe_infer.batching",
+    "generate_many": "moe_infer.serving.batching",
     "MoEConfig": "moe_infer.config",
     "UnsupportedModel": "moe_infer.families", "supported_families": "moe_infer.families",
     "Trace": "moe_infer.traces.trace",

@@ -76,7 +76,7 @@ def _placement(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     import moe_infer
-    from moe_infer.batching import generate_many
+    from moe_infer.serving.batching import generate_many
     from moe_infer.executor import check_supported
     from moe_infer.models import load_model
     from moe_infer.traces.profiler import check_inputs_exist, read_prompts

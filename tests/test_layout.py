@@ -15,6 +15,7 @@ MOVED = {
     "moe_infer.parallel": "moe_infer.distributed.parallel",
     "moe_infer.parallel_cost": "moe_infer.distributed.cost",
     "moe_infer.placement": "moe_infer.distributed.placement",
+    "moe_infer.batching": "moe_infer.serving.batching",
 }
 
 
