@@ -26,7 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from moe_infer.profiler import ProfileOptions, check_inputs_exist, load_model, record_trace
+    from moe_infer.traces.profiler import ProfileOptions, check_inputs_exist, load_model, record_trace
 
     features = tuple(f.strip() for f in args.features.split(",") if f.strip()) if args.features else ()
     options = ProfileOptions(mode=args.mode, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -45,8 +45,8 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _trace_stats(args: argparse.Namespace) -> int:
-    from moe_infer.trace import Trace
-    from moe_infer.trace_stats import format_markdown, write_report
+    from moe_infer.traces.trace import Trace
+    from moe_infer.traces.stats import format_markdown, write_report
 
     statistics, written = write_report(Trace.load(args.trace), plots=args.plots, json_path=args.json,
                                        markdown_path=args.markdown, max_distance=args.max_distance)
@@ -57,8 +57,8 @@ def _trace_stats(args: argparse.Namespace) -> int:
 
 
 def _placement(args: argparse.Namespace) -> int:
-    from moe_infer import placement
-    from moe_infer.trace import Trace
+    from moe_infer.distributed import placement
+    from moe_infer.traces.trace import Trace
 
     trace = Trace.load(args.trace)
     result = placement.plan(trace, args.devices, capacity=args.capacity, method=args.method,
@@ -76,10 +76,10 @@ def _placement(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     import moe_infer
-    from moe_infer.batching import generate_many
+    from moe_infer.serving.batching import generate_many
     from moe_infer.executor import check_supported
     from moe_infer.models import load_model
-    from moe_infer.profiler import check_inputs_exist, read_prompts
+    from moe_infer.traces.profiler import check_inputs_exist, read_prompts
 
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -191,7 +191,7 @@ def _predictor_train(args: argparse.Namespace) -> int:
     import os
 
     from moe_infer.predictors import train
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise MissingFile(f"output folder of {args.out!r} does not exist")
@@ -211,7 +211,7 @@ def _predictor_eval(args: argparse.Namespace) -> int:
     import json
 
     from moe_infer.predictors import load
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     predictor = load(args.predictor)
     result = predictor.evaluate(Trace.load(args.trace), top_k=args.top_k, max_distance=args.max_distance)
@@ -300,7 +300,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from moe_infer.cache.simulate import (TraceOracle, capacity_for_budget, checkpoint_expert_bytes, format_table,
                                           simulate)
     from moe_infer.config import parse_bytes
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     if (args.capacity is None) == (args.budget is None):

@@ -8,7 +8,7 @@ import torch
 
 from moe_infer.cache import simulate
 from moe_infer.cache.simulate import TraceOracle as Oracle, format_table
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 
 
 def make_trace(ids, num_experts: int, seq_len: int | None = None) -> Trace:
@@ -115,7 +115,7 @@ def real_trace(tmp_path_factory):
     """A trace of the shipped tiny-mixtral over a stdlib file (trained routing, real structure)."""
     import inspect
 
-    from moe_infer.profiler import ProfileOptions, record_trace
+    from moe_infer.traces.profiler import ProfileOptions, record_trace
     from moe_infer.models import load_model
 
     torch.set_num_threads(1)
