@@ -328,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             "| convert time | load + decode peak RSS |", "|---|---|---|---|---|---|---|---|",
             *(f"| {r['label']} | {mib(r['expert_nbytes'])} | {r['slots']} | {r['decode_tokens_per_s']:.3f} | "
               f"{r['decode_bytes_read_per_token'] / 1e9:.3f} GB | "
-              f"{'n/a' if r['disk_floor_tokens_per_s'] is None else format(r['disk_floor_tokens_per_s'], '.3f')} "
-              f"tokens/s | {r['convert_seconds']:.0f} s | {mib(r['peak_rss'])} |" for r in quant_rows)]
+              f"{'n/a (nothing read)' if r['disk_floor_tokens_per_s'] is None else format(r['disk_floor_tokens_per_s'], '.3f') + ' tokens/s'} "
+              f"| {r['convert_seconds']:.0f} s | {mib(r['peak_rss'])} |" for r in quant_rows), ""]
     name = "convert.md" if len(quant_rows) == 1 else "convert-quant.md"  # a quantization run keeps its own page
     with open(os.path.join(RESULTS, name), "w") as f:
         f.write("\n".join(md))
