@@ -36,15 +36,22 @@ class QuantizedExperts:
                          for e in range(self.num_experts)]
 
     @classmethod
-    def quantize(cls, source, scheme: QuantScheme) -> "QuantizedExperts":
+    def quantize(cls, source, scheme: QuantScheme, compute_device: torch.device | None = None) -> "QuantizedExperts":
         """Quantize every expert of `source` (an expert source, e.g. `ModuleExperts`) one at a time, on
-        the device its weights are on; the result lives there too. Gate/up rows are de-interleaved
-        (canonical order), so every family reads the same layout."""
+        `compute_device` (default: the device its weights are on; a CUDA model whose experts sit in host
+        memory quantizes on its GPU, one expert there at a time); the result lives where the weights
+        are. Gate/up rows are de-interleaved (canonical order), so every family reads the same layout."""
         w13, w2, b13, b2 = [], [], [], []
+        home = source.device
+        work = home if compute_device is None else compute_device
+
+        def quantized(weight: Tensor) -> QuantizedWeight:
+            return quantize(weight.to(work), scheme).map(lambda t: t.to(home))
+
         for e in range(source.num_experts):
             tensors = source(e).canonical()
-            w13.append(quantize(tensors.w13, scheme))
-            w2.append(quantize(tensors.w2, scheme))
+            w13.append(quantized(tensors.w13))
+            w2.append(quantized(tensors.w2))
             if tensors.b13 is not None:
                 b13.append(tensors.b13)
                 b2.append(tensors.b2)

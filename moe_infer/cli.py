@@ -297,14 +297,26 @@ class _PredictOnce:
 def _simulate(args: argparse.Namespace) -> int:
     import json
 
-    from moe_infer.cache.simulate import TraceOracle, format_table, simulate
+    from moe_infer.cache.simulate import (TraceOracle, capacity_for_budget, checkpoint_expert_bytes, format_table,
+                                          simulate)
+    from moe_infer.config import parse_bytes
     from moe_infer.traces.trace import Trace
 
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    try:
-        capacities = [int(c) for c in args.capacity.split(",")]
-    except ValueError:
-        raise ConfigError(f"--capacity {args.capacity!r}: expected expert slots, e.g. 4 or 2,4,6") from None
+    if (args.capacity is None) == (args.budget is None):
+        raise ConfigError("simulate: give --capacity (expert slots) or --budget (bytes, with --checkpoint), one of them")
+    if args.quantize is not None and args.checkpoint is None:
+        raise ConfigError("simulate --quantize: give --checkpoint, the converted checkpoint whose experts it quantizes")
+    expert_bytes = None if args.checkpoint is None else checkpoint_expert_bytes(args.checkpoint, args.quantize)
+    if args.budget is not None:
+        if expert_bytes is None:
+            raise ConfigError("simulate --budget: give --checkpoint too (the expert size the budget is divided by)")
+        capacities = [capacity_for_budget(parse_bytes(b.strip()), expert_bytes) for b in args.budget.split(",")]
+    else:
+        try:
+            capacities = [int(c) for c in args.capacity.split(",")]
+        except ValueError:
+            raise ConfigError(f"--capacity {args.capacity!r}: expected expert slots, e.g. 4 or 2,4,6") from None
     trace = Trace.load(args.trace)
     predictor = None
     if args.predictor == "oracle":
@@ -319,13 +331,14 @@ def _simulate(args: argparse.Namespace) -> int:
             uses_predictor = predictor is not None and policy != "belady"
             results.append(simulate(trace, policy, capacity, per_layer=not args.total,
                                     predictor=predictor if uses_predictor else None,
-                                    prefetch_depth=args.prefetch_depth))
+                                    prefetch_depth=args.prefetch_depth, expert_bytes=expert_bytes))
     table = format_table(results)
     print(table, end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"trace": args.trace, "num_tokens": trace.num_tokens, "moe_layers": list(trace.moe_layers),
                        "num_experts": trace.num_experts, "top_k": trace.top_k, "predictor": args.predictor,
+                       "checkpoint": args.checkpoint, "quantize": args.quantize, "budget": args.budget,
                        "results": [r.as_dict() for r in results]}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
@@ -450,8 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--trace", required=True, metavar="TRACE", help="the trace to replay")
     sim.add_argument("--policy", required=True,
                      help="lru, lfu, static, expertflow, belady, or several separated by commas")
-    sim.add_argument("--capacity", required=True, help="expert slots per MoE layer (or in total with --total); "
-                                                        "several separated by commas")
+    sim.add_argument("--capacity", default=None, help="expert slots per MoE layer (or in total with --total); "
+                                                       "several separated by commas")
+    sim.add_argument("--budget", default=None,
+                     help="instead of --capacity: bytes per MoE layer (or in total with --total), e.g. 2GiB, several "
+                          "separated by commas; divided by --checkpoint's expert size")
+    sim.add_argument("--checkpoint", default=None, metavar="DIR",
+                     help="a converted checkpoint: loads are also counted in bytes of its experts as stored "
+                          "(quantized bytes if converted with --quantize)")
+    sim.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                     help="count --checkpoint's float experts as they would be stored quantized (int4: groups of 128)")
     sim.add_argument("--total", action="store_true", help="capacity counts slots over all layers, not per layer")
     sim.add_argument("--predictor", default=None,
                      help="a saved predictor file, or 'oracle' (the trace's own future: an upper bound)")

@@ -194,10 +194,11 @@ class ModelExecutor:
         from moe_infer.experts.layout import ModuleExperts
         from moe_infer.experts.quantized import QuantizedExperts, free_float_experts
 
+        device = compute_device(self.layers)  # experts in host memory of a CUDA model quantize on its GPU
         for layer in self.layers:
             assert isinstance(layer.expert_source, ModuleExperts), type(layer.expert_source)
             with torch.no_grad():
-                layer.expert_source = QuantizedExperts.quantize(layer.expert_source, scheme)
+                layer.expert_source = QuantizedExperts.quantize(layer.expert_source, scheme, device)
             free_float_experts(layer.experts)
             self._expert_devices[layer.layer_idx] = layer.expert_source.device
 
