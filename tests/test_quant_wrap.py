@@ -116,3 +116,28 @@ def test_a_budget_caches_the_experts_quantized_in_memory(family, scheme, kernel)
     loaded = tier["misses"] - stats["cpu_computed_experts"]  # the others ran from the backing, unmoved
     assert loaded > 0 and tier["bytes_moved"] == loaded * quantized
     assert tier["peak_bytes"] <= budget
+
+
+@pytest.mark.parametrize("family, scheme", [("mixtral", "int8"), ("gpt_oss", "int4")])
+def test_quantized_experts_move_their_tensors_in_place(family, scheme):
+    """What a budget on CUDA does to experts quantized in memory (moves them to page-locked host
+    memory, and back at unwrap), on copies here: every expert then reads the new tensors, with the
+    same values, and the layer computes the same output."""
+    from moe_infer.cache.setup import move_experts
+
+    model = moe_infer.wrap(tiny_models.build(family, seed=6), quantize=scheme)
+    layer = moe_infer.executor(model).layers[0]
+    source = layer.expert_source
+    ids = torch.randint(3, tiny_models.VOCAB_SIZE, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids).logits
+    old = source.tensors()
+    assert move_experts(layer, torch.device("cpu")) is None and source.tensors()[0] is old[0]  # already there
+    source.replace_tensors([t.clone() for t in old])
+    new = source.tensors()
+    assert len(new) == len(old) and all(a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in zip(old, new))
+    expert = source(5)
+    assert expert.w13.qweight.data_ptr() == new[0][5].data_ptr()  # the views follow the new tensors
+    assert (expert.b13 is not None) == (family == "gpt_oss")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
