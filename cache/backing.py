@@ -143,6 +143,7 @@ class ModuleBacking(Backing):
     def pinned_source(self, layer_idx: int, expert: int) -> ExpertTensors | None:
         if layer_idx not in self._pinned:
             w13 = self.template(layer_idx).w13
+            w13 = w13.qweight if isinstance(w13, QuantizedWeight) else w13
             self._pinned[layer_idx] = w13.device.type == "cpu" and torch.cuda.is_available() and w13.is_pinned()
         return self.read(layer_idx, expert) if self._pinned[layer_idx] else None
 

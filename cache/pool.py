@@ -77,16 +77,22 @@ class SlotLayout:
         """The parts of `template` one after the other, each aligned to its element size, each keeping
         the template's strides (a transposed weight stays transposed: the matmul must take the same
         path as on the model's own weights, or it rounds differently)."""
-        parts, offset = [], 0
-        for name in KINDS:
-            x = getattr(template, name)
+        parts, offset, quant = [], 0, None
+        for kind in KINDS:
+            x = getattr(template, kind)
             if x is None:
                 continue
-            span = _span(x)
-            offset = _round_up(offset, x.element_size())
-            parts.append(Part(name, x.dtype, tuple(x.shape), tuple(x.stride()), offset, span * x.element_size()))
-            offset += span * x.element_size()
-        return cls(tuple(parts), offset, template.interleaved)
+            if isinstance(x, QuantizedWeight):  # in-memory int8 / int4 experts: its tensors as named parts
+                quant = x.scheme
+                named = [(f"{kind}.{role}", t) for role, t in x.parts().items()]
+            else:
+                named = [(kind, x)]
+            for name, t in named:
+                span = _span(t)
+                offset = _round_up(offset, t.element_size())
+                parts.append(Part(name, t.dtype, tuple(t.shape), tuple(t.stride()), offset, span * t.element_size()))
+                offset += span * t.element_size()
+        return cls(tuple(parts), offset, template.interleaved, quant=quant)
 
     @classmethod
     def of_bytes(cls, parts: list[tuple[str, torch.dtype, tuple[int, ...], int]],

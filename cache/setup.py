@@ -58,12 +58,23 @@ def check_budgets(layers, config: MoEConfig, backing: Backing | None = None):
     if budget is not None and config.loader == "ring" and config.cache_policy != "lru":
         raise ConfigError(f"loader='ring' evicts in ring order; cache_policy={config.cache_policy!r} cannot apply "
                          f"(leave it at 'lru')")
-    largest = max(backing.expert_nbytes(l.layer_idx) if backing is not None else l.expert_source.expert_nbytes()
+    largest = max(backing.expert_nbytes(l.layer_idx) if backing is not None else _expert_nbytes(l, config)
                   for l in layers)
     for name, value in (("gpu_memory" if device.type == "cuda" else "cpu_memory", budget), ("cpu_memory", host_budget)):
         if value is not None and value < largest:
             raise ConfigError(f"{name}={value}: smaller than one expert ({largest} bytes); give at least {largest}")
     return device, budget, host_budget
+
+
+def _expert_nbytes(layer, config: MoEConfig) -> int:
+    """Bytes of one of the layer's in-memory experts as the cache will hold them: quantized when
+    `config.quantize` is about to quantize float experts (the budget is checked before that)."""
+    from moe_infer.experts.quantized import QuantizedExperts, quantized_expert_nbytes
+
+    source = layer.expert_source
+    if config.quantize is not None and not isinstance(source, QuantizedExperts):
+        return quantized_expert_nbytes(source, config.quantize)
+    return source.expert_nbytes()
 
 
 def build_cache(layers, config: MoEConfig, backing: Backing | None = None, kernel: str = "torch") \
@@ -100,26 +111,43 @@ def move_experts(layer, device: torch.device, *, pin: bool = False):
     """Move a layer's expert parameters (the backing of the cache) to `device`, in place. With `pin`
     (to the host on a CUDA machine) they become views of one page-locked `HostSlab`, returned:
     pinning each parameter on its own would round each up to a power of two."""
+    from moe_infer.experts.quantized import QuantizedExperts
+
     pin = pin and device.type == "cpu"
+    source = layer.expert_source
+    if isinstance(source, QuantizedExperts):  # quantized in memory: its tensors (the float ones are meta)
+        tensors = source.tensors()
+        if all(t.device == device and (not pin or t.is_pinned()) for t in tensors):
+            return None
+        moved, slab = _move_tensors(tensors, device, pin)
+        source.replace_tensors(moved)
+        return slab
     params = [p for p in layer.experts.parameters(recurse=False) if not p.is_meta and
               (p.device != device or (pin and not p.is_pinned()))]
     if not params:
         return None
+    moved, slab = _move_tensors([p.data for p in params], device, pin)
+    for param, data in zip(params, moved):
+        param.data = data
+    return slab
+
+
+def _move_tensors(tensors, device: torch.device, pin: bool):
+    """Copies of `tensors` on `device` and the `HostSlab` they view when `pin` (else None)."""
     if not pin:
-        for param in params:
-            param.data = param.data.to(device)
-        return None
+        return [t.to(device) for t in tensors], None
     from .pool import HostSlab
 
     offsets, total = [], 0
-    for param in params:
+    for t in tensors:
         total = -(-total // 64) * 64
         offsets.append(total)
-        total += param.numel() * param.element_size()
+        total += t.numel() * t.element_size()
     slab = HostSlab(total, pin=True)
-    for param, offset in zip(params, offsets):
-        nbytes = param.numel() * param.element_size()
-        view = slab.tensor[offset:offset + nbytes].view(param.dtype).view(param.shape)
-        view.copy_(param.data)
-        param.data = view
-    return slab
+    moved = []
+    for t, offset in zip(tensors, offsets):
+        nbytes = t.numel() * t.element_size()
+        view = slab.tensor[offset:offset + nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        moved.append(view)
+    return moved, slab

@@ -14,6 +14,13 @@ the token for the first layers); a prefetch never evicts an expert the current t
 one with a higher predicted score. Prefetched experts count as hits when used; `loads` counts
 every expert brought in (misses + prefetches). `belady` (demand only) has the highest hit rate of
 every demand policy and the fewest loads of every policy, prefetching or not.
+
+Bytes: with `expert_bytes` (bytes of one expert as the cache holds it), `bytes_loaded` is loads x
+that. For quantized experts it is their quantized size (packed weights, scales, zero points,
+biases: what a cache slot of that format holds and a load moves); `checkpoint_expert_bytes` reads
+it off a converted checkpoint, as stored or as it would be stored with `--quantize`, and
+`capacity_for_budget` turns a byte budget into expert slots, so the same budget holds more
+quantized experts.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class SimResult:
     prefetches_used: int = 0
     prefetches_wasted: int = 0  # evicted before use, or never used by the end of the trace
     per_layer: list[float] = field(default_factory=list)  # hit rate per MoE-layer position
+    expert_bytes: int | None = None  # bytes of one expert as cached (quantized bytes for quantized experts)
 
     @property
     def hit_rate(self) -> float:
@@ -53,10 +61,16 @@ class SimResult:
         """Experts brought into the cache or used from a transient copy (bytes moved / expert size)."""
         return self.misses + self.prefetches_issued
 
+    @property
+    def bytes_loaded(self) -> int | None:
+        """Bytes the loads move (None without `expert_bytes`)."""
+        return None if self.expert_bytes is None else self.loads * self.expert_bytes
+
     def as_dict(self) -> dict:
         return {"policy": self.policy, "capacity": self.capacity, "per_layer": self.per_layer_capacity,
                 "accesses": self.accesses, "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate,
-                "bypasses": self.bypasses, "loads": self.loads, "prefetches_issued": self.prefetches_issued,
+                "bypasses": self.bypasses, "loads": self.loads, "expert_bytes": self.expert_bytes,
+                "bytes_loaded": self.bytes_loaded, "prefetches_issued": self.prefetches_issued,
                 "prefetches_used": self.prefetches_used, "prefetches_wasted": self.prefetches_wasted,
                 "per_layer_hit_rate": self.per_layer}
 
@@ -84,14 +98,55 @@ class TraceOracle:
 
 
 def format_table(results: list[SimResult]) -> str:
-    """Markdown table of simulator results."""
-    lines = ["| policy | capacity | hit rate | hits | misses | loads | prefetch issued / used / wasted |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table of simulator results (with a bytes column when they know an expert's bytes)."""
+    with_bytes = any(r.expert_bytes is not None for r in results)
+    extra = (" bytes loaded |", "---|") if with_bytes else ("", "")
+    lines = [f"| policy | capacity | hit rate | hits | misses | loads |{extra[0]} prefetch issued / used / wasted |",
+             f"|---|---|---|---|---|---|{extra[1]}---|"]
     for r in results:
         scope = "per layer" if r.per_layer_capacity else "total"
-        lines.append(f"| {r.policy} | {r.capacity} {scope} | {r.hit_rate:.3f} | {r.hits} | {r.misses} | {r.loads} | "
-                     f"{r.prefetches_issued} / {r.prefetches_used} / {r.prefetches_wasted} |")
+        loaded = (f" {'n/a' if r.bytes_loaded is None else f'{r.bytes_loaded:,}'} |" if with_bytes else "")
+        lines.append(f"| {r.policy} | {r.capacity} {scope} | {r.hit_rate:.3f} | {r.hits} | {r.misses} | {r.loads} |"
+                     f"{loaded} {r.prefetches_issued} / {r.prefetches_used} / {r.prefetches_wasted} |")
     return "\n".join(lines) + "\n"
+
+
+def checkpoint_expert_bytes(path, quantize=None) -> int:
+    """Bytes of one routed expert of the converted checkpoint at `path` as a cache holds it: as stored
+    (quantized bytes when it was converted with `--quantize`), or, with `quantize` (a scheme name or
+    `QuantScheme`), as `convert --quantize` would store it (its tensors' sizes from `part_specs`,
+    biases in the store's dtype). Every MoE layer of the supported families has the same size; the
+    largest is returned."""
+    from moe_infer.experts.quant import QuantScheme, part_specs
+    from moe_infer.experts.store import ExpertStore
+
+    scheme = QuantScheme(quantize) if isinstance(quantize, str) else quantize
+    with ExpertStore.open(path, checksums="off") as store:
+        stored = store.quant_scheme
+        if scheme is None or scheme == stored:
+            return max(store.expert_nbytes(l) for l in store.moe_layers)
+        if stored is not None:
+            raise ConfigError(f"quantize={scheme.name!r}: {path} holds experts quantized to {stored.name} "
+                              f"(group {stored.group_size}); give no quantize to count them as stored")
+        sizes = []
+        for layer in store.moe_layers:
+            layout = store.layout(layer)
+            h, i = layout.hidden_size, layout.intermediate_size
+            specs = [*part_specs(scheme, 2 * i, h).values(), *part_specs(scheme, h, i).values()]
+            weights = sum(dtype.itemsize * math.prod(shape) for dtype, shape in specs)
+            biases = sum(store.dtype.itemsize * math.prod(shape) for kind, _, shape, _ in layout.parts
+                         if kind in ("b13", "b2"))
+            sizes.append(weights + biases)
+        return max(sizes)
+
+
+def capacity_for_budget(budget_bytes: int, expert_bytes: int) -> int:
+    """Expert slots a byte budget holds (at least one, or refused)."""
+    slots = int(budget_bytes) // int(expert_bytes)
+    if slots < 1:
+        raise ConfigError(f"a budget of {budget_bytes} bytes holds no expert of {expert_bytes} bytes; give at "
+                          f"least {expert_bytes}")
+    return slots
 
 
 def _next_use_times(keys: np.ndarray) -> np.ndarray:
@@ -160,10 +215,15 @@ class _Sim:
 
 
 def simulate(trace: Trace, policy: str, capacity: int, *, per_layer: bool = True, predictor=None,
-             prefetch_depth: int = 1, hot_from: Trace | None = None) -> SimResult:
+             prefetch_depth: int = 1, hot_from: Trace | None = None, expert_bytes: int | None = None) -> SimResult:
     """Replay `trace` through a cache of `capacity` expert slots run by `policy` (see the module
-    docstring). `static` pins the most used experts of `hot_from` (default: the trace itself)."""
+    docstring). `static` pins the most used experts of `hot_from` (default: the trace itself).
+    `expert_bytes`: bytes of one expert as cached (quantized bytes for quantized experts), for
+    `SimResult.bytes_loaded`."""
     _check(trace, policy, capacity, predictor, prefetch_depth)
+    if expert_bytes is not None and (isinstance(expert_bytes, bool) or not isinstance(expert_bytes, int)
+                                     or expert_bytes < 1):
+        raise ConfigError(f"expert_bytes={expert_bytes!r}: expected a positive int (bytes of one expert)")
     ids = trace.expert_ids.numpy().astype(np.int64)  # [N, L, K]
     num_tokens, num_layers, top_k = ids.shape
     num_experts = trace.num_experts
@@ -235,4 +295,4 @@ def simulate(trace: Trace, policy: str, capacity: int, *, per_layer: bool = True
     wasted = sim.wasted + len(sim.prefetched)
     per_layer_rates = (layer_hits / max(num_tokens * top_k, 1)).tolist()
     return SimResult(policy, capacity, per_layer, num_tokens * num_layers * top_k, hits, misses, bypasses,
-                     issued, used, wasted, per_layer_rates)
+                     issued, used, wasted, per_layer_rates, expert_bytes)

@@ -28,6 +28,7 @@ from .gptq_awq import ImportedSource, import_format_of
 from .math import ExpertTensors
 from .quant import DEFAULT_GROUP_SIZE, QuantizedWeight, QuantScheme, part_specs
 from .quant import quantize as quantize_weight
+from .skeleton import build_from_config
 from .store import DENSE_FILE, FORMAT, FP8_METHOD, MANIFEST, dtype_name, load_manifest, parse_dtype, verify
 from .tensorfile import FAST_HASH, CheckpointError, TensorWriter, fast_hasher
 from moe_infer.errors import ConfigError
@@ -71,8 +72,6 @@ def _text_config(config):
 
 def _build(source: SourceCheckpoint):
     """The meta-device skeleton of the source's model, its MoE blocks, and its config."""
-    from moe_infer.loading import build_from_config
-
     return build_from_config(source.root)
 
 

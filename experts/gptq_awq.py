@@ -17,6 +17,11 @@ Supported: 4 bits, groups of G along K in order (`g_idx[k] == k // G`; G = -1 is
 GPTQ symmetric or not, AWQ GEMM with zero points. Refused, in one line naming the variant:
 act-order (`desc_act` with a g_idx that is not k // G), other bit widths, AWQ GEMV / Marlin /
 ExLlama packings, AWQ without zero points, and a GPTQ v1 zero point that overflowed to 16.
+Biases (`X.bias` beside `X.qweight`): on a routed expert's linear (a key under `.experts.`) an
+all-zero bias, as older AutoGPTQ versions wrote for every linear, is dropped (exactly: it adds
+nothing); any other expert bias is refused, naming the tensor, since the per-expert families
+(Mixtral, Qwen-MoE, DeepSeek) have no expert biases to load it into. A bias of another linear
+(attention) is a weight of the model and passes through to the dense weights as it is.
 Does not own reading checkpoints (the converter) or the layout (`quant.py`).
 """
 
@@ -169,6 +174,17 @@ class ImportedSource:
             self.key_file[virtual] = source.key_file[key]
             for part in _PARTS:
                 self.key_file.pop(f"{prefix}.{part}", None)
+            bias = f"{prefix}.bias"
+            if bias in keys and ".experts." in prefix:
+                self._drop_zero_bias(bias)
+
+    def _drop_zero_bias(self, key: str) -> None:
+        """A routed expert linear's bias: dropped when all zero, else refused (module docstring)."""
+        values = self.source.read(key)
+        if torch.count_nonzero(values):
+            raise NotSupported(f"{self.root}: {key}: a nonzero bias on a routed expert's {self.fmt.method.upper()} "
+                               f"linear cannot be imported (this family's experts have no biases to hold it)")
+        self.key_file.pop(key)
 
     def keys(self) -> list[str]:
         return list(self.key_file)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .math import Activation, ExpertTensors
-from .quant import QuantizedWeight, QuantScheme, quantize
+from .quant import QuantizedWeight, QuantScheme, part_specs, quantize
 
 
 class QuantizedExperts:
@@ -36,15 +36,22 @@ class QuantizedExperts:
                          for e in range(self.num_experts)]
 
     @classmethod
-    def quantize(cls, source, scheme: QuantScheme) -> "QuantizedExperts":
+    def quantize(cls, source, scheme: QuantScheme, compute_device: torch.device | None = None) -> "QuantizedExperts":
         """Quantize every expert of `source` (an expert source, e.g. `ModuleExperts`) one at a time, on
-        the device its weights are on; the result lives there too. Gate/up rows are de-interleaved
-        (canonical order), so every family reads the same layout."""
+        `compute_device` (default: the device its weights are on; a CUDA model whose experts sit in host
+        memory quantizes on its GPU, one expert there at a time); the result lives where the weights
+        are. Gate/up rows are de-interleaved (canonical order), so every family reads the same layout."""
         w13, w2, b13, b2 = [], [], [], []
+        home = source.device
+        work = home if compute_device is None else compute_device
+
+        def quantized(weight: Tensor) -> QuantizedWeight:
+            return quantize(weight.to(work), scheme).map(lambda t: t.to(home))
+
         for e in range(source.num_experts):
             tensors = source(e).canonical()
-            w13.append(quantize(tensors.w13, scheme))
-            w2.append(quantize(tensors.w2, scheme))
+            w13.append(quantized(tensors.w13))
+            w2.append(quantized(tensors.w2))
             if tensors.b13 is not None:
                 b13.append(tensors.b13)
                 b2.append(tensors.b2)
@@ -54,6 +61,23 @@ class QuantizedExperts:
 
     def __call__(self, expert_idx: int) -> ExpertTensors:
         return self._experts[expert_idx]
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor it holds (packed weights, scales, zero points, biases)."""
+        return [*self.w13.parts().values(), *self.w2.parts().values(),
+                *(b for b in (self.b13, self.b2) if b is not None)]
+
+    def replace_tensors(self, tensors: list[Tensor]) -> None:
+        """Hold `tensors` (same shapes and dtypes, in the order of `tensors()`) instead, e.g. copies on
+        another device (the cache moves a CUDA model's quantized experts to host memory, its backing)."""
+        it = iter(tensors)
+        w13 = QuantizedWeight(self.scheme, *(next(it) if role in self.w13.parts() else None
+                                             for role in ("qweight", "scales", "zeros")), self.w13.in_features)
+        w2 = QuantizedWeight(self.scheme, *(next(it) if role in self.w2.parts() else None
+                                            for role in ("qweight", "scales", "zeros")), self.w2.in_features)
+        b13 = next(it) if self.b13 is not None else None
+        b2 = next(it) if self.b2 is not None else None
+        self.__init__(w13, w2, self.activation, b13, b2)
 
     @property
     def device(self) -> torch.device:
@@ -66,6 +90,16 @@ class QuantizedExperts:
 
     def __repr__(self) -> str:
         return (f"QuantizedExperts({self.scheme.as_json()}, experts={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, device={self.device})")
+
+
+def quantized_expert_nbytes(source, scheme: QuantScheme) -> int:
+    """Bytes one expert of `source` (float experts, e.g. `ModuleExperts`) will take once quantized
+    with `scheme` (`QuantizedExperts.expert_nbytes` of the result), from its shapes alone."""
+    t = source(0)  # w13 [2I, H] (gate/up interleaved or not), w2 [H, I]
+    (two_inter, hidden), inter = t.w13.shape, t.w2.shape[1]
+    specs = [*part_specs(scheme, two_inter, hidden).values(), *part_specs(scheme, hidden, inter).values()]
+    weights = sum(dtype.itemsize * torch.Size(shape).numel() for dtype, shape in specs)
+    return weights + sum(b.numel() * b.element_size() for b in (t.b13, t.b2) if b is not None)
 
 
 def _stack(weights: list[QuantizedWeight]) -> QuantizedWeight:

@@ -45,6 +45,7 @@ import torch
 from .fp8 import dequantize, scale_shape
 from .math import Activation, ExpertTensors, as_activation, projection_tensors
 from .quant import DEFAULT_GROUP_SIZE, PART_ROLES, SCHEMES, QuantizedWeight, QuantScheme, part_specs
+from .skeleton import build_from_config, check_against_manifest
 from .tensorfile import (DTYPES, FAST_HASH, CheckpointError, TensorFile, as_tensor, empty_buffer, fast_digest,
                          fast_hasher, pread_into, read_header)
 from moe_infer.errors import ConfigError
@@ -592,7 +593,7 @@ def _sha256_file_range(fd: int, offset: int, nbytes: int, chunk: int = 64 << 20)
 def verify(root: str | os.PathLike, progress=None) -> dict:
     """Check a converted checkpoint completely: the manifest, every file header, every expert's
     shapes, dtypes and sha256, the dense files' checksums, and that config.json builds the model
-    the manifest describes (`moe_infer.loading.check_against_manifest`). Raises `CheckpointError` on the first
+    the manifest describes (`moe_infer.experts.skeleton.check_against_manifest`). Raises `CheckpointError` on the first
     problem; returns a summary dict."""
     root = os.fspath(root)
     store = ExpertStore.open(root)
@@ -619,8 +620,6 @@ def verify(root: str | os.PathLike, progress=None) -> dict:
                 os.close(fd)
             _require(ok, f"{root}: {item['file']}: sha256 mismatch (the file is corrupt; convert again)")
             checked_bytes += size
-        from moe_infer.loading import build_from_config, check_against_manifest
-
         _, _, blocks = build_from_config(root)
         check_against_manifest(root, store, blocks)
     finally:

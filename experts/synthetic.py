@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .fp8 import scale_shape
+from .skeleton import skeleton
 from .tensorfile import TensorWriter
 from moe_infer.errors import ConfigError
 
@@ -75,8 +76,6 @@ def preset_config(name: str, layers: int):
 def hub_tensors(config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype) of every tensor of `config`'s model in the hub layout."""
     from transformers.core_model_loading import revert_weight_conversion
-
-    from moe_infer.loading import skeleton
 
     model = skeleton(config, torch.bfloat16 if getattr(config, "dtype", None) in (None, "bfloat16", torch.bfloat16)
                      else config.dtype)

@@ -25,15 +25,15 @@ __version__ = "0.1.0"
 _NAMES = {
     "wrap": "moe_infer.api", "unwrap": "moe_infer.api", "load": "moe_infer.api", "executor": "moe_infer.api",
     "is_wrapped": "moe_infer.api",
-    "generate_many": "moe_infer.batching",
+    "generate_many": "moe_infer.serving.batching",
     "MoEConfig": "moe_infer.config",
     "UnsupportedModel": "moe_infer.families", "supported_families": "moe_infer.families",
-    "Trace": "moe_infer.trace",
+    "Trace": "moe_infer.traces.trace",
 }
 # the public subpackages and modules (any other submodule is reachable as an attribute too)
 _MODULES = ("api", "assets", "batching", "benchmarks", "cache", "config", "corpus", "errors", "executor", "experts",
             "families", "kernels", "models", "parallel", "placement", "predictors", "profiler", "routing", "serving",
-            "trace", "trace_stats")
+            "trace", "trace_stats", "traces", "distributed")
 
 __all__ = ["MoEConfig", "Trace", "UnsupportedModel", "executor", "generate_many", "is_wrapped", "load", "placement",
            "supported_families", "unwrap", "wrap"]

@@ -13,12 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_infer import hub
 from moe_infer.config import MoEConfig, check_field_names
-from moe_infer.executor import ModelExecutor, check_supported
-from moe_infer.families import UnsupportedModel, find_moe_blocks
-from moe_infer.experts.layout import UnsupportedExperts
-from moe_infer.layer import MoELayer
 from moe_infer.errors import ConfigError
+from moe_infer.executor import ModelExecutor, check_supported
+from moe_infer.experts.convert import convert, default_converted_dir
+from moe_infer.experts.layout import UnsupportedExperts
+from moe_infer.experts.store import MANIFEST
+from moe_infer.families import UnsupportedModel, find_moe_blocks
+from moe_infer.layer import MoELayer
+from moe_infer.loading import expert_store_of, load_dense, read_experts_from
 
 _EXECUTOR_ATTR = "_moe_infer_executor"
 _PROBE_TOKENS = 64
@@ -86,8 +90,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     A model wrapped with `parallel` holds only its rank's slice of every expert; unwrap gathers the
     full weights back (bit-exact) with an all-gather, so every rank of the job must call it."""
     ex = executor(model)
-    from moe_infer.loading import expert_store_of
-
     if expert_store_of(model) is not None:
         raise ConfigError(f"unwrap: this {type(model).__name__} reads its experts from the expert store "
                          f"{expert_store_of(model).root} (a converted checkpoint it was loaded from, or its "
@@ -167,8 +169,6 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
     every read; "off" skips both (saves the hashing: 0.1-0.3 of a page-cache read with xxh3_64,
     see bench/results/checksums.md), for files just checked by `verify`.
     """
-    from moe_infer import hub
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         if not hub.is_hub_id(path):
@@ -176,14 +176,11 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
         path = hub.resolve(path)  # the hub cache's snapshot, downloaded if it is not there
     check_field_names(fields)
     check_supported(MoEConfig().replace(**fields))
-    from moe_infer.experts.store import MANIFEST
-    from moe_infer.loading import load_converted
-
     if os.path.exists(os.path.join(path, MANIFEST)):
         if in_memory:
             raise ConfigError(f"load: {path!r} is a converted checkpoint; in_memory=True applies to plain "
                              f"transformers directories only")
-        return load_converted(path, dtype=dtype, device=device, fields=fields, checksums=checksums)
+        return _load_converted(path, dtype=dtype, device=device, fields=fields, checksums=checksums)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ConfigError(f"load: {path!r} has no config.json; expected a transformers model directory or a "
                          f"converted checkpoint")
@@ -195,8 +192,17 @@ def load(path: str | os.PathLike, *, dtype: Any = "auto", device: str | torch.de
             model.to(device)
         model.eval()
         return wrap(model, **fields)
-    from moe_infer.experts.convert import convert, default_converted_dir
-
     target = os.fspath(converted_dir) if converted_dir is not None else default_converted_dir(path)
     convert(path, target)
-    return load_converted(target, dtype=dtype, device=device, fields=fields, checksums=checksums)
+    return _load_converted(target, dtype=dtype, device=device, fields=fields, checksums=checksums)
+
+
+def _load_converted(path: str, *, dtype: Any, device: str | torch.device | None, fields: dict,
+                    checksums: str) -> nn.Module:
+    """A wrapped model over a converted checkpoint directory (see `load`)."""
+    model, store, expert_dtype = load_dense(path, dtype=dtype, device=device, checksums=checksums)
+    wrap(model)  # no expert cache yet: the experts are on meta until the store serves them
+    read_experts_from(model, executor(model).layers, store, device=device, dtype=expert_dtype)
+    if fields:
+        wrap(model, **fields)  # budgets: the tiered cache is built over the store (moe_infer.cache.setup)
+    return model

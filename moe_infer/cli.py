@@ -26,7 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from moe_infer.profiler import ProfileOptions, check_inputs_exist, load_model, record_trace
+    from moe_infer.traces.profiler import ProfileOptions, check_inputs_exist, load_model, record_trace
 
     features = tuple(f.strip() for f in args.features.split(",") if f.strip()) if args.features else ()
     options = ProfileOptions(mode=args.mode, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -45,8 +45,8 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _trace_stats(args: argparse.Namespace) -> int:
-    from moe_infer.trace import Trace
-    from moe_infer.trace_stats import format_markdown, write_report
+    from moe_infer.traces.trace import Trace
+    from moe_infer.traces.stats import format_markdown, write_report
 
     statistics, written = write_report(Trace.load(args.trace), plots=args.plots, json_path=args.json,
                                        markdown_path=args.markdown, max_distance=args.max_distance)
@@ -57,8 +57,8 @@ def _trace_stats(args: argparse.Namespace) -> int:
 
 
 def _placement(args: argparse.Namespace) -> int:
-    from moe_infer import placement
-    from moe_infer.trace import Trace
+    from moe_infer.distributed import placement
+    from moe_infer.traces.trace import Trace
 
     trace = Trace.load(args.trace)
     result = placement.plan(trace, args.devices, capacity=args.capacity, method=args.method,
@@ -76,10 +76,10 @@ def _placement(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     import moe_infer
-    from moe_infer.batching import generate_many
+    from moe_infer.serving.batching import generate_many
     from moe_infer.executor import check_supported
     from moe_infer.models import load_model
-    from moe_infer.profiler import check_inputs_exist, read_prompts
+    from moe_infer.traces.profiler import check_inputs_exist, read_prompts
 
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -191,7 +191,7 @@ def _predictor_train(args: argparse.Namespace) -> int:
     import os
 
     from moe_infer.predictors import train
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise MissingFile(f"output folder of {args.out!r} does not exist")
@@ -211,7 +211,7 @@ def _predictor_eval(args: argparse.Namespace) -> int:
     import json
 
     from moe_infer.predictors import load
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     predictor = load(args.predictor)
     result = predictor.evaluate(Trace.load(args.trace), top_k=args.top_k, max_distance=args.max_distance)
@@ -297,14 +297,26 @@ class _PredictOnce:
 def _simulate(args: argparse.Namespace) -> int:
     import json
 
-    from moe_infer.cache.simulate import TraceOracle, format_table, simulate
-    from moe_infer.trace import Trace
+    from moe_infer.cache.simulate import (TraceOracle, capacity_for_budget, checkpoint_expert_bytes, format_table,
+                                          simulate)
+    from moe_infer.config import parse_bytes
+    from moe_infer.traces.trace import Trace
 
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    try:
-        capacities = [int(c) for c in args.capacity.split(",")]
-    except ValueError:
-        raise ConfigError(f"--capacity {args.capacity!r}: expected expert slots, e.g. 4 or 2,4,6") from None
+    if (args.capacity is None) == (args.budget is None):
+        raise ConfigError("simulate: give --capacity (expert slots) or --budget (bytes, with --checkpoint), one of them")
+    if args.quantize is not None and args.checkpoint is None:
+        raise ConfigError("simulate --quantize: give --checkpoint, the converted checkpoint whose experts it quantizes")
+    expert_bytes = None if args.checkpoint is None else checkpoint_expert_bytes(args.checkpoint, args.quantize)
+    if args.budget is not None:
+        if expert_bytes is None:
+            raise ConfigError("simulate --budget: give --checkpoint too (the expert size the budget is divided by)")
+        capacities = [capacity_for_budget(parse_bytes(b.strip()), expert_bytes) for b in args.budget.split(",")]
+    else:
+        try:
+            capacities = [int(c) for c in args.capacity.split(",")]
+        except ValueError:
+            raise ConfigError(f"--capacity {args.capacity!r}: expected expert slots, e.g. 4 or 2,4,6") from None
     trace = Trace.load(args.trace)
     predictor = None
     if args.predictor == "oracle":
@@ -319,13 +331,14 @@ def _simulate(args: argparse.Namespace) -> int:
             uses_predictor = predictor is not None and policy != "belady"
             results.append(simulate(trace, policy, capacity, per_layer=not args.total,
                                     predictor=predictor if uses_predictor else None,
-                                    prefetch_depth=args.prefetch_depth))
+                                    prefetch_depth=args.prefetch_depth, expert_bytes=expert_bytes))
     table = format_table(results)
     print(table, end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"trace": args.trace, "num_tokens": trace.num_tokens, "moe_layers": list(trace.moe_layers),
                        "num_experts": trace.num_experts, "top_k": trace.top_k, "predictor": args.predictor,
+                       "checkpoint": args.checkpoint, "quantize": args.quantize, "budget": args.budget,
                        "results": [r.as_dict() for r in results]}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
@@ -450,8 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--trace", required=True, metavar="TRACE", help="the trace to replay")
     sim.add_argument("--policy", required=True,
                      help="lru, lfu, static, expertflow, belady, or several separated by commas")
-    sim.add_argument("--capacity", required=True, help="expert slots per MoE layer (or in total with --total); "
-                                                        "several separated by commas")
+    sim.add_argument("--capacity", default=None, help="expert slots per MoE layer (or in total with --total); "
+                                                       "several separated by commas")
+    sim.add_argument("--budget", default=None,
+                     help="instead of --capacity: bytes per MoE layer (or in total with --total), e.g. 2GiB, several "
+                          "separated by commas; divided by --checkpoint's expert size")
+    sim.add_argument("--checkpoint", default=None, metavar="DIR",
+                     help="a converted checkpoint: loads are also counted in bytes of its experts as stored "
+                          "(quantized bytes if converted with --quantize)")
+    sim.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                     help="count --checkpoint's float experts as they would be stored quantized (int4: groups of 128)")
     sim.add_argument("--total", action="store_true", help="capacity counts slots over all layers, not per layer")
     sim.add_argument("--predictor", default=None,
                      help="a saved predictor file, or 'oracle' (the trace's own future: an upper bound)")

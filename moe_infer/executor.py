@@ -173,11 +173,6 @@ class ModelExecutor:
             if config.parallel is not None:
                 raise NotSupported("parallel with quantized experts: the multi-rank path slices float experts only "
                                    "in this version")
-            in_memory = not any(isinstance(layer.expert_source, StoreExperts) for layer in self.layers)
-            if in_memory and (config.gpu_memory is not None or config.cpu_memory is not None):
-                raise NotSupported("an expert budget (gpu_memory / cpu_memory) with experts quantized in memory: the "
-                                   "tiered cache holds quantized experts of a converted checkpoint only in this "
-                                   "version (convert with --quantize, then load with the budget)")
         if wanted is None or wanted == current:
             return
         if any(isinstance(layer.expert_source, StoreExperts) for layer in self.layers):
@@ -199,10 +194,11 @@ class ModelExecutor:
         from moe_infer.experts.layout import ModuleExperts
         from moe_infer.experts.quantized import QuantizedExperts, free_float_experts
 
+        device = compute_device(self.layers)  # experts in host memory of a CUDA model quantize on its GPU
         for layer in self.layers:
             assert isinstance(layer.expert_source, ModuleExperts), type(layer.expert_source)
             with torch.no_grad():
-                layer.expert_source = QuantizedExperts.quantize(layer.expert_source, scheme)
+                layer.expert_source = QuantizedExperts.quantize(layer.expert_source, scheme, device)
             free_float_experts(layer.experts)
             self._expert_devices[layer.layer_idx] = layer.expert_source.device
 

@@ -99,7 +99,7 @@ class MoELayer(nn.Module):
         self.executor: ModelExecutor | None = None  # set by the ModelExecutor that owns this layer
         # callables (layer, hidden [T, H], routing) run after routing: profilers, predictors
         self.routing_observers: list = []
-        # moe_infer.parallel.ParallelExperts when MoEConfig.parallel is set: the experts run across ranks
+        # moe_infer.distributed.parallel.ParallelExperts when MoEConfig.parallel is set: the experts run across ranks
         self.parallel = None
         self.train(block.training)
 

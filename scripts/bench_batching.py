@@ -3,7 +3,7 @@
 Two measurements, both on requests of several kinds of text arriving interleaved (py, rst, license,
 metadata, py, ...), so that arrival order mixes kinds as a serving queue does:
 
-1. trace replay (`moe_infer.batching.simulate_schedule`): every window of the mixed traces of
+1. trace replay (`moe_infer.serving.schedule.simulate_schedule`): every window of the mixed traces of
    ``scripts/bench_traces.py`` is a request (``--prompt-tokens`` prompt, ``--decode-tokens``
    decode steps with the recorded routing); distinct experts per micro-batch and MoE layer for
    fcfs, the expert scheduler with the default signature (each request's own recent routing), with
@@ -72,8 +72,9 @@ def interleaved_order(kind_counts: dict[str, int]) -> list[int]:
 
 def replay(model_name: str, trace_dir: Path, batch_sizes: list[int], prompt_tokens: int, decode_tokens: int,
            predictors: dict) -> list[dict]:
-    from moe_infer.batching import PredictedRouting, simulate_schedule
-    from moe_infer.trace import Trace
+    from moe_infer.serving.schedule import simulate_schedule
+    from moe_infer.serving.signatures import PredictedRouting
+    from moe_infer.traces.trace import Trace
 
     path, counts = bench_traces.record(model_name, trace_dir)
     trace = Trace.load(path)

@@ -3,12 +3,21 @@ synthetic full-size checkpoint (default: Mixtral-8x7B dimensions, 4 layers, ~11.
 
     python scripts/bench_convert.py [--preset mixtral-8x7b] [--layers 4] [--workdir /tmp/moe_bench]
                                     [--cpu-memory 25%] [--decode-steps 3] [--keep]
+                                    [--quantize none,int8,int4]
+
+`--quantize` (the quantization column): the same synthetic checkpoint is also converted with
+`--quantize int8` / `--quantize int4` (groups of 128) and each conversion is loaded with the SAME
+`cpu_memory` byte budget (the percentage is of the float experts' bytes), so a quantized expert
+being smaller means more of them fit; per format: one expert's bytes, cache slots, decode tokens/s,
+bytes read from disk per decode token and the disk floor they imply, convert time and load peak
+RSS. "none" is the float conversion the rest of the table describes.
 
 Each phase runs in its own process under `/usr/bin/time -v` (peak RSS = its "Maximum resident set
 size"; without /usr/bin/time, the child's `resource.getrusage` maximum). `--cpu-memory` is passed
 to `load` as the MoEConfig field (a byte count, a size like "3GiB", or a percentage of all experts'
 bytes); versions without the expert cache refuse it. Results: a JSON line appended to
-bench/results/convert.jsonl and bench/results/convert.md. The synthetic files are deleted at the
+bench/results/convert.jsonl and bench/results/convert.md (convert-quant.md for a run with --quantize
+formats beside none). The synthetic files are deleted at the
 end unless --keep.
 """
 
@@ -41,10 +50,10 @@ def _peak_self() -> int:
 
 
 # -- phases (run in child processes)
-def phase_convert(src: str, dst: str) -> dict:
+def phase_convert(src: str, dst: str, quantize: str = "none") -> dict:
     from moe_infer.experts.convert import convert
 
-    summary = convert(src, dst)
+    summary = convert(src, dst, quantize=None if quantize == "none" else quantize)
     return {"seconds": summary["seconds"], "bytes_read": summary["bytes_read"],
             "bytes_written": summary["bytes_written"], "peak_rss_self": _peak_self()}
 
@@ -81,7 +90,10 @@ def phase_load(path: str, cpu_memory: str | None, steps: int) -> dict:
             past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - start
     stats = moe_infer.executor(model).stats()
-    return {"load_seconds": load_s, "rss_after_load": rss_after_load, "dense_bytes": dense_bytes,
+    tier = stats["tiers"].get("cpu", {})
+    return {"quantization": stats["quantization"], "store_dtype": str(store.compute_dtype).replace("torch.", ""),
+            "slot_bytes": tier.get("slot_bytes"), "slots": tier.get("slots"),
+            "load_seconds": load_s, "rss_after_load": rss_after_load, "dense_bytes": dense_bytes,
             "expert_bytes_total": expert_bytes, "expert_nbytes": store.expert_nbytes(store.moe_layers[0]),
             "prefill_seconds": prefill_s, "prompt_tokens": 8, "decode_seconds": decode_s, "new_tokens": steps,
             "decode_bytes_read": store.bytes_read - read_before, "expert_activations": stats["expert_activations"],
@@ -151,6 +163,23 @@ def _cpu_memory_bytes(spec: str | None, expert_total: int) -> str | None:
     return spec
 
 
+def quant_row(fmt: str, conv: dict, load: dict, read: dict) -> dict:
+    """One line of the quantization column, from a format's convert and load phases."""
+    bytes_per_token = load["decode_bytes_read"] / load["new_tokens"]
+    read_bps = read["bytes"] / read["seconds"]
+    expected = None if fmt == "none" else ({"method": "int8"} if fmt == "int8" else {"method": "int4", "group_size": 128})
+    if load["quantization"] != expected:  # the row measures the format it names, or it is not written
+        raise SystemExit(f"{fmt}: the loaded model ran quantization {load['quantization']!r}, not {expected!r}")
+    return {"format": fmt, "label": load["store_dtype"] if fmt == "none" else
+            ("int8" if fmt == "int8" else "int4-g128"), "quantization": load["quantization"],
+            "expert_nbytes": load["expert_nbytes"], "slot_bytes": load["slot_bytes"], "slots": load["slots"],
+            "decode_tokens_per_s": load["new_tokens"] / load["decode_seconds"],
+            "decode_bytes_read_per_token": bytes_per_token,
+            "disk_floor_tokens_per_s": read_bps / bytes_per_token if bytes_per_token else None,
+            "convert_seconds": conv["seconds"], "convert_bytes_written": conv["bytes_written"],
+            "peak_rss": load["peak_rss"], "kernel": load["kernel"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
@@ -161,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-steps", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic and converted checkpoints")
     parser.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
+    parser.add_argument("--quantize", default="none",
+                        help="comma-separated formats to convert and load at the same budget: none (float), int8, "
+                             "int4; the first is the float conversion of the main table and must be none")
     args = parser.parse_args(argv)
+    formats = [f.strip() for f in args.quantize.split(",") if f.strip()]
+    if not formats or formats[0] != "none" or any(f not in ("none", "int8", "int4") for f in formats) \
+            or len(set(formats)) != len(formats):
+        parser.error(f"--quantize {args.quantize!r}: a comma-separated list starting with none, then int8 and/or int4")
 
     if args.phase:
         name, *rest = args.phase
@@ -202,6 +238,19 @@ def main(argv: list[str] | None = None) -> int:
             expert_total = sum(store.expert_nbytes(l) * store.num_experts for l in store.moe_layers)
         budget = _cpu_memory_bytes(args.cpu_memory, expert_total)
         load = _run_child(["load", dst, budget or "-", str(args.decode_steps)])
+        quant_rows = [quant_row("none", conv, load, read)]
+        for fmt in formats[1:]:  # the same source, the same budget (bytes), another format of the experts
+            qdst = f"{dst}-{fmt}"
+            shutil.rmtree(qdst, ignore_errors=True)
+            qconv = _run_child(["convert", src, qdst, fmt])
+            qload = _run_child(["load", qdst, budget or "-", str(args.decode_steps)])
+            quant_rows.append(quant_row(fmt, qconv, qload, read))
+            if not args.keep:
+                shutil.rmtree(qdst, ignore_errors=True)
+            row = quant_rows[-1]
+            print(f"{fmt}: one expert {row['expert_nbytes'] / 2**20:.0f} MiB, {row['slots']} slots; decode "
+                  f"{row['decode_tokens_per_s']:.3f} tokens/s, {row['decode_bytes_read_per_token'] / 1e9:.2f} GB read "
+                  f"per token; convert {qconv['seconds']:.0f} s", flush=True)
         budget_bytes = int(budget) if budget and budget.isdigit() else 0
         margin = load["peak_rss"] - load["dense_bytes"] - budget_bytes
         rss_limit = int(1.15 * (load["dense_bytes"] + budget_bytes))
@@ -240,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "expert_bytes_total": expert_total, "cpu_memory": budget, "rss_margin_over_dense_and_budget": margin,
         "rss_limit_dense_budget_15pct": rss_limit, "rss_within_limit": load["peak_rss"] <= rss_limit,
         "command": "python " + " ".join(["scripts/bench_convert.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quantization": quant_rows,
     }
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "convert.jsonl"), "a") as f:
@@ -269,7 +319,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{'n/a' if floor_tps is None else f'{floor_tps:.3f}'} tokens/s |",
         "", f"Command: `{record['command']}`", "",
     ]
-    with open(os.path.join(RESULTS, "convert.md"), "w") as f:
+    if len(quant_rows) > 1:
+        md[-2:-2] = [
+            "", f"Quantization column: each format converted from the same checkpoint and loaded with the same "
+            f"cpu_memory ({budget or 'none'} bytes), {load['new_tokens']} decode steps after an 8-token prompt, page "
+            f"cache dropped first; disk floor = bytes read per token / the cold read speed above.", "",
+            "| experts | one expert | cache slots | decode tokens/s | read from disk per decode token | disk floor "
+            "| convert time | load + decode peak RSS |", "|---|---|---|---|---|---|---|---|",
+            *(f"| {r['label']} | {mib(r['expert_nbytes'])} | {r['slots']} | {r['decode_tokens_per_s']:.3f} | "
+              f"{r['decode_bytes_read_per_token'] / 1e9:.3f} GB | "
+              f"{'n/a (nothing read)' if r['disk_floor_tokens_per_s'] is None else format(r['disk_floor_tokens_per_s'], '.3f') + ' tokens/s'} "
+              f"| {r['convert_seconds']:.0f} s | {mib(r['peak_rss'])} |" for r in quant_rows), ""]
+    name = "convert.md" if len(quant_rows) == 1 else "convert-quant.md"  # a quantization run keeps its own page
+    with open(os.path.join(RESULTS, name), "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
     return 0

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_infer import parallel_cost
+from moe_infer.distributed import cost as parallel_cost
 from moe_infer.experts.math import Activation
-from moe_infer.parallel import ExpertShard, ParallelExperts, ParallelRuntime, init_distributed
+from moe_infer.distributed.group import init_distributed
+from moe_infer.distributed.parallel import ParallelExperts, ParallelRuntime
+from moe_infer.distributed.shard import ExpertShard
 
 SHAPES = {
     "mixtral": dict(num_experts=8, hidden_size=4096, intermediate_size=14336, top_k=2),

@@ -2,7 +2,7 @@
 
 For each shipped model, the mixed-text trace of ``scripts/bench_traces.py`` is split by sequence
 into a planning half and a held-out half (`Trace.split(0.5)`); plans are made on the planning half
-with `moe_infer.placement.plan` and every rate is measured on the held-out half (and on the
+with `moe_infer.distributed.placement.plan` and every rate is measured on the held-out half (and on the
 planning half, to show how much is fitted). Baselines: expert e on device e mod D (round-robin)
 and per-layer longest-processing-time load balancing (load-only). Also the plan with D extra
 replicas of hot experts per layer (EPLB-style).
@@ -22,8 +22,8 @@ import bench_traces  # noqa: E402
 
 
 def measure(model_name: str, trace_dir: Path, device_counts: list[int]) -> list[dict]:
-    from moe_infer import placement
-    from moe_infer.trace import Trace
+    from moe_infer.distributed import placement
+    from moe_infer.traces.trace import Trace
 
     path, _ = bench_traces.record(model_name, trace_dir)
     planning, held_out = Trace.load(path).split(0.5, seed=0)

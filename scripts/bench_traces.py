@@ -4,7 +4,7 @@ Text every machine with Python has: held-out standard-library ``.py`` files (the
 models were not trained on), reStructuredText (``.rst`` under the standard library and
 site-packages), license texts (``/usr/share/common-licenses`` and ``LICENSE*`` files of installed
 distributions) and package metadata (``METADATA`` of installed distributions). Each kind is
-profiled with `moe_infer.profiler.record_trace` (what ``moe-infer profile`` runs) in prefill mode;
+profiled with `moe_infer.traces.profiler.record_trace` (what ``moe-infer profile`` runs) in prefill mode;
 each window of ``seq_len`` tokens is one sequence (one request, for the batching benchmark).
 
     python scripts/bench_traces.py --model tiny-mixtral --out-dir out/traces
@@ -19,7 +19,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from moe_infer.corpus import EXCLUDED_DIRS, is_heldout  # the held-out split of the shipped models
+from moe_infer.traces.corpus import EXCLUDED_DIRS, is_heldout  # the held-out split of the shipped models
 
 KINDS = ("py", "rst", "license", "metadata")
 
@@ -52,8 +52,8 @@ def record(model_name: str, out_dir: Path, *, per_kind: int = 12, seq_len: int =
     """Record (or reuse) one trace per text kind and join them; returns the joined trace's path and
     the number of sequences of each kind, in the joined order."""
     from moe_infer.models import load_model
-    from moe_infer.profiler import ProfileOptions, record_trace
-    from moe_infer.trace import Trace
+    from moe_infer.traces.profiler import ProfileOptions, record_trace
+    from moe_infer.traces.trace import Trace
 
     out_dir.mkdir(parents=True, exist_ok=True)
     joined = out_dir / f"{model_name}-mixed.safetensors"

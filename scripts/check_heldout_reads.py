@@ -12,7 +12,7 @@ import torch
 
 import moe_infer
 from moe_infer import assets
-from moe_infer.corpus import is_heldout, stdlib_files
+from moe_infer.traces.corpus import is_heldout, stdlib_files
 from moe_infer.experts.convert import convert
 from moe_infer.models import load_model
 

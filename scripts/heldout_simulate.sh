@@ -9,7 +9,7 @@ mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 files=$(python -c "
-from moe_infer.corpus import is_heldout, stdlib_files
+from moe_infer.traces.corpus import is_heldout, stdlib_files
 _, files = stdlib_files()
 print(' '.join(str(path) for rel, path in files if is_heldout(rel))[:100000])" | tr ' ' '\n' | head -5 | tr '\n' ' ')
 moe-infer profile --model tiny-mixtral --text $files --out "$work/heldout.safetensors" --max-tokens 12000

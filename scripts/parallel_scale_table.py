@@ -2,7 +2,7 @@
 """Paper-scale table: the sharding factor r that `parallel="auto"` would choose, and the expected
 time of one MoE layer call, for 8, 64 and 512 GPUs on Mixtral-8x7B and DeepSeek-V3 shapes.
 
-Computed from the cost model (`moe_infer.parallel_cost`) and stated hardware numbers, not measured:
+Computed from the cost model (`moe_infer.distributed.cost`) and stated hardware numbers, not measured:
 
     python scripts/parallel_scale_table.py [--out-dir bench/results]
 
@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from moe_infer import parallel_cost as pc
+from moe_infer.distributed import cost as pc
 
 # Stated hardware (per GPU, one direction). NVLink 4 on H100 SXM: 900 GB/s bidirectional per GPU;
 # InfiniBand NDR: one 400 Gb/s port per GPU. bf16 matmul rate and HBM copy bandwidth as measured on an
@@ -75,7 +75,7 @@ def markdown(table: list[dict]) -> str:
     lines = [
         "# Adaptive parallelism on paper: chosen r and expected time per MoE layer call",
         "",
-        "From `moe_infer.parallel_cost` (the model `parallel=\"auto\"` uses), not measured. Hardware stated: "
+        "From `moe_infer.distributed.cost` (the model `parallel=\"auto\"` uses), not measured. Hardware stated: "
         f"NVLink {LINKS.intra_bw / 1e9:.0f} GB/s and InfiniBand {LINKS.inter_bw / 1e9:.0f} GB/s per GPU and direction, "
         f"{LINKS.ranks_per_node} GPUs per node, {LINKS.latency_s * 1e6:.0f} us per collective, "
         f"{H100.flops / 1e12:.0f} TFLOP/s bf16 and {H100.mem_bw / 1e12:.2f} TB/s HBM per GPU (H100). bf16 weights "

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Record an expert trace: `moe-infer profile` as a script (the work is in `moe_infer.profiler`).
+"""Record an expert trace: `moe-infer profile` as a script (the work is in `moe_infer.traces.profiler`).
 
     python scripts/profile_experts.py --model tiny-mixtral --text corpus.txt --out trace.safetensors
 """

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe_infer.corpus import EXCLUDED_DIRS, HELDOUT_RULE, is_heldout, stdlib_files
+from moe_infer.traces.corpus import EXCLUDED_DIRS, HELDOUT_RULE, is_heldout, stdlib_files
 
 MODELS = ("tiny-mixtral", "tiny-deepseek")
 EOS_TOKEN = "<|endoftext|>"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from moe_infer.experts.convert import convert
-from moe_infer.loading import build_from_config  # noqa: F401  (import transformers before "ready")
+from moe_infer.experts.skeleton import build_from_config  # noqa: F401  (import transformers before "ready")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""One rank of the multi-process tests of `moe_infer.parallel`, started the way users start jobs:
+"""One rank of the multi-process tests of `moe_infer.distributed.parallel`, started the way users start jobs:
 
     python -m torch.distributed.run --standalone --nproc-per-node N tests/parallel_worker.py --out DIR
     deepspeed --num_gpus N tests/parallel_worker.py --out DIR          (CPU: deepspeed --num_nodes 1 ...)
@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_infer  # noqa: E402
 from moe_infer.experts.math import moe_forward  # noqa: E402
 from moe_infer.experts.layout import ModuleExperts  # noqa: E402
-from moe_infer.parallel import ParallelError, build_runtime, init_distributed, launched_by_deepspeed  # noqa: E402
+from moe_infer.distributed.group import ParallelError, init_distributed, launched_by_deepspeed  # noqa: E402
+from moe_infer.distributed.parallel import build_runtime  # noqa: E402
 
 
 class TinyExperts(torch.nn.Module):
@@ -63,8 +64,8 @@ def expert_storage_bytes(model: torch.nn.Module) -> int:
 
 
 def reversed_plan(moe_layers: list[int], num_experts: int, world: int):
-    """ReversedPlan as a `moe_infer.placement.PlacementPlan` (what MoEConfig.placement loads)."""
-    from moe_infer.placement import PlacementPlan
+    """ReversedPlan as a `moe_infer.distributed.placement.PlacementPlan` (what MoEConfig.placement loads)."""
+    from moe_infer.distributed.placement import PlacementPlan
 
     plan = ReversedPlan(num_experts, world)
     devices = torch.tensor([[plan.device_of(0, e) for e in range(num_experts)] for _ in moe_layers]).numpy()

@@ -15,7 +15,7 @@ import torch
 
 import moe_infer
 from moe_infer import assets
-from moe_infer.corpus import is_heldout, stdlib_files  # the split the models were trained with
+from moe_infer.traces.corpus import is_heldout, stdlib_files  # the split the models were trained with
 
 NAMES = ["tiny-deepseek", "tiny-mixtral"]
 MAX_BYTES = 10 * 2**20  # the size limit per shipped model
@@ -106,7 +106,7 @@ def test_generates_python_and_wrap_is_exact(shipped, heldout_text):
 
 def test_shipped_predictor_fits_its_model_and_predicts_held_out_routing(shipped, heldout_text, tmp_path):
     from moe_infer.predictors import load
-    from moe_infer.profiler import record_trace
+    from moe_infer.traces.profiler import record_trace
 
     name, model, _ = shipped
     path = assets.predictor_path(name)
@@ -121,7 +121,7 @@ def test_shipped_predictor_fits_its_model_and_predicts_held_out_routing(shipped,
                               features=[f"moe_input:{layer}" for layer in layers], model_name=name)
     finally:
         moe_infer.unwrap(model)
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     recall = predictor.evaluate(Trace.load(result.path), max_distance=4)["recall"]
     # held-out text the predictor never saw (bench/results/predictors.md: 0.916 / 0.841 at d=1 on all of it)

@@ -13,11 +13,13 @@ import torch
 import moe_infer
 import moe_infer.assets
 import tiny_models
-from moe_infer.batching import PredictedRouting, RecentRouting, expected_experts, generate_many, partition, simulate_schedule
+from moe_infer.serving.batching import generate_many
+from moe_infer.serving.schedule import expected_experts, partition, simulate_schedule
+from moe_infer.serving.signatures import PredictedRouting, RecentRouting
 from moe_infer.cli import main
 from moe_infer.predictors import train
-from moe_infer.profiler import record_trace
-from moe_infer.trace import Trace
+from moe_infer.traces.profiler import record_trace
+from moe_infer.traces.trace import Trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -85,7 +85,7 @@ def test_bench_cache_on_a_shipped_model(tmp_path):
 def test_bench_predictors_tunes_on_validation_and_reports_reproducible_recall(tmp_path, capsys):
     from moe_infer.benchmarks.predictors import TUNING
     from moe_infer.predictors import train
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     out, work = tmp_path / "results", tmp_path / "work"
     threads = torch.get_num_threads()  # the benchmark pins one thread

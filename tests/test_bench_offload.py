@@ -84,6 +84,9 @@ def test_smoke_from_a_directory_outside_the_checkout(tmp_path):
     calibration = run["calibration"]
     assert calibration["file"] == "mixtral-8x7b.json" and calibration["domain"] == "github"
     assert abs(calibration["lru_4_of_8_hit_rate"] - 0.615) < 0.05
+    quant_rows = [r for r in rows if r.get("quantization_row")]
+    rows = [r for r in rows if not r.get("quantization_row")]
+    check_quantization_rows(run, quant_rows)
     assert {(r["routing"], r["config"]) for r in rows} == {
         (routing, name) for routing in ("random", "calibrated") for name in offload.CONFIGS
         if offload.ORACLE not in name or routing == "calibrated"}
@@ -107,11 +110,42 @@ def test_smoke_from_a_directory_outside_the_checkout(tmp_path):
     assert "appended to" in result.stdout
 
 
+def check_quantization_rows(run: dict, rows: list[dict]) -> None:
+    """bf16, int8 and int4-g128 rows of the quantization config, per routing, each at the run's budget,
+    each running the experts its label names: slots of that format's expert size, bytes moved a whole
+    number of those experts."""
+    from moe_infer.experts.quant import QuantScheme, part_specs
+
+    h, i = run["shape"]["hidden"], run["shape"]["intermediate"]
+    assert run["shape"]["dtype"] == "bfloat16" and run["expert_bytes"] == 3 * h * i * 2
+    expected = {"bfloat16": (None, run["expert_bytes"])}
+    for name, scheme in (("int8", QuantScheme("int8")), ("int4-g128", QuantScheme("int4"))):
+        specs = [*part_specs(scheme, 2 * i, h).values(), *part_specs(scheme, h, i).values()]
+        expected[name] = (scheme.as_json(), sum(d.itemsize * torch.Size(shape).numel() for d, shape in specs))
+    assert {(r["routing"], r["experts"]) for r in rows} == {(routing, name) for routing in ("random", "calibrated")
+                                                            for name in expected}
+    for row in rows:
+        quantization, nbytes = expected[row["experts"]]
+        ran = row["ran"]
+        assert row["config"] == f"{offload.QUANT_CONFIG} [experts {row['experts']}]"
+        assert {k: ran[k] for k in row["fields"]} == offload.CONFIGS[offload.QUANT_CONFIG]
+        assert ran["quantization"] == quantization and ran["cpu_memory"] == run["budget_bytes"]
+        assert nbytes <= ran["slot_bytes"] <= nbytes + 64
+        assert ran["slots"] == min(run["budget_bytes"] // ran["slot_bytes"], 2 * 8)  # 2 layers x 8 experts at most
+        assert row["peak_bytes"] <= run["budget_bytes"] and row["tokens"] > 0
+        moved = round(row["bytes_moved_per_token"] * row["tokens"])
+        assert moved % nbytes == 0, (row["experts"], moved, nbytes)  # whole experts, in their own format's bytes
+    assert expected["int4-g128"][1] < 0.3 * run["expert_bytes"] < expected["int8"][1] < 0.55 * run["expert_bytes"]
+
+
 def test_a_spent_time_budget_measures_no_row(tmp_path, capsys):
     out = tmp_path / "offload.jsonl"
-    assert offload.main(["--smoke", "--routing", "random", "--time-budget", "0", "--out", str(out)]) == 0
+    # --decode-tokens 32 is the option's usual default: given beside --smoke it still wins over the smoke's 16
+    assert offload.main(["--smoke", "--routing", "random", "--time-budget", "0", "--decode-tokens", "32",
+                         "--out", str(out)]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["kind"] for line in lines] == ["run"] and "time budget" in capsys.readouterr().out
+    assert lines[0]["decode_tokens"] == 32 and lines[0]["prompt_tokens"] == offload.SMOKE["prompt_tokens"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate's offload baseline runs on CUDA only")

@@ -198,7 +198,7 @@ def converted_tiny_mixtral(tmp_path_factory):
 
 
 def heldout_prompts(count: int, length: int) -> list[torch.Tensor]:
-    from moe_infer.corpus import is_heldout, stdlib_files
+    from moe_infer.traces.corpus import is_heldout, stdlib_files
 
     _, files = stdlib_files()
     texts = [path.read_bytes() for rel, path in files if is_heldout(rel)]

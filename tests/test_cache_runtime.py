@@ -16,7 +16,7 @@ from moe_infer.cache.backing import ModuleBacking
 from moe_infer.cache.cpu_compute import CostModel, split_misses
 from moe_infer.cache.loader import DEMAND, PREDICTED, RING, LoadQueue
 from moe_infer.cache.tiered import ExpertCache, Tier
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -180,3 +180,29 @@ def test_a_quantized_checkpoint_converts_and_loads(tmp_path, method):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits.to(model.dtype), rtol=2e-3, atol=2e-3)
     with pytest.raises(ConfigError, match="imported as they are"):
         convert(tmp_path / "q", tmp_path / "other", quantize="int8")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_expert_biases_all_zero_are_dropped_others_refused_by_name(tmp_path, method):
+    """Older AutoGPTQ wrote an all-zero `bias` beside every quantized linear: on the experts it is
+    dropped (the converted checkpoint is the one without it, byte for byte); a nonzero expert bias
+    is refused, naming the tensor."""
+    hf = tmp_path / "hf"
+    tiny_models.build("mixtral", 0).save_pretrained(hf)
+    write_quantized_checkpoint(hf, tmp_path / "q", method, 32)
+    convert(tmp_path / "q", tmp_path / "plain")
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    experts = [k.removesuffix(".qweight") for k in state if k.endswith(".qweight") and ".experts." in k]
+    for prefix in experts:
+        state[f"{prefix}.bias"] = torch.zeros(state[f"{prefix}.scales"].shape[1], dtype=torch.float16)
+    save_file(state, str(tmp_path / "q" / "model.safetensors"))
+    convert(tmp_path / "q", tmp_path / "zero-bias", verify_after=True)
+    plain = json.loads((tmp_path / "plain" / "moe_infer.json").read_text())["experts"]
+    zero = json.loads((tmp_path / "zero-bias" / "moe_infer.json").read_text())["experts"]
+    assert len(zero) == 16 and [e["sha256"] for e in zero] == [e["sha256"] for e in plain]
+    bad = sorted(experts)[3] + ".bias"
+    state[bad][5] = 0.25
+    save_file(state, str(tmp_path / "q" / "model.safetensors"))
+    with pytest.raises(NotSupported, match=re.escape(bad) + ": a nonzero bias on a routed expert's"):
+        convert(tmp_path / "q", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

@@ -19,7 +19,7 @@ from moe_infer import Trace
 from moe_infer.models import cache_argument, output_cache
 from moe_infer.predictors import attach, load, train
 from moe_infer.predictors.lookahead import AttentionLookahead
-from moe_infer.profiler import record_trace
+from moe_infer.traces.profiler import record_trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

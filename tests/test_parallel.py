@@ -1,4 +1,4 @@
-"""Adaptive parallelism (`moe_infer.parallel`): real gloo jobs of 2 and 4 processes started with
+"""Adaptive parallelism (`moe_infer.distributed.parallel`): real gloo jobs of 2 and 4 processes started with
 `python -m torch.distributed.run` (and with the deepspeed launcher when DeepSpeed is installed),
 compared with the single-process wrapped model; and the cost model on its own.
 
@@ -25,7 +25,7 @@ import torch
 
 import moe_infer
 import tiny_models
-from moe_infer import parallel_cost
+from moe_infer.distributed import cost as parallel_cost
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
 LAUNCH_TIMEOUT_S = 150
@@ -249,7 +249,7 @@ def test_set_parallelism_needs_a_parallel_model(tiny_model):
 
 
 def _plan_file(tmp_path, moe_layers, num_experts, num_devices=2):
-    from moe_infer.placement import PlacementPlan
+    from moe_infer.distributed.placement import PlacementPlan
 
     devices = np.array([[e % num_devices for e in range(num_experts)] for _ in moe_layers])
     holds = np.eye(num_devices, dtype=bool)[devices]

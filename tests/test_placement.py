@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moe_infer import placement
+from moe_infer.distributed import placement
 from moe_infer.cli import main
-from moe_infer.placement import PlacementPlan
-from moe_infer.trace import Trace
+from moe_infer.distributed.placement import PlacementPlan
+from moe_infer.traces.trace import Trace
 
 
 def make_trace(expert_ids: np.ndarray, num_experts: int) -> Trace:

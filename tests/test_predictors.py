@@ -19,7 +19,7 @@ import moe_infer
 import moe_infer.assets
 from moe_infer import Trace
 from moe_infer.predictors import PREDICTORS, Predictor, PredictorMismatch, attach, load, train
-from moe_infer.profiler import record_trace
+from moe_infer.traces.profiler import record_trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -16,8 +16,8 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig,
 
 import moe_infer
 from moe_infer.models import cache_argument, output_cache
-from moe_infer.profiler import ProfileOptions, record_trace
-from moe_infer.trace import Trace
+from moe_infer.traces.profiler import ProfileOptions, record_trace
+from moe_infer.traces.trace import Trace
 
 FP16 = dict(rtol=1e-3, atol=1e-3)  # values stored as float16 in the trace
 BASE = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, max_position_embeddings=256,

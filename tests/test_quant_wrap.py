@@ -78,6 +78,66 @@ def test_wrap_quantize_refusals():
     with pytest.raises(ConfigError, match="MoEConfig.quantize='int3'"):
         moe_infer.MoEConfig(quantize="int3")
     fresh = tiny_models.build("mixtral", seed=1)
-    with pytest.raises(NotSupported, match="expert budget"):
-        moe_infer.wrap(fresh, quantize="int4", cpu_memory="1MiB")
+    with pytest.raises(ConfigError, match="smaller than one expert"):
+        moe_infer.wrap(fresh, quantize="int4", cpu_memory=100)
     assert not moe_infer.is_wrapped(fresh) and not fresh.model.layers[0].mlp.experts.gate_up_proj.is_meta
+    with pytest.raises(NotSupported, match="offload_dir"):
+        moe_infer.wrap(fresh, quantize="int4", offload_dir="/nonexistent/x")
+    assert not moe_infer.is_wrapped(fresh)
+
+
+@pytest.mark.parametrize("family, scheme, kernel", [
+    ("mixtral", "int8", "torch"), ("mixtral", QuantScheme("int4", 32), "torch"),
+    ("gpt_oss", QuantScheme("int4", 32), "torch"), ("mixtral", QuantScheme("int4", 32), "triton"),
+], ids=["int8", "int4-g32", "gpt_oss", "int4-g32-triton"])
+def test_a_budget_caches_the_experts_quantized_in_memory(family, scheme, kernel):
+    """wrap(quantize=, cpu_memory=): the cache holds the quantized experts (slots of their quantized
+    bytes, so a budget below one float expert still fits several) and computes exactly what the model
+    quantized without a budget computes (the torch path; the fused w4a16 kernel over the slot pool,
+    in Triton's interpreter, to rounding); bytes moved are quantized bytes."""
+    scheme = QuantScheme(scheme) if isinstance(scheme, str) else scheme
+    ids = torch.randint(3, tiny_models.VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(4))
+    reference = moe_infer.wrap(tiny_models.build(family, seed=2), quantize=scheme)
+    source = moe_infer.executor(reference).layers[0].expert_source
+    quantized, float_bytes = source.expert_nbytes(), tiny_models.build(family, seed=2).model.layers[0].mlp.experts
+    float_bytes = sum(p[0].numel() * p.element_size() for p in float_bytes.parameters())
+    budget = 3 * quantized + 16
+    assert budget < float_bytes  # no float expert would fit
+    model = moe_infer.wrap(tiny_models.build(family, seed=2), quantize=scheme, cpu_memory=budget, kernel=kernel)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, **(dict(rtol=1e-4, atol=1e-4) if kernel == "triton" else
+                                                 dict(rtol=0, atol=0)))
+    stats = moe_infer.executor(model).stats()
+    tier = stats["tiers"]["cpu"]
+    assert stats["quantization"] == scheme.as_json() and stats["kernel"] == kernel
+    assert tier["slots"] == 3 and quantized <= tier["slot_bytes"] <= quantized + 64
+    loaded = tier["misses"] - stats["cpu_computed_experts"]  # the others ran from the backing, unmoved
+    assert loaded > 0 and tier["bytes_moved"] == loaded * quantized
+    assert tier["peak_bytes"] <= budget
+
+
+@pytest.mark.parametrize("family, scheme", [("mixtral", "int8"), ("gpt_oss", "int4")])
+def test_quantized_experts_move_their_tensors_in_place(family, scheme):
+    """What a budget on CUDA does to experts quantized in memory (moves them to page-locked host
+    memory, and back at unwrap), on copies here: every expert then reads the new tensors, with the
+    same values, and the layer computes the same output."""
+    from moe_infer.cache.setup import move_experts
+
+    model = moe_infer.wrap(tiny_models.build(family, seed=6), quantize=scheme)
+    layer = moe_infer.executor(model).layers[0]
+    source = layer.expert_source
+    ids = torch.randint(3, tiny_models.VOCAB_SIZE, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids).logits
+    old = source.tensors()
+    assert move_experts(layer, torch.device("cpu")) is None and source.tensors()[0] is old[0]  # already there
+    source.replace_tensors([t.clone() for t in old])
+    new = source.tensors()
+    assert len(new) == len(old) and all(a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in zip(old, new))
+    expert = source(5)
+    assert expert.w13.qweight.data_ptr() == new[0][5].data_ptr()  # the views follow the new tensors
+    assert (expert.b13 is not None) == (family == "gpt_oss")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)

@@ -37,7 +37,7 @@ def _reason(snippet: str) -> str | None:
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     from moe_infer.experts.convert import convert
-    from moe_infer.profiler import record_trace
+    from moe_infer.traces.profiler import record_trace
 
     work = tmp_path_factory.mktemp("readme")
     tiny = moe_infer.assets.path("tiny-mixtral")
@@ -94,7 +94,7 @@ def test_readme_snippet_runs(index, stand_ins, monkeypatch):
     work, namespace, paths = stand_ins
     monkeypatch.chdir(work)
     monkeypatch.setenv("MOE_INFER_CACHE", str(work / "cache"))
-    from moe_infer.placement import PlacementPlan
+    from moe_infer.distributed.placement import PlacementPlan
     from transformers import AutoModelForCausalLM
 
     scope = {"torch": torch, "moe_infer": moe_infer, "AutoModelForCausalLM": AutoModelForCausalLM,

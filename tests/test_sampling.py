@@ -9,7 +9,7 @@ import torch
 
 import moe_infer.assets
 import tiny_models
-from moe_infer.batching import generate_many
+from moe_infer.serving.batching import generate_many
 from moe_infer.serving.sampling import RequestSampler, sampling_params
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -8,7 +8,7 @@ import torch
 
 from moe_infer.cache import simulate
 from moe_infer.cache.simulate import TraceOracle as Oracle, format_table
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 
 
 def make_trace(ids, num_experts: int, seq_len: int | None = None) -> Trace:
@@ -115,7 +115,7 @@ def real_trace(tmp_path_factory):
     """A trace of the shipped tiny-mixtral over a stdlib file (trained routing, real structure)."""
     import inspect
 
-    from moe_infer.profiler import ProfileOptions, record_trace
+    from moe_infer.traces.profiler import ProfileOptions, record_trace
     from moe_infer.models import load_model
 
     torch.set_num_threads(1)
@@ -148,3 +148,54 @@ def test_cli_simulate_prints_a_table_and_writes_json(tmp_path, capsys):
     assert main(["simulate", "--trace", str(path), "--policy", "expertflow", "--capacity", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("moe-infer simulate: error:") for line in err)
+
+
+def test_loads_are_counted_in_the_bytes_of_the_experts_format(tmp_path, capsys):
+    """`moe-infer simulate --checkpoint DIR --budget B`: the same byte budget holds more int4 experts than
+    bf16 ones, and loads are counted in each format's bytes (the int4 size computed for a float
+    checkpoint with --quantize is the size `convert --quantize int4` writes)."""
+    import json
+
+    from moe_infer import assets
+    from moe_infer.cache.simulate import checkpoint_expert_bytes
+    from moe_infer.cli import main
+    from moe_infer.errors import ConfigError
+    from moe_infer.experts.convert import convert
+    from moe_infer.experts.store import ExpertStore
+
+    src = str(assets.path("tiny-mixtral"))
+    bf16, int4 = str(tmp_path / "bf16"), str(tmp_path / "int4")
+    convert(src, bf16, dtype="bfloat16")
+    convert(src, int4, quantize="int4")
+    with ExpertStore.open(bf16) as a, ExpertStore.open(int4) as b:
+        sizes = {"bf16": a.expert_nbytes(a.moe_layers[0]), "int4": b.expert_nbytes(b.moe_layers[0])}
+    assert checkpoint_expert_bytes(bf16) == sizes["bf16"] and checkpoint_expert_bytes(int4) == sizes["int4"]
+    assert checkpoint_expert_bytes(bf16, "int4") == sizes["int4"] < 0.3 * sizes["bf16"]
+    assert checkpoint_expert_bytes(int4, "int4") == sizes["int4"]
+    with pytest.raises(ConfigError, match="quantized to int4"):
+        checkpoint_expert_bytes(int4, "int8")
+
+    path = tmp_path / "t.safetensors"
+    random_trace(5, n=200, layers=3, experts=8).save(path)
+    budget = 3 * sizes["bf16"]
+    results = {}
+    for name, flags in (("bf16", ["--checkpoint", bf16]), ("int4", ["--checkpoint", int4]),
+                        ("bf16 as int4", ["--checkpoint", bf16, "--quantize", "int4"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["simulate", "--trace", str(path), "--policy", "lru", "--budget", str(budget), *flags,
+                     "--json", str(out)]) == 0
+        results[name] = json.loads(out.read_text())["results"][0]
+    assert "bytes loaded" in capsys.readouterr().out
+    assert results["bf16"]["capacity"] == 3 and results["int4"]["capacity"] == budget // sizes["int4"] > 8
+    for name, size in (("bf16", sizes["bf16"]), ("int4", sizes["int4"])):
+        assert results[name]["expert_bytes"] == size and results[name]["bytes_loaded"] == results[name]["loads"] * size
+    assert {k: v for k, v in results["bf16 as int4"].items()} == results["int4"]
+    # 3 slots of 8 per layer miss often; more than 8 slots hold every expert: 24 cold loads only
+    assert results["int4"]["loads"] == 24 < results["bf16"]["loads"]
+    assert results["int4"]["bytes_loaded"] < 0.3 * 24 / results["bf16"]["loads"] * results["bf16"]["bytes_loaded"]
+    assert main(["simulate", "--trace", str(path), "--policy", "lru", "--budget", "1MiB"]) == 2
+    assert main(["simulate", "--trace", str(path), "--policy", "lru", "--capacity", "2", "--quantize", "int4"]) == 2
+    assert main(["simulate", "--trace", str(path), "--policy", "lru", "--capacity", "2", "--budget", "1MiB",
+                 "--checkpoint", int4]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("moe-infer simulate: error:") for line in err)

@@ -1,4 +1,4 @@
-"""Tests for moe_infer.trace: the moe_infer.trace/1 file format, Trace helpers, JSONL import."""
+"""Tests for moe_infer.traces.trace: the moe_infer.trace/1 file format, Trace helpers, JSONL import."""
 
 import dataclasses
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moe_infer.trace import FORMAT, UNKNOWN_TOKEN, Trace
+from moe_infer.traces.trace import FORMAT, UNKNOWN_TOKEN, Trace
 
 # Shapes: N tokens, L MoE layers, K top-k, E experts, F feature columns.
 NUM_EXPERTS = 8

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_infer import trace_stats
-from moe_infer.trace import Trace
-from moe_infer.trace_stats import analyze, trace_statistics, write_report
+from moe_infer.traces import stats as trace_stats
+from moe_infer.traces.trace import Trace
+from moe_infer.traces.stats import analyze, trace_statistics, write_report
 
 E, K, L = 8, 2, 4
 LAYERS = (1, 3, 5, 7)  # decoder-layer indices, not 0..L-1, so a mix-up shows

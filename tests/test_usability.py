@@ -40,7 +40,7 @@ def test_import_is_lazy_and_subpackages_are_attributes():
         "import moe_infer.executor\n"
         "assert callable(moe_infer.executor) and moe_infer.executor.__module__ == 'moe_infer.api'\n"
         "from moe_infer import executor, placement, wrap\n"
-        "assert executor is moe_infer.api.executor and placement.__name__ == 'moe_infer.placement'\n"
+        "assert executor is moe_infer.api.executor and placement.__name__ == 'moe_infer.distributed.placement'\n"
         "try:\n    moe_infer.no_such_name\nexcept AttributeError as err:\n    print(err)\n")
     assert result.returncode == 0, result.stderr
     assert "tiny-mixtral" in result.stdout and "moe_infer.cache" in result.stdout
@@ -178,7 +178,7 @@ def _umask() -> int:
 
 
 def test_saved_files_get_the_mode_open_gives(tmp_path):
-    from moe_infer.trace import Trace
+    from moe_infer.traces.trace import Trace
 
     n, layers, k = 6, 2, 2
     expert_ids = torch.stack([torch.randperm(4)[:k] for _ in range(n * layers)]).reshape(n, layers, k).int()
@@ -200,7 +200,7 @@ def test_saved_files_get_the_mode_open_gives(tmp_path):
 
 @pytest.mark.parametrize("max_tokens", [None, 40])
 def test_profile_progress_total_is_the_tokens_recorded(tmp_path, max_tokens):
-    from moe_infer.profiler import ProfileOptions, _expected_tokens, record_trace
+    from moe_infer.traces.profiler import ProfileOptions, _expected_tokens, record_trace
 
     model, tokenizer = moe_infer.assets.load_model("tiny-mixtral")
     files = []
@@ -227,7 +227,7 @@ def test_generate_under_a_budget_prints_hit_rate_and_bytes_moved():
 
 
 def test_simulate_with_a_predictor_computes_its_predictions_once(tmp_path, capsys):
-    from moe_infer.profiler import record_trace
+    from moe_infer.traces.profiler import record_trace
 
     model, tokenizer = moe_infer.assets.load_model("tiny-mixtral")
     (tmp_path / "a.py").write_text("def main():\n    return [i * i for i in range(10)]\n" * 4)

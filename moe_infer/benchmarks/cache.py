@@ -1,7 +1,7 @@
 """Cache policies in the trace-driven simulator on a shipped model's held-out text.
 
 For each model: a trace of held-out text (the first ``--files`` held-out stdlib files of
-``moe_infer.corpus``, at most ``--eval-tokens`` tokens) and a training trace (every 2nd
+``moe_infer.traces.corpus``, at most ``--eval-tokens`` tokens) and a training trace (every 2nd
 training-split file, ``--train-tokens``), both recorded as in ``moe-infer bench predictors`` (MoE
 inputs and the embedding as features); the predictors of ``--predictors`` are trained on the
 training trace (``oracle``: the held-out trace's own future, a share ``--oracle-noise`` of its
@@ -79,7 +79,7 @@ def run_model(model_name: str, args: argparse.Namespace, report=lambda result: N
     import moe_infer.assets
     from moe_infer.benchmarks.predictors import LEARNED, corpora, record
     from moe_infer.cache.simulate import TraceOracle, simulate
-    from moe_infer.corpus import stdlib_root
+    from moe_infer.traces.corpus import stdlib_root
     from tqdm.auto import tqdm
 
     from moe_infer.predictors import train
@@ -135,7 +135,7 @@ def run_model(model_name: str, args: argparse.Namespace, report=lambda result: N
 
 def markdown(results: dict) -> str:
     from moe_infer.benchmarks.predictors import TRAIN_EVERY, ordinal
-    from moe_infer.corpus import HELDOUT_RULE
+    from moe_infer.traces.corpus import HELDOUT_RULE
 
     lines = ["# Cache policies on held-out text (trace-driven simulator)", "",
              f"{results['date']}, {results['device']}, torch {results['torch']}. Command: `{results['command']}`.", "",

@@ -14,6 +14,11 @@ and prefill tokens/s for a 512-token prompt, hit rate, bytes over PCIe per token
   kept with probability --oracle-recall (default: the recall the shipped tiny-mixtral predictor
   measures at distance 1 on held-out text, bench/results/shipped-predictor-recall-tiny-mixtral.md)
   and otherwise replaced by a wrong expert; prefetched one MoE layer ahead.
+- the quantization rows: one config (--quant-config, default "ours - CPU compute": every miss is a
+  load, so bytes moved per token are all the transfer) with the experts in the run's float dtype,
+  int8 and int4-g128 (`wrap(model, quantize=...)` on a freshly built model) at the same byte budget:
+  a quantized expert is smaller, so the budget holds more of them and each load moves fewer bytes.
+  Each row records the quantization it ran and its slot size.
 Routing both as the random router gives it and replayed from a trace calibrated with real
 Mixtral-8x7B statistics (shipped in `moe_infer/assets/routing-stats/`, from the OLMoE repository,
 Apache-2.0: per-layer popularity at layers 0, 7, 15 and cross-layer pair counts 0->7, 7->15;
@@ -36,7 +41,7 @@ about offloading):
     moe-infer bench offload --smoke
 which is short for
     moe-infer bench offload --layers 2 --hidden 256 --intermediate 512 --vocab 512 --heads 4 --kv-heads 2 \\
-        --prompt-tokens 64 --decode-tokens 16 --expert-fraction 0.25 --dtype float32 \\
+        --prompt-tokens 64 --decode-tokens 16 --expert-fraction 0.25 --dtype bfloat16 \\
         --out bench/results/offload-cpu-smoke.jsonl
 (options given beside ``--smoke`` win).
 """
@@ -44,6 +49,7 @@ which is short for
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -70,12 +76,15 @@ ROUTING_STATS = Path(__file__).resolve().parents[1] / "assets" / "routing-stats"
 RESULTS = Path("bench") / "results" / "offload.jsonl"  # under the current directory
 # --smoke: a CPU-sized run (the command of bench/results/offload-cpu-smoke.md)
 SMOKE = dict(layers=2, hidden=256, intermediate=512, vocab=512, heads=4, kv_heads=2, prompt_tokens=64,
-             decode_tokens=16, expert_fraction=0.25, dtype="float32",
+             decode_tokens=16, expert_fraction=0.25, dtype="bfloat16",
              out=str(Path("bench") / "results" / "offload-cpu-smoke.jsonl"))
 CPU_EXPERT_BYTES_LIMIT = 4 * 2**30  # without CUDA, larger runs are refused: they are GPU runs
 # bench/results/shipped-predictor-recall-tiny-mixtral.md: the shipped expertflow predictor, held-out, d=1
 SHIPPED_PREDICTOR_RECALL = 0.918
 ORACLE = "noisy-oracle prefetch"
+
+QUANT_CONFIG = "ours - CPU compute"
+QUANT_SCHEMES = ("int8", "int4")  # beside the float row; int4 in groups of the default 128
 
 CONFIGS = {  # name -> MoEConfig fields (the budget is added per run); ORACLE rows also prefetch
     "plain LRU (mixtral-offloading design)": dict(cache_policy="lru", cpu_compute="never"),
@@ -312,14 +321,26 @@ def prefill_tokens_per_s(model, args, device: torch.device) -> float:
     return args.prompt_tokens / median_seconds(prefill, args.repeats, device)
 
 
-def run_ours(model, name: str, fields: dict, budget: int, args, device, routing) -> dict:
-    """One row from a fresh wrap (a cold cache, the replay at its first row, seed 0)."""
+def quant_label(scheme: str | None, dtype: str) -> str:
+    """How a row names its experts' format: the float dtype, or the scheme (int4 with its group)."""
+    if scheme is None:
+        return dtype
+    from moe_infer.experts.quant import QuantScheme
+
+    q = QuantScheme(scheme)
+    return q.name if q.name == "int8" else f"{q.name}-g{q.group_size}"
+
+
+def run_ours(model, name: str, fields: dict, budget: int, args, device, routing, quantize: str | None = None) -> dict:
+    """One row from a fresh wrap (a cold cache, the replay at its first row, seed 0); `quantize`:
+    the experts quantized in memory first (once per model: the float weights are released)."""
     tier = "gpu" if device.type == "cuda" else "cpu"
     torch.manual_seed(0)
     oracle_recall = args.oracle_recall if ORACLE in name else None
     if oracle_recall is not None and routing is None:
         raise ConfigError(f"{name!r} replays a trace's next-layer experts: it needs --routing calibrated")
-    moe_infer.wrap(model, moe_infer.MoEConfig(**{f"{tier}_memory": budget}, routing_override=routing, **fields))
+    moe_infer.wrap(model, moe_infer.MoEConfig(**{f"{tier}_memory": budget}, routing_override=routing,
+                                              quantize=quantize, **fields))
     ex = moe_infer.executor(model)
     oracle = OraclePrefetch(ex, oracle_recall) if oracle_recall is not None else None
     try:
@@ -335,9 +356,11 @@ def run_ours(model, name: str, fields: dict, budget: int, args, device, routing)
     tokens = stats["tokens"]
     config = ex.config
     return {"config": name, "fields": fields,
+            "experts": quant_label(quantize, args.dtype),
             "ran": {"cache_policy": config.cache_policy, "cpu_compute": config.cpu_compute, "loader": config.loader,
                     f"{tier}_memory": getattr(config, f"{tier}_memory"), "kernel": stats["kernel"],
-                    "routing_override": routing is not None,
+                    "routing_override": routing is not None, "quantization": stats["quantization"],
+                    "slot_bytes": t.get("slot_bytes"), "slots": t.get("slots"),
                     "prefetch": None if oracle is None else f"{ORACLE}, recall {oracle_recall:.3f}"},
             "decode_tokens_per_s": decode_tps, "prefill_tokens_per_s": prefill_tps,
             "hit_rate": t["hits"] / max(t["hits"] + t["misses"], 1), "bytes_moved_per_token": t["bytes_moved"] / tokens,
@@ -412,7 +435,13 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--oracle-recall", type=float, default=SHIPPED_PREDICTOR_RECALL,
                     help="recall of the noisy-oracle prefetch rows (default: the shipped tiny-mixtral predictor's "
                          "measured held-out recall at distance 1)")
-    ap.add_argument("--configs", default="all", help="comma-separated config names' prefixes, or all")
+    ap.add_argument("--configs", default="all",
+                    help="comma-separated config names' prefixes, all, or none (only the quantization rows)")
+    ap.add_argument("--quantize", default=",".join(QUANT_SCHEMES),
+                    help="the quantization rows: comma-separated schemes run beside a float row of --quant-config "
+                         "at the same budget, or none")
+    ap.add_argument("--quant-config", default=QUANT_CONFIG, choices=list(CONFIGS)[:6],
+                    help="the config of the quantization rows")
     ap.add_argument("--accelerate", default="random", choices=["random", "never"],
                     help="run the accelerate baseline after the random-routing rows, or not")
     ap.add_argument("--time-budget", type=float, default=None,
@@ -421,10 +450,9 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS), help="JSON lines file the results are appended to")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke-test sizes (see the module docstring)")
     args = ap.parse_args(argv)
-    if args.smoke:  # the smoke sizes, except where an option was given explicitly
-        for name, value in SMOKE.items():
-            if getattr(args, name) == ap.get_default(name):
-                setattr(args, name, value)
+    if args.smoke:  # the smoke sizes as defaults: an option given explicitly wins, even at its usual default
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
     started = time.perf_counter()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -441,6 +469,9 @@ def main(argv=None, prog: str | None = None) -> int:
               file=sys.stderr)
         return 2
     routings = [r.strip() for r in args.routing.split(",") if r.strip()]
+    schemes = [] if args.quantize.strip() == "none" else [q.strip() for q in args.quantize.split(",") if q.strip()]
+    for scheme in schemes:
+        quant_label(scheme, args.dtype)  # an unknown scheme is refused before anything runs
     for routing_name in routings:
         if routing_name not in ("random", "calibrated"):
             raise ConfigError(f"--routing {routing_name!r}: random or calibrated")
@@ -485,6 +516,15 @@ def main(argv=None, prog: str | None = None) -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     append(args.out, {**run, "kind": "run"})
 
+    traces = {}  # routing name -> the replayed trace (None: the random router)
+
+    def routing_for(routing_name: str):
+        if routing_name not in traces:
+            traces[routing_name] = None if routing_name == "random" else calibrated_trace(
+                stats_path, args.layers, args.experts, args.top_k, 4 * (args.prompt_tokens + args.decode_tokens + 8),
+                reuse)
+        return traces[routing_name]
+
     def emit(row: dict, routing_name: str) -> None:
         row["routing"] = routing_name
         if scale is not None:
@@ -500,10 +540,7 @@ def main(argv=None, prog: str | None = None) -> int:
         return False
 
     for routing_name in routings:
-        routing = None
-        if routing_name == "calibrated":
-            routing = calibrated_trace(stats_path, args.layers, args.experts, args.top_k,
-                                       4 * (args.prompt_tokens + args.decode_tokens + 8), reuse)
+        routing = routing_for(routing_name)
         for name, fields in CONFIGS.items():
             if args.configs != "all" and not any(name.startswith(p) for p in args.configs.split(",")):
                 continue
@@ -518,6 +555,26 @@ def main(argv=None, prog: str | None = None) -> int:
             if row is not None:
                 emit(row, routing_name)
                 moe_infer.wrap(model)
+    # the quantization rows: float, then each scheme on a freshly built model (quantizing releases
+    # the float experts), at the same budget; the previous model is dropped before the next is built
+    if schemes:
+        fields = CONFIGS[args.quant_config]
+        for scheme in [None, *schemes]:
+            if out_of_time():  # before building a model for rows that would not run
+                break
+            if scheme is not None:
+                moe_infer.wrap(model, moe_infer.MoEConfig())
+                del model
+                gc.collect()
+                model = build_model(args, device, dtype)
+            for routing_name in routings:
+                if out_of_time():
+                    break
+                row = run_ours(model, f"{args.quant_config} [experts {quant_label(scheme, args.dtype)}]", fields,
+                               budget, args, device, routing_for(routing_name), quantize=scheme)
+                row["quantization_row"] = True
+                emit(row, routing_name)
+        moe_infer.wrap(model, moe_infer.MoEConfig())
     print(f"appended to {args.out}")
     return 0
 
@@ -530,6 +587,8 @@ def format_row(row: dict, bandwidth: float | None, cost: CostModel | None) -> st
     if row.get("decode_tokens_per_s_normalised_32_layers") is not None:
         line += f"  (32-layer normalised: decode {row['decode_tokens_per_s_normalised_32_layers']:.2f} tok/s)"
     moved = row.get("bytes_moved_per_token")
+    if row.get("quantization_row"):
+        line += f"  experts {row['experts']:9s} slot {row['ran']['slot_bytes'] / 2**20:6.2f} MiB x {row['ran']['slots']}"
     if moved is not None:
         line += f"  moved {moved / 2**20:8.1f} MiB/token"
         if bandwidth:

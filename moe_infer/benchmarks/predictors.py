@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Recall of every routing predictor on the shipped tiny models.
 
-For each model: record four traces with ``moe_infer.profiler.record_trace`` (every MoE input and
+For each model: record four traces with ``moe_infer.traces.profiler.record_trace`` (every MoE input and
 the token embedding as features) -- training text (every 2nd training-split stdlib file),
 validation text (the other training-split files: never trained on, never reported as a result),
-held-out text (the held-out stdlib files, split by ``moe_infer.corpus``'s rule, which the models
+held-out text (the held-out stdlib files, split by ``moe_infer.traces.corpus``'s rule, which the models
 never saw) and text of another kind (license texts from /usr/share/common-licenses).
 
 With ``--tune``, the learned predictors' hyperparameters (``TUNING``: expertflow's and pregate's
@@ -43,10 +43,10 @@ import torch
 import moe_infer
 import moe_infer.assets
 from moe_infer.helpformat import HelpFormatter
-from moe_infer.corpus import is_heldout, stdlib_files  # the split rule of the shipped models
+from moe_infer.traces.corpus import is_heldout, stdlib_files  # the split rule of the shipped models
 from moe_infer.predictors import train
-from moe_infer.profiler import record_trace
-from moe_infer.trace import Trace
+from moe_infer.traces.profiler import record_trace
+from moe_infer.traces.trace import Trace
 
 RESULTS = Path("bench") / "results"  # under the current directory
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1"]

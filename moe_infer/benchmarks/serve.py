@@ -91,7 +91,7 @@ def expert_bytes(model_name: str) -> int:
     """Bytes of all routed experts of the model, from a parameter-free skeleton (no weights loaded)."""
     import moe_infer
     import moe_infer.assets
-    from moe_infer.loading import skeleton
+    from moe_infer.experts.skeleton import skeleton
     from transformers import AutoConfig
 
     path = moe_infer.assets.path(model_name) if model_name in moe_infer.assets.names() else model_name

@@ -18,7 +18,7 @@ Each iteration of the engine thread, between forward passes:
    first token and joins the decode pool;
 4. decode: every pooled request decodes one token, in the micro-batches the planner forms
    (``scheduler``: "expert" groups requests by routing signature, "fcfs" in arrival order;
-   `moe_infer.batching.DecodePool`).
+   `moe_infer.serving.batching.DecodePool`).
 A request whose forward pass or token choice fails gets a `Failed` event and leaves; the others go
 on (a failed micro-batch is rolled back and its members retried alone). `close` fails what is
 still in flight ("shutting down") and joins the thread.
@@ -42,8 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_infer.batching import (DecodePool, GroupPlanner, PooledRequest, SchedulerStats, check_model,
-                                signature_name, signature_source, _check_int)
+from moe_infer.serving.batching import DecodePool
+from moe_infer.serving.kv_cache import PooledRequest, check_model
+from moe_infer.serving.schedule import GroupPlanner, SchedulerStats, check_int
+from moe_infer.serving.signatures import signature_name, signature_source
 from moe_infer.serving.sampling import RequestSampler, SamplingParams
 from moe_infer.serving.text import TextAssembler
 from moe_infer.errors import ConfigError
@@ -117,11 +119,11 @@ class Engine:
         check_model(model)
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
-            _check_int(name, value, 1)
+            check_int(name, value, 1)
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.executor = executor(model)
         self.pool_size = 4 * max_batch_size if pool_size is None else pool_size
-        _check_int("pool_size", self.pool_size, 1)
+        check_int("pool_size", self.pool_size, 1)
         self.max_queue, self.prefill_chunk, self.max_batch_size = max_queue, prefill_chunk, max_batch_size
         self.scheduler = scheduler or ("expert" if self.executor.config.token_scheduling else "fcfs")
         self.planner = GroupPlanner(self.scheduler, max_batch_size, regroup_threshold, regroup_interval)

@@ -6,7 +6,7 @@ then transformers' global defaults), and, per request, the logits processors and
 transformers builds from that config (temperature, top-k, top-p, min-p, repetition penalty,
 no-repeat n-grams, sequence bias, min new tokens, eos lists, max length, stop strings, ...), the
 request's own ``torch.Generator`` and the greedy / multinomial choice of `generate`'s sampling loop.
-It does not batch, schedule or detokenize (`moe_infer.batching`, `moe_infer.serving.engine`,
+It does not batch, schedule or detokenize (`moe_infer.serving.batching`, `moe_infer.serving.engine`,
 `moe_infer.serving.text`).
 
 Why one request at a time: processors read the request's own token history (repetition penalty,

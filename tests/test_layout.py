@@ -1,0 +1,28 @@
+"""The package layout of issue 21: old import paths still resolve, to the very modules that moved."""
+
+import importlib
+
+import pytest
+
+import moe_infer
+
+# old path -> where the module lives now (kept for one release; README, scripts and user code may use them)
+MOVED = {
+    "moe_infer.trace": "moe_infer.traces.trace",
+    "moe_infer.profiler": "moe_infer.traces.profiler",
+    "moe_infer.trace_stats": "moe_infer.traces.stats",
+    "moe_infer.corpus": "moe_infer.traces.corpus",
+    "moe_infer.parallel": "moe_infer.distributed.parallel",
+    "moe_infer.parallel_cost": "moe_infer.distributed.cost",
+    "moe_infer.placement": "moe_infer.distributed.placement",
+    "moe_infer.batching": "moe_infer.serving.batching",
+}
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_old_import_path_is_the_moved_module(old):
+    moved = importlib.import_module(MOVED[old])
+    assert importlib.import_module(old) is moved
+    assert getattr(moe_infer, old.rpartition(".")[2]) is moved  # `moe_infer.trace` as an attribute too
+    public = [name for name in vars(moved) if not name.startswith("_")]
+    assert public and all(getattr(importlib.import_module(old), name) is getattr(moved, name) for name in public)
