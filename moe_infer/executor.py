@@ -38,8 +38,25 @@ def check_supported(config: MoEConfig) -> None:
                            "device, or TRITON_INTERPRET=1 for Triton's CPU interpreter); use 'auto' or 'torch'")
 
 
+class _Reconfiguring:
+    """An executor attribute whose every change is a reconfiguration: the layers get their runners again."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.stored = "_" + name
+
+    def __get__(self, executor, owner=None):
+        return self if executor is None else getattr(executor, self.stored)
+
+    def __set__(self, executor, value) -> None:
+        setattr(executor, self.stored, value)
+        executor._choose_runners()
+
+
 class ModelExecutor:
     """The MoE layers of one wrapped model (`moe_infer.executor(model)`)."""
+
+    cache = _Reconfiguring()  # ExpertCache | None: the tiered expert cache, when a budget is set
+    replay = _Reconfiguring()  # RoutingReplay | None: the trace replayed instead of the routers (routing_override)
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], config: MoEConfig, backing=None):
         self.model_class = type(model).__name__
@@ -74,27 +91,6 @@ class ModelExecutor:
         for layer in self.layers:
             layer.replay = self._replay
             layer.runner = choose_runner(layer, self._cache, self.kernel_for)
-
-    # Setting the cache or the replay is a reconfiguration: the layers' runners follow at once.
-    @property
-    def cache(self) -> ExpertCache | None:
-        """The tiered expert cache, when a budget is set."""
-        return self._cache
-
-    @cache.setter
-    def cache(self, cache: ExpertCache | None) -> None:
-        self._cache = cache
-        self._choose_runners()
-
-    @property
-    def replay(self) -> RoutingReplay | None:
-        """The trace replayed instead of the routers' choice (MoEConfig.routing_override)."""
-        return self._replay
-
-    @replay.setter
-    def replay(self, replay: RoutingReplay | None) -> None:
-        self._replay = replay
-        self._choose_runners()
 
     def _apply(self, config: MoEConfig) -> None:
         """Build the cache and the replay of `config` (everything is checked before anything changes)."""
