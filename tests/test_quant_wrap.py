@@ -162,3 +162,20 @@ def test_a_gpu_budget_caches_the_experts_quantized_in_memory(scheme):
     assert tier["slots"] == 3 and quantized <= tier["slot_bytes"] <= quantized + 64
     moe_infer.wrap(model, moe_infer.MoEConfig())  # no budget: the experts back on the GPU
     assert all(t.device.type == "cuda" for t in source.tensors())
+
+
+@pytest.mark.parametrize("rows", [64, 128])
+def test_int4_kernel_form_is_built_in_row_blocks_exactly(monkeypatch, rows):
+    """The int4 CPU kernel's tiles built REPACK_ROWS rows at a time (bounding the int32 values it
+    needs) are the tiles of the whole weight, a short last block included, and compute the same."""
+    import moe_infer.experts.quant_matmul as qm
+    from moe_infer.experts.quant import unpack_int4
+
+    weight = quantize(torch.randn(208, 256, generator=torch.Generator().manual_seed(3)) * 0.05, "int4")
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(weight.qweight).to(torch.int32), 2)
+    monkeypatch.setattr(qm, "REPACK_ROWS", rows)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    got = quantized_matmul(x, weight)
+    tiles = weight.prepared[("int4_tiles", torch.float32)][0]
+    assert 208 % rows and torch.equal(tiles, whole)
+    torch.testing.assert_close(got, quantized_linear(x, weight), rtol=1e-5, atol=1e-5)
