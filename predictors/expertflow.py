@@ -21,10 +21,11 @@ W window width.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, source_position
@@ -90,6 +91,111 @@ class ExpertFlowNet(nn.Module):
         return logits.view(len(windows), self.num_layers - 1 - source, self.num_experts)
 
 
+class RuntimeWeights:
+    """The weights of an ``ExpertFlowNet`` laid out for prediction in a running model, ``depth``
+    MoE layers ahead (``ExpertFlowPredictor.runtime_scores``).
+
+    The input of the MLP of source s is [token window, previous token's experts, previous token's
+    projected MoE inputs of layers s+1.., MoE input of layer s, the token's experts at layers
+    0..s (multi-hot), lookahead], and its first layer is linear, so its pre-activation is a sum of
+    parts that become known at different times:
+    - ``step``: what is known when a forward call starts (the same inputs for every source), for
+      every source in one matmul, once per call (the previous token's MoE inputs projected once for
+      all layers, not once per source);
+    - ``add_routing(j, ...)``: when layer j routes, its experts' columns of every source >= j (a
+      multi-hot times a matrix is the sum of K of its rows);
+    - ``layer(s, ...)``: layer s's MoE input (and lookahead), the activation, and only the output
+      rows of the layers predicted (``depth`` of them, not every later layer).
+    Equal to ``ExpertFlowNet.forward`` up to float rounding (sums in another order). It is a copy of
+    the weights taken at first use: ``ExpertFlowPredictor`` makes a new one when its ``net`` is
+    replaced (a trained predictor's weights do not change in place).
+    """
+
+    def __init__(self, net: ExpertFlowNet, depth: int):
+        num_layers, num_experts, previous_dim = net.num_layers, net.num_experts, net.previous_dim
+        common = net.embed.width * net.embed.dim + num_layers * num_experts
+        self.net, self.depth, self.num_experts = net, depth, num_experts
+        step_weights, step_biases, routed = [], [], []
+        self.sources: list[_RuntimeSource] = []  # index s: the MLP of source position s >= 0
+        start = 0
+        with torch.no_grad():
+            for source in range(num_layers - 1):
+                head = net.sources[source + 1]
+                first, activation, last = head.body
+                targets = min(depth, num_layers - 1 - source)
+                known = common + (num_layers - 1 - source) * previous_dim  # columns known at the call's start
+                weight, bias = first.weight, first.bias  # [rows, inputs], [rows]
+                if head.skip is not None:  # the skip path is linear too: its rows of the targets ride along
+                    weight = torch.cat([weight, head.skip.weight[:targets * num_experts]])
+                    bias = torch.cat([bias, bias.new_zeros(targets * num_experts)])
+                # the step's input holds every layer's projected previous MoE input; this source reads layers s+1..
+                step = weight.new_zeros(len(weight), common + num_layers * previous_dim)
+                step[:, :common] = weight[:, :common]
+                step[:, common + (source + 1) * previous_dim:] = weight[:, common:known]
+                step_weights.append(step)
+                step_biases.append(bias)
+                hidden_size = weight.shape[1] - known - (source + 1) * num_experts - net.lookahead_dim
+                routed_at = known + hidden_size  # the multi-hot of layers 0..source
+                routed.append(weight[:, routed_at:routed_at + (source + 1) * num_experts])  # [rows, (s+1)*E]
+                lookahead = weight[:, routed_at + (source + 1) * num_experts:]
+                self.sources.append(_RuntimeSource(
+                    start, first.out_features, targets, weight[:, known:routed_at].t().contiguous(),
+                    lookahead.t().contiguous() if net.lookahead_dim else None,
+                    last.weight[:targets * num_experts].t().contiguous(), last.bias[:targets * num_experts],
+                    activation.approximate))
+                start += len(weight)
+            self.step_weight = torch.cat(step_weights)  # [rows of every source, step inputs]
+            self.step_bias = torch.cat(step_biases)
+            # layer j: [E, rows of sources j..L-2], the columns of its experts in every source that reads them
+            self.routed = [torch.cat([block[:, j * num_experts:(j + 1) * num_experts] for block in routed[j:]]
+                                     ).t().contiguous() for j in range(num_layers - 1)]
+
+    def step(self, windows: torch.Tensor, previous_hot: torch.Tensor, previous_hidden: torch.Tensor | None
+             ) -> torch.Tensor:
+        """[T, rows of every source] the first layers' pre-activations from what is known when a call
+        starts: token windows [T, W], the previous token's experts [T, L*E] and its MoE inputs
+        [T, L, H] (None: unknown, zeros). ``add_routing`` and ``layer`` add to it in place."""
+        net = self.net
+        parts = [net.embed(windows), previous_hot]
+        if net.previous_projection is not None:
+            if previous_hidden is None:
+                parts.append(previous_hot.new_zeros(len(windows), net.num_layers * net.previous_dim))
+            else:
+                parts.append(torch.einsum("tlh,lhr->tlr", previous_hidden, net.previous_projection).flatten(1))
+        return torch.addmm(self.step_bias, torch.cat(parts, 1), self.step_weight.t())
+
+    def add_routing(self, position: int, step: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        """Add the token's experts [T, K] at MoE-layer ``position`` to ``step`` (every source >= position)."""
+        if position < len(self.routed):
+            table = self.routed[position]  # [E, rows]
+            step[:, self.sources[position].start:] += table[expert_ids].sum(1)  # [T, K, rows] -> [T, rows]
+
+    def layer(self, source: int, step: torch.Tensor, hidden: torch.Tensor, lookahead: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Logits [T, depth', E] of layers source+1 .. source+depth' (depth' = min(depth, L-1-source))
+        from ``step`` (with the routing of layers 0..source added), the MoE input [T, H] of layer
+        ``source`` and with attention lookahead its features [T, H+E]."""
+        s = self.sources[source]
+        pre = torch.addmm(step[:, s.start:s.start + s.hidden_weight.shape[1]], hidden, s.hidden_weight)
+        if s.lookahead_weight is not None:
+            pre = pre.addmm_(lookahead, s.lookahead_weight)
+        logits = torch.addmm(s.out_bias, F.gelu(pre[:, :s.hidden], approximate=s.approximate), s.out_weight)
+        if s.hidden < pre.shape[1]:  # the skip path's rows
+            logits = logits + pre[:, s.hidden:]
+        return logits.view(len(step), s.targets, self.num_experts)
+
+
+class _RuntimeSource(NamedTuple):
+    start: int  # first row of this source in RuntimeWeights.step's output
+    hidden: int  # rows that go through the activation (the rest: the skip path)
+    targets: int  # layers predicted
+    hidden_weight: torch.Tensor  # [H, rows]
+    lookahead_weight: torch.Tensor | None  # [H+E, rows]
+    out_weight: torch.Tensor  # [hidden, targets * E]
+    out_bias: torch.Tensor  # [targets * E]
+    approximate: str  # GELU's
+
+
 class ExpertFlowPredictor(NetPredictor):
     kind = "expertflow"
     defaults = DEFAULTS
@@ -98,6 +204,7 @@ class ExpertFlowPredictor(NetPredictor):
                  training: dict[str, Any] | None = None, model: nn.Module | None = None):
         super().__init__(signature, net, options, training)
         self._model = model  # recomputes MoE inputs of traces recorded without them (not saved)
+        self._runtime: dict[int, RuntimeWeights] = {}  # depth -> the net's weights laid out for runtime_scores
 
     @property
     def reads_attention_lookahead(self) -> bool:
@@ -166,22 +273,34 @@ class ExpertFlowPredictor(NetPredictor):
 
     @torch.inference_mode()
     def runtime_scores(self, position: int, state, max_depth: int) -> dict[int, torch.Tensor]:
+        """One batched call per forward call for what is known when it starts (``RuntimeWeights.step``,
+        cached in ``state``), then per MoE layer only what that layer revealed."""
         targets = state.targets(position, max_depth)
         if not targets:
             return {}
-        routed = torch.cat([state.routing_hot(s) for s in range(position + 1)], 1)
-        param = next(self.net.parameters())
-        previous_hidden = state.previous_hidden
-        if previous_hidden is not None:
-            previous_hidden = previous_hidden.to(param.device, param.dtype)
+        run = state.cached(f"{self.kind}:step:{max_depth}", lambda: self._runtime_step(state, max_depth))
+        weights = run.weights
+        device, dtype = weights.step_bias.device, weights.step_bias.dtype
+        while run.routed <= position:  # each layer's routing is added once
+            weights.add_routing(run.routed, run.step, state.routing[run.routed].to(device))
+            run.routed += 1
         lookahead = None
         if self.net.lookahead_dim:
-            lookahead = state.lookahead_features(position).to(param.device, param.dtype)
-        logits = self.net(position, state.windows.to(param.device), state.previous_hot().to(param.device),
-                          previous_hidden, state.hidden[position].to(param.device, param.dtype),
-                          routed.to(param.device), lookahead)
-        scores = self.logit_scores(logits)  # [T, L-1-position, E]
+            lookahead = state.lookahead_features(position).to(device, dtype)
+        logits = weights.layer(position, run.step, state.hidden[position].to(device, dtype), lookahead)
+        scores = self.logit_scores(logits)  # [T, len(targets), E]
         return {target: scores[:, target - position - 1] for target in targets}
+
+    def _runtime_step(self, state, depth: int) -> _RuntimeCall:
+        weights = self._runtime.get(depth)
+        if weights is None or weights.net is not self.net:  # first use, or another net since
+            weights = self._runtime[depth] = RuntimeWeights(self.net, depth)
+        device, dtype = weights.step_bias.device, weights.step_bias.dtype
+        previous_hidden = state.previous_hidden
+        if previous_hidden is not None:
+            previous_hidden = previous_hidden.to(device, dtype)
+        step = weights.step(state.windows.to(device), state.previous_hot().to(device, dtype), previous_hidden)
+        return _RuntimeCall(weights, step)
 
     @classmethod
     def build_net(cls, num_layers: int, num_experts: int, options: dict[str, Any]) -> ExpertFlowNet:
@@ -195,6 +314,14 @@ class ExpertFlowPredictor(NetPredictor):
         projection = self.net.previous_projection
         return (super().macs_per_token() + (projection.numel() if projection is not None else 0)
                 + self.options.get("lookahead_macs", 0))
+
+
+class _RuntimeCall:
+    """One forward call's running pre-activations (``RuntimeWeights``)."""
+
+    def __init__(self, weights: RuntimeWeights, step: torch.Tensor):
+        self.weights, self.step = weights, step
+        self.routed = 0  # MoE-layer positions whose routing was added to step
 
 
 class _Inputs:

@@ -8,6 +8,12 @@ of the call is predicted to use (each token's top-K), most likely first — the 
 ``executor.cache.prefetch``. When the predicted layer routes, the hook scores the prediction
 (``recall()``, per distance). Outputs of the model are never changed.
 
+Cost per MoE layer is kept small (it is on the critical path of every decode step): the
+predictor may do its shared work once per call (``CallState.cached``; ``expertflow`` computes what
+is known at the call's start for every layer in one matmul), the hook takes one top-K over all the
+layers predicted and reads the sink's experts back in two host reads, and recall is scored once per
+call, on the device, read back only by ``recall()``.
+
 What is known differs from a trace in one respect: in a call of several tokens (prefill) the
 earlier tokens' routing at later layers is not known yet, so the previous-token features are
 "unknown" there; in decode steps (one token per row, same rows as the last call) the previous
@@ -65,11 +71,9 @@ class CallState:
         end = self.windows_full.shape[1] - lookahead
         return self.windows_full[:, end - width:end]
 
-    def routing_hot(self, position: int) -> torch.Tensor:
-        return _multi_hot(self.routing[position], self.num_experts)
-
     def previous_hot(self) -> torch.Tensor:
-        return _multi_hot(self.previous, self.num_experts).flatten(1)
+        """[T, L*E] float32 multi-hot of the previous token's experts (zeros where unknown)."""
+        return self.cached("previous_hot", lambda: _multi_hot(self.previous, self.num_experts).flatten(1))
 
     def lookahead_features(self, position: int) -> torch.Tensor:
         """[T, H+E] ``AttentionLookahead.features`` of layer position + 1, made at layer ``position``."""
@@ -85,11 +89,10 @@ class CallState:
 
 
 def _multi_hot(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[..., E] float32 from ids [..., K]; ids < 0 are ignored."""
-    ids = expert_ids.long().cpu()
-    out = torch.zeros(*ids.shape[:-1], num_experts + 1)
-    out.scatter_(-1, torch.where(ids < 0, num_experts, ids), 1.0)
-    return out[..., :num_experts]
+    """[..., E] float32 from ids [..., K], on their device; ids < 0 are ignored."""
+    out = torch.zeros(*expert_ids.shape[:-1], num_experts, device=expert_ids.device)
+    ids = expert_ids.long()  # ids < 0 add 0 at expert 0; a row's valid ids are distinct (a router's top-k)
+    return out.scatter_add_(-1, ids.clamp(min=0), (ids >= 0).to(out.dtype))
 
 
 class PredictionHook:
@@ -109,7 +112,7 @@ class PredictionHook:
         self._last_routing: torch.Tensor | None = None  # [B, L, K] routing of each row's last token
         self._last_hidden: torch.Tensor | None = None  # [B, L, H] MoE inputs of each row's last token
         self._shape: tuple[int, int] | None = None  # (B, S) of the current call, None when unknown
-        self._pending: dict[int, list[tuple[int, torch.Tensor]]] = {}  # target -> [(distance, top [T, K])]
+        self._pending: list[tuple[int, int, torch.Tensor]] = []  # this call's (target, distance, top [T, K])
         self.reset_stats()
         self._handles = [embedding.register_forward_pre_hook(self._see_tokens)]
         for layer in self.layers:
@@ -117,14 +120,21 @@ class PredictionHook:
 
     # ----------------------------------------------------------------- statistics
     def reset_stats(self) -> None:
-        self.found: dict[int, int] = {}  # distance -> true experts found among the predicted top-K
+        self._found_counts: torch.Tensor | None = None  # [depth + 1] true experts found among the predicted top-K
         self.needed: dict[int, int] = {}  # distance -> true experts
         self.sunk = 0  # sink calls
         self.seconds = 0.0  # wall time spent in the hook (predicting, scoring, prefetch requests)
 
+    @property
+    def found(self) -> dict[int, int]:
+        """Distance -> true experts found among the predicted top-K."""
+        counts = [0] * (self.depth + 1) if self._found_counts is None else self._found_counts.tolist()
+        return {d: counts[d] for d in sorted(self.needed)}
+
     def recall(self) -> dict[int, float]:
         """Recall of the true experts among each token's predicted top-K, per distance."""
-        return {d: self.found[d] / self.needed[d] for d in sorted(self.needed) if self.needed[d]}
+        found = self.found
+        return {d: found[d] / self.needed[d] for d in sorted(self.needed) if self.needed[d]}
 
     # ----------------------------------------------------------------- hooks
     def _see_tokens(self, module, args) -> None:
@@ -162,35 +172,52 @@ class PredictionHook:
     def _observe(self, layer, hidden: torch.Tensor, routing) -> None:
         position = self.positions[layer.layer_idx]
         if position == 0 or self.state is None:
+            if self.state is not None:  # the last call stopped before its last MoE layer
+                self._score_call(self.state)
             self.state = self._new_call(hidden.shape[0])
-            self._pending.clear()
         state = self.state
         state.hidden[position] = hidden
         state.routing[position] = routing.expert_ids
-        self._score(position, routing.expert_ids)
         predictions = self.predictor.runtime_scores(position, state, self.depth)
-        for target, scores in predictions.items():
-            top = torch.topk(scores.float(), self.top_k, dim=-1).indices.cpu()  # [T, K]
-            self._pending.setdefault(target, []).append((target - position, top))
+        if predictions:
+            targets = list(predictions)
+            scores = (predictions[targets[0]][:, None] if len(targets) == 1
+                      else torch.stack([predictions[target] for target in targets], 1))  # [T, D, E]
+            if scores.dtype != torch.float32:
+                scores = scores.float()
+            top = torch.topk(scores, self.top_k, dim=-1).indices  # [T, D, K]
+            self._pending += [(target, target - position, top[:, i]) for i, target in enumerate(targets)]
             if self.sink is not None:
-                self._emit(target, scores.float().cpu(), top)
+                self._emit(targets, scores, top)
         if position == len(self.layers) - 1:
             self._end_call(state)
 
-    def _emit(self, target: int, scores: torch.Tensor, top: torch.Tensor) -> None:
-        wanted = torch.zeros(scores.shape[1], dtype=torch.bool)
-        wanted[top.unique()] = True
-        total = scores.sum(0)  # [E]
-        experts = [int(e) for e in torch.argsort(total, descending=True, stable=True) if wanted[e]]
-        self.sink(self.layers[target].layer_idx, experts, [float(total[e]) for e in experts])
-        self.sunk += 1
+    def _emit(self, targets: list[int], scores: torch.Tensor, top: torch.Tensor) -> None:
+        """One sink call per target: the experts in some token's top-K, by their score summed over
+        the call's tokens (highest first, ties to the lower id); two host reads for all targets."""
+        totals = scores.sum(0).tolist()  # [D][E]
+        chosen = top.transpose(0, 1).reshape(len(targets), -1).tolist()  # [D][T*K]
+        for target, total, ids in zip(targets, totals, chosen):
+            experts = sorted(set(ids), key=lambda e: (-total[e], e))
+            self.sink(self.layers[target].layer_idx, experts, [total[e] for e in experts])
+            self.sunk += 1
 
-    def _score(self, position: int, expert_ids: torch.Tensor) -> None:
-        truth = expert_ids.cpu()
-        for distance, top in self._pending.pop(position, []):
-            found = int((truth[:, :, None] == top[:, None, :]).any(-1).sum())
-            self.found[distance] = self.found.get(distance, 0) + found
-            self.needed[distance] = self.needed.get(distance, 0) + truth.numel()
+    def _score_call(self, state: CallState) -> None:
+        """Score the call's predictions of the layers that routed, all at once (no host read)."""
+        pending = [(target, distance, top) for target, distance, top in self._pending if target in state.routing]
+        self._pending = []
+        if not pending:
+            return
+        device = pending[0][2].device
+        top = torch.stack([top for _, _, top in pending])  # [P, T, K]
+        truth = torch.stack([state.routing[target] for target, _, _ in pending]).to(device)  # [P, T, K]
+        found = (truth[..., None] == top[..., None, :]).any(-1).flatten(1).sum(1)  # [P]
+        distances = torch.tensor([distance for _, distance, _ in pending], device=device)
+        if self._found_counts is None or self._found_counts.device != device:
+            self._found_counts = torch.zeros(self.depth + 1, dtype=torch.long, device=device)
+        self._found_counts.index_add_(0, distances, found)
+        for _, distance, _ in pending:
+            self.needed[distance] = self.needed.get(distance, 0) + truth[0].numel()
 
     def _end_call(self, state: CallState) -> None:
         if len(state.routing) == len(self.layers) and self._shape is not None:
@@ -199,6 +226,7 @@ class PredictionHook:
             self._last_routing = routed.reshape(rows, width, len(self.layers), -1)[:, -1]
             last = [state.hidden[p].reshape(rows, width, -1)[:, -1] for p in range(len(self.layers))]
             self._last_hidden = torch.stack(last, 1)  # [B, L, H]
+        self._score_call(state)
         if self.lookahead is not None:
             self.lookahead.end_call()
         self.state = None

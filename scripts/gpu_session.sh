@@ -12,6 +12,9 @@
 #                                       # benchmark at Mixtral-8x7B shapes: 8 of 32 layers with the
 #                                       # per-layer share of a 20 GiB budget, tokens/s normalised to
 #                                       # 32 layers (labelled), ours vs plain LRU vs accelerate
+#   bash scripts/gpu_session.sh call3   # the offload benchmark's quantization rows at Mixtral-8x7B
+#                                       # shapes (issue 16): bf16, int8, int4-g128 experts at one
+#                                       # budget, 4 of 32 layers, calibrated routing
 #
 # Every step writes under $OUT as it goes (logs, JSON lines, junit XML, tuned configs), so a call
 # cut short still returns what it measured; each step has its own `timeout`. Without $OUT results go
@@ -23,7 +26,7 @@
 #   REHEARSE=1 bash scripts/gpu_session.sh call2
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_session.sh call1|call2}
+stage=${1:?usage: gpu_session.sh call1|call2|call3}
 out=${OUT:-bench/results/gpu-session}
 rehearse=${REHEARSE:-0}
 mkdir -p "$out"
@@ -53,6 +56,7 @@ call1)
     timeout 90 python3 -m pytest -q -p no:cacheprovider --junitxml="$out/cache-tests.xml" \
         tests/test_cache_pool.py tests/test_cache_runtime.py::test_gpu_tier_with_pinned_host_tier \
         tests/test_store.py::test_pinned_reads_on_cuda tests/test_bench_offload.py::test_accelerate_row_reports_no_hit_rate \
+        tests/test_quant_wrap.py::test_a_gpu_budget_caches_the_experts_quantized_in_memory \
         2>&1 | tee "$out/cache-tests.log"
     step "kernel tests"
     if [ "$rehearse" = 1 ]; then collect=--collect-only; else collect=; fi
@@ -86,10 +90,21 @@ call2)
     # random routing first (its rows end with the accelerate baseline), then the calibrated trace
     timeout 90 python3 scripts/bench_offload.py "${shape[@]}" --routing random,calibrated \
         --configs "plain LRU,ours: expertflow + CPU compute,ours + noisy-oracle,LRU + noisy-oracle" \
-        --time-budget 70 --out "$out/offload.jsonl" 2>&1 | tee "$out/bench-offload.log"
+        --quantize none --time-budget 70 --out "$out/offload.jsonl" 2>&1 | tee "$out/bench-offload.log"
+    ;;
+call3)
+    step "offload benchmark: quantization rows"
+    if [ "$rehearse" = 1 ]; then
+        shape=(--smoke --repeats 1 --decode-tokens 4 --prompt-tokens 16)
+    else  # 4 of the 32 layers, built three times (bf16, then quantized in memory on the GPU, one expert at a time)
+        shape=(--layers 4 --expert-memory 20GiB --budget-per-32-layers --prompt-tokens 256 --decode-tokens 16 --repeats 2)
+    fi
+    timeout 240 python3 scripts/bench_offload.py "${shape[@]}" --routing calibrated --configs none \
+        --accelerate never --quantize int8,int4 --time-budget 200 --out "$out/offload-quant.jsonl" 2>&1 \
+        | tee "$out/bench-offload-quant.log"
     ;;
 *)
-    echo "gpu_session: unknown stage $stage (call1 or call2)" >&2
+    echo "gpu_session: unknown stage $stage (call1, call2 or call3)" >&2
     exit 2
     ;;
 esac

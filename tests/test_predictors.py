@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,105 @@ def test_cli_predictor_train_and_eval(tmp_path, planted, capsys):
     assert "expected NAME=VALUE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("skip, previous_dim, lookahead_dim, depth, known_previous", [
+    (False, 8, 0, 1, True),  # the shipped layout, prefetch one layer ahead
+    (False, 8, 0, 3, False),  # several layers ahead; the previous token unknown (a prefill call)
+    (True, 0, 0, 2, True),  # skip path, no previous-token MoE inputs
+    (False, 4, 9, 5, True),  # attention lookahead; depth beyond the last layer
+])
+def test_runtime_weights_equal_the_nets_forward(skip, previous_dim, lookahead_dim, depth, known_previous):
+    """RuntimeWeights splits each source's first layer into one per-call matmul and per-layer parts:
+    the logits must be the net's own, layer by layer (up to float rounding)."""
+    from moe_infer.predictors.expertflow import ExpertFlowNet, RuntimeWeights
+    from moe_infer.predictors.runtime import _multi_hot
+
+    torch.manual_seed(0)
+    num_layers, hidden_size, tokens = 5, 12, 3
+    net = ExpertFlowNet(20, num_layers, NUM_EXPERTS, hidden_size, window=3, embed_dim=4, hidden=16,
+                        previous_dim=previous_dim, skip=skip, lookahead_dim=lookahead_dim).eval()
+    windows = torch.randint(-1, 25, (tokens, 32))  # ids out of the vocabulary and unknown (-1) too
+    previous = torch.stack([torch.randperm(NUM_EXPERTS)[:TOP_K] for _ in range(tokens * num_layers)])
+    previous_hot = _multi_hot(previous.view(tokens, num_layers, TOP_K), NUM_EXPERTS).flatten(1)
+    previous_hidden = torch.randn(tokens, num_layers, hidden_size) if known_previous else None
+    hidden = torch.randn(tokens, num_layers, hidden_size)
+    routing = torch.stack([torch.randperm(NUM_EXPERTS)[:TOP_K] for _ in range(tokens * num_layers)]
+                          ).view(tokens, num_layers, TOP_K)
+    routed_hot = _multi_hot(routing, NUM_EXPERTS).flatten(1)
+    lookahead = torch.randn(tokens, num_layers, lookahead_dim)
+    weights = RuntimeWeights(net, depth)
+    with torch.no_grad():
+        step = weights.step(windows, previous_hot, previous_hidden)
+        for source in range(num_layers - 1):
+            weights.add_routing(source, step, routing[:, source])
+            got = weights.layer(source, step, hidden[:, source], lookahead[:, source] if lookahead_dim else None)
+            expected = net(source, windows[:, -3:], previous_hot,
+                           previous_hidden if known_previous else None, hidden[:, source],
+                           routed_hot[:, :(source + 1) * NUM_EXPERTS], lookahead[:, source] if lookahead_dim else None)
+            targets = min(depth, num_layers - 1 - source)
+            assert got.shape == (tokens, targets, NUM_EXPERTS)
+            torch.testing.assert_close(got, expected[:, :targets], rtol=1e-5, atol=1e-5)
+
+
+class _CheckedExpertFlow:
+    """The shipped predictor, each runtime prediction also computed by the net's own forward."""
+
+    def __init__(self, predictor):
+        self.predictor, self.checked = predictor, 0
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+    def runtime_scores(self, position, state, max_depth):
+        got = self.predictor.runtime_scores(position, state, max_depth)
+        if got:
+            routed = torch.cat([torch.nn.functional.one_hot(state.routing[p].long(), NUM_EXPERTS).sum(1)
+                                for p in range(position + 1)], 1).float()
+            with torch.no_grad():
+                expected = self.predictor.logit_scores(self.predictor.net(
+                    position, state.windows, state.previous_hot(), state.previous_hidden, state.hidden[position],
+                    routed))
+            for target, scores in got.items():
+                torch.testing.assert_close(scores, expected[:, target - position - 1], rtol=1e-5, atol=1e-6)
+                self.checked += 1
+        return got
+
+
+def test_runtime_scores_of_the_shipped_predictor_equal_its_nets_forward(shipped):
+    """In prefill (several tokens, previous token unknown) and in decode steps (the previous token's
+    routing and MoE inputs carried over), the per-call batched prediction is the net's."""
+    from moe_infer.predictors.runtime import PredictionHook
+
+    model, _, _ = shipped
+    checked = _CheckedExpertFlow(load(moe_infer.assets.predictor_path("tiny-mixtral")))
+    moe_infer.wrap(model)
+    try:
+        executor = moe_infer.executor(model)
+        hook = PredictionHook(executor, model.get_input_embeddings(), checked, 2, None)
+        with torch.no_grad():
+            model.generate(torch.tensor([list(b"def main(argv):")]), max_new_tokens=4, do_sample=False)
+        hook.detach()
+    finally:
+        moe_infer.unwrap(model)
+    layers = len(executor.layers)
+    # 4 calls (the prefill, 3 decode steps: the last token needs no forward); two targets at each MoE layer
+    # but the last two (one, none)
+    assert checked.checked == 4 * (2 * (layers - 2) + 1)
+    assert set(hook.recall()) == {1, 2}
+
+
+def _settled(cache):
+    """``cache.prefetch``, then wait until the loader has taken every queued prediction in hand
+    (loaded it or given it up): a prefetch is then ahead of use however the threads are scheduled."""
+    def prefetch(layer_idx, expert_ids, scores):
+        cache.prefetch(layer_idx, expert_ids, scores)
+        deadline = time.monotonic() + 60
+        with cache.cond:
+            while len(cache.queue) or cache.loader.current is not None:
+                assert time.monotonic() < deadline, "the loader did not settle the predictions within 60 s"
+                cache.cond.wait(0.01)
+    return prefetch
+
+
 def test_executor_prefetches_from_predictions_with_outputs_unchanged(shipped):
     model, trace, directory = shipped
     ids = torch.tensor([list(b"def main(argv):\n    total = 0\n")])
@@ -306,6 +406,13 @@ def test_executor_prefetches_from_predictions_with_outputs_unchanged(shipped):
     for predictor, policy in [("gate-lookahead", "lru"), (str(directory / "ef.safetensors"), "expertflow")]:
         moe_infer.wrap(model, cpu_memory=half, cache_policy=policy, predictor=predictor, prefetch_depth=2)
         try:
+            # whether a prediction is loaded before its layer needs it, and not evicted by the next ones first,
+            # otherwise depends on how the loader thread is scheduled: with plain LRU nearly every prefetch here
+            # is evicted before use (1 of 113 used when each completes at once), so under load `used` could be 0.
+            # The observer runs between a layer's routing and its experts, none of the call pinned yet, so the
+            # loader is free to finish the predictions before the model goes on.
+            executor = moe_infer.executor(model)
+            executor.predictor_hook.sink = _settled(executor.cache)
             with torch.no_grad():
                 generated = model.generate(ids, max_new_tokens=8, do_sample=False)
             stats = moe_infer.executor(model).stats()

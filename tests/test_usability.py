@@ -260,11 +260,12 @@ def test_the_demo_says_in_one_line_why_ours_is_slower_exactly_when_it_is():
     def report(ours_tokens_per_s: float) -> str:
         runs = [BudgetRun("ours", {"cache_policy": "expertflow"}, ours_tokens_per_s, 0.91, 2**20, 0.0, 0, True,
                           predictor_seconds=0.5, seconds=1.0),
-                BudgetRun("plain LRU", {"cache_policy": "lru"}, 10.0, 0.66, 2**20, 0.0, 0, True, seconds=0.8)]
+                BudgetRun("plain LRU", {"cache_policy": "lru"}, 10.0, 0.66, 2**20, 0.004, 0, True, seconds=0.8)]
         result = DemoResult("tiny-mixtral", "cpu", 0.0, "text", 8, 10.0, 10.0, {"layers": {}}, runs, 2**20, 2**21)
         return format_report(result)
 
     slower = [line for line in report(5.0).splitlines() if "ours is slower here" in line]
-    assert len(slower) == 1 and "predicting took 50% of the decode time" in slower[0]
+    assert len(slower) == 1 and "predicting took 50% of the decode time (0.50 s)" in slower[0]
+    assert "plain LRU waited 0.004 s on all its misses" in slower[0] and "0.20 s longer in all" in slower[0]
     assert re.search(r"^  ours +5\.0 +0\.910 +1\.0 +0\.000 +0 +50\.0  yes$", report(5.0), re.M)
     assert "ours is slower" not in report(12.0)

@@ -435,7 +435,8 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--oracle-recall", type=float, default=SHIPPED_PREDICTOR_RECALL,
                     help="recall of the noisy-oracle prefetch rows (default: the shipped tiny-mixtral predictor's "
                          "measured held-out recall at distance 1)")
-    ap.add_argument("--configs", default="all", help="comma-separated config names' prefixes, or all")
+    ap.add_argument("--configs", default="all",
+                    help="comma-separated config names' prefixes, all, or none (only the quantization rows)")
     ap.add_argument("--quantize", default=",".join(QUANT_SCHEMES),
                     help="the quantization rows: comma-separated schemes run beside a float row of --quant-config "
                          "at the same budget, or none")
@@ -559,6 +560,8 @@ def main(argv=None, prog: str | None = None) -> int:
     if schemes:
         fields = CONFIGS[args.quant_config]
         for scheme in [None, *schemes]:
+            if out_of_time():  # before building a model for rows that would not run
+                break
             if scheme is not None:
                 moe_infer.wrap(model, moe_infer.MoEConfig())
                 del model
