@@ -79,7 +79,7 @@ class ModelExecutor:
         self.forward_lock = threading.RLock()
         self._lock_handles = [model.register_forward_pre_hook(self._lock_forward),
                               model.register_forward_hook(self._unlock_forward, always_call=True)]
-        self.parallel = None  # moe_infer.parallel.ParallelRuntime when config.parallel is set
+        self.parallel = None  # moe_infer.distributed.parallel.ParallelRuntime when config.parallel is set
         self._configure_parallel(config)
         for layer in layers:
             layer.executor = self
@@ -264,7 +264,7 @@ class ModelExecutor:
         model's MoE layers and experts."""
         if config.placement is None:
             return None
-        from moe_infer.placement import PlacementPlan
+        from moe_infer.distributed.placement import PlacementPlan
 
         plan = PlacementPlan.load(config.placement)
         experts = self.layers[0].num_experts
@@ -280,7 +280,7 @@ class ModelExecutor:
         if config.parallel is None:
             self.stop_parallel()
         elif self.parallel is None:
-            from moe_infer.parallel import build_runtime
+            from moe_infer.distributed.parallel import build_runtime
 
             self.parallel = build_runtime(self.layers, config.parallel, placement=self.placement)
         else:  # a new MoEConfig.placement replaces the plan; otherwise set_parallelism's stays
@@ -292,7 +292,7 @@ class ModelExecutor:
         experts modules (a collective: every rank must call it, as `unwrap` and
         `configure(parallel=None)` do)."""
         if self.parallel is not None:
-            from moe_infer.parallel import release
+            from moe_infer.distributed.parallel import release
 
             release(self.layers)
             self.parallel = None
@@ -375,7 +375,7 @@ class ModelExecutor:
         `capacity_factor`: None = dropless; c > 0 keeps at most ceil(c * T * K / E) (token, expert)
         pairs per rank and expert (T = largest token count of a rank), giving fixed message shapes.
         `placement`: an object with `device_of(layer_idx, expert) -> int` (e.g. a
-        `moe_infer.placement.PlacementPlan`); each expert then runs on its planned rank (r = 1)
+        `moe_infer.distributed.placement.PlacementPlan`); each expert then runs on its planned rank (r = 1)
         or on the r ranks that include it; None keeps MoEConfig.placement's plan (if set).
         Every rank must make the same call.
         """

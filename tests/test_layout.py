@@ -26,3 +26,13 @@ def test_old_import_path_is_the_moved_module(old):
     assert getattr(moe_infer, old.rpartition(".")[2]) is moved  # `moe_infer.trace` as an attribute too
     public = [name for name in vars(moved) if not name.startswith("_")]
     assert public and all(getattr(importlib.import_module(old), name) is getattr(moved, name) for name in public)
+
+
+def test_moved_functions_keep_their_old_module_names():
+    from moe_infer import loading
+    from moe_infer.experts import skeleton
+    from moe_infer.traces import popularity
+
+    assert loading.skeleton is skeleton.skeleton and loading.parameters_on_meta is skeleton.parameters_on_meta
+    assert loading.build_from_config is skeleton.build_from_config
+    assert moe_infer.placement.hot_set is popularity.hot_set and moe_infer.placement.affinity is popularity.affinity
