@@ -1,6 +1,6 @@
 """The package's import graph points one way (issue 21): no cycle among its modules, nor among its
-subpackages, counting every import a module can run (function-level ones too; only imports under
-`if TYPE_CHECKING:` are left out, they never run).
+subpackages, and no import up the layers of docs/architecture.md, counting every import a module
+can run (function-level ones too; only imports under `if TYPE_CHECKING:` are left out, they never run).
 
 The graph is read statically with `ast` from the source folders pyproject maps into the package
 (`routing/` is `moe_infer.routing`, ...), so nothing is imported to build it. Besides `import` and
@@ -276,6 +276,39 @@ def test_no_import_cycle_between_subpackages():
     collapsed = package_graph(graph(known_upward=False))
     found = cycles(collapsed)
     assert not found, "cycles between subpackages:\n" + "\n".join(describe(cycle, collapsed) for cycle in found)
+
+
+# The layers of docs/architecture.md, bottom first: a module imports only from its layer or below.
+# Most specific prefix wins; the old-path re-export shims (`moe_infer.trace`, ...) belong to no layer.
+LAYERS = {
+    0: ("errors", "envs", "files", "helpformat", "hub", "wrapped"),
+    1: ("routing", "experts", "kernels", "traces", "families", "models", "assets"),
+    2: ("cache", "predictors", "distributed", "config", "runners", "layer"),
+    3: ("executor", "loading", "api"),
+    4: ("serving", "traces.profiler", "benchmarks", "cli", "demo", "__main__"),
+}
+SHIMS = ("trace", "profiler", "trace_stats", "corpus", "parallel", "parallel_cost", "placement", "batching")
+
+
+def layer_of(name: str) -> int | None:
+    short = name.removeprefix(PACKAGE + ".")
+    best = None
+    for layer, prefixes in LAYERS.items():
+        for prefix in prefixes:
+            if (short == prefix or short.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
+                best = (layer, prefix)
+    return None if best is None else best[0]
+
+
+def test_imports_point_down_the_layers():
+    edges = graph(known_upward=False)
+    unplaced = [name for name in edges if name != PACKAGE and layer_of(name) is None
+                and name.removeprefix(PACKAGE + ".") not in SHIMS]
+    assert not unplaced, f"modules in no layer of LAYERS (docs/architecture.md): {unplaced}"
+    upward = [f"  {a} (layer {layer_of(a)}) -> {b} (layer {layer_of(b)})  ({where})"
+              for a, targets in edges.items() if layer_of(a) is not None
+              for b, where in targets.items() if layer_of(b) is not None and layer_of(b) > layer_of(a)]
+    assert not upward, "imports that point up the layers:\n" + "\n".join(upward)
 
 
 @pytest.mark.parametrize("name", sorted(modules()))
