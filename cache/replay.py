@@ -13,7 +13,7 @@ import os
 import torch
 
 from moe_infer.routing.adapters import Routing
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError
 
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_infer.placement import hot_set
-from moe_infer.trace import Trace
+from moe_infer.traces.popularity import hot_set
+from moe_infer.traces.trace import Trace
 
 from .policies import POLICIES, BeladyPolicy, ExpertFlowPolicy, Policy, StaticPolicy, make_policy
 from moe_infer.errors import ConfigError
@@ -230,7 +230,7 @@ def simulate(trace: Trace, policy: str, capacity: int, *, per_layer: bool = True
     pol = make_policy(policy)
     if isinstance(pol, StaticPolicy):
         source = hot_from if hot_from is not None else trace
-        chosen = hot_set(source, capacity, per_layer=per_layer)  # the placement module's choice
+        chosen = hot_set(source, capacity, per_layer=per_layer)  # the static hot set (moe_infer.traces.popularity)
         pol.set_hot({(pos, e) for pos, layer in enumerate(source.moe_layers) for e in chosen[layer]})
     flat_keys = (ids + (np.arange(num_layers) * num_experts)[None, :, None]).reshape(-1)
     next_use = _next_use_times(flat_keys) if isinstance(pol, BeladyPolicy) else None

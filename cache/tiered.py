@@ -55,6 +55,8 @@ from torch import Tensor
 from moe_infer.errors import ConfigError
 from moe_infer.experts.math import ExpertTensors, expert_counts, group_by_expert, moe_forward
 from moe_infer.experts.quant import QuantizedWeight
+from moe_infer.traces.popularity import expert_load
+from moe_infer.traces.trace import Trace
 
 from .backing import Backing
 from .cpu_compute import CostModel, split_misses
@@ -243,9 +245,6 @@ class ExpertCache:
         cold expert. Returns the hot keys."""
         if not isinstance(self.tier.policy, StaticPolicy):
             raise ConfigError(f"pin_popular needs cache_policy='static'; this cache runs {self.tier.policy.name!r}")
-        from moe_infer.placement import expert_load
-        from moe_infer.trace import Trace
-
         if isinstance(popularity, Trace):
             if popularity.num_layers != len(self.layer_order):
                 raise ConfigError(f"pin_popular: the trace has {popularity.num_layers} MoE layers; this model has "

@@ -27,6 +27,10 @@ from .quant import QuantizedWeight, quantized_linear, unpack_int4
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
 INT4_KERNEL_N_MULTIPLE = 16
+# rows repacked at once: the kernel's tiles are built from int32 values (4 bytes per weight), so
+# one Mixtral w13 [28672, 4096] repacked whole held 448 MiB transiently; the tile layout is local
+# to blocks of 64 rows, so blocks of a multiple of 64 give the same tiles (tests/test_quant_wrap.py)
+REPACK_ROWS = 4096
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -74,8 +78,9 @@ def _int4_kernel_form(weight: QuantizedWeight, dtype: torch.dtype) -> tuple[Tens
     if group is None:
         weight.prepared[key] = None
         return None
-    values = unpack_int4(weight.qweight)[:, :k].to(torch.int32)  # [N, K]
-    tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
+    tiles = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        unpack_int4(weight.qweight[r:r + REPACK_ROWS])[:, :k].to(torch.int32), 2)  # [rows, K] values
+        for r in range(0, n, REPACK_ROWS)])
     ours = torch.arange(0, k, group) // g  # our group of each kernel group, [K/group]
     scales = weight.scales[:, ours]  # [N, K/group]
     offsets = (8 - weight.zeros[:, ours].float()) * scales

@@ -23,21 +23,21 @@ from moe_infer.experts.store import MANIFEST
 from moe_infer.families import UnsupportedModel, find_moe_blocks
 from moe_infer.layer import MoELayer
 from moe_infer.loading import expert_store_of, load_dense, read_experts_from
+from moe_infer.wrapped import executor_of, set_executor
 
-_EXECUTOR_ATTR = "_moe_infer_executor"
 _PROBE_TOKENS = 64
 
 
 def executor(model: nn.Module) -> ModelExecutor:
     """The executor behind a wrapped model."""
-    ex = getattr(model, _EXECUTOR_ATTR, None)
+    ex = executor_of(model)
     if ex is None:
         raise ConfigError(f"{type(model).__name__} is not wrapped; call moe_infer.wrap(model) first")
     return ex
 
 
 def is_wrapped(model: nn.Module) -> bool:
-    return getattr(model, _EXECUTOR_ATTR, None) is not None
+    return executor_of(model) is not None
 
 
 def wrap(model: nn.Module, config: MoEConfig | None = None, **fields: Any) -> nn.Module:
@@ -51,7 +51,7 @@ def wrap(model: nn.Module, config: MoEConfig | None = None, **fields: Any) -> nn
     if config is not None and not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a moe_infer.MoEConfig, got {type(config).__name__}")
     check_field_names(fields)
-    wrapped = getattr(model, _EXECUTOR_ATTR, None)
+    wrapped = executor_of(model)
     base = config if config is not None else (wrapped.config if wrapped is not None else MoEConfig())
     new_config = base.replace(**fields) if fields else base
     check_supported(new_config)
@@ -76,7 +76,7 @@ def wrap(model: nn.Module, config: MoEConfig | None = None, **fields: Any) -> nn
         parent_name, _, attr = found.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, layer)
-    object.__setattr__(model, _EXECUTOR_ATTR, ex)
+    set_executor(model, ex)
     return model
 
 
@@ -107,7 +107,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         parent_name, _, attr = layer.block_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, layer.restore())
-    object.__delattr__(model, _EXECUTOR_ATTR)
+    set_executor(model, None)
     return model
 
 

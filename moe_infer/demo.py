@@ -108,7 +108,7 @@ def _check_moe(model_name: str) -> None:
     if os.path.isdir(model_name) and model_name not in moe_infer.assets.names():
         from transformers import AutoConfig
 
-        from moe_infer.loading import skeleton
+        from moe_infer.experts.skeleton import skeleton
 
         find_moe_blocks(skeleton(AutoConfig.from_pretrained(model_name)))
 

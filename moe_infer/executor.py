@@ -2,7 +2,8 @@
 
 Owns which `MoEConfig` values this version can run (anything else is refused with a message
 saying what is missing), the per-model statistics of DESIGN section 3, and the runtime switches
-(`set_parallelism`). The per-layer computation lives in `moe_infer.layer`.
+(`set_parallelism`), and which runner each layer computes its experts with (`moe_infer.runners`,
+chosen again whenever the configuration changes). The per-layer data flow lives in `moe_infer.layer`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from moe_infer.cache.tiered import ExpertCache, process_memory
 from moe_infer import envs, kernels
 from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
+from moe_infer.runners import choose_runner
 from moe_infer.errors import ConfigError, NotSupported
 
 def check_supported(config: MoEConfig) -> None:
@@ -36,16 +38,33 @@ def check_supported(config: MoEConfig) -> None:
                            "device, or TRITON_INTERPRET=1 for Triton's CPU interpreter); use 'auto' or 'torch'")
 
 
+class _Reconfiguring:
+    """An executor attribute whose every change is a reconfiguration: the layers get their runners again."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.stored = "_" + name
+
+    def __get__(self, executor, owner=None):
+        return self if executor is None else getattr(executor, self.stored)
+
+    def __set__(self, executor, value) -> None:
+        setattr(executor, self.stored, value)
+        executor._choose_runners()
+
+
 class ModelExecutor:
     """The MoE layers of one wrapped model (`moe_infer.executor(model)`)."""
+
+    cache = _Reconfiguring()  # ExpertCache | None: the tiered expert cache, when a budget is set
+    replay = _Reconfiguring()  # RoutingReplay | None: the trace replayed instead of the routers (routing_override)
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], config: MoEConfig, backing=None):
         self.model_class = type(model).__name__
         self.layers = layers
         self.config = config
         self.backing = backing  # a converted checkpoint's experts (load); None: the layers' own weights
-        self.cache: ExpertCache | None = None  # the tiered expert cache, when a budget is set
-        self.replay: RoutingReplay | None = None  # MoEConfig.routing_override
+        self._cache: ExpertCache | None = None  # the tiered expert cache, when a budget is set
+        self._replay: RoutingReplay | None = None  # MoEConfig.routing_override
         self.predictor_hook = None  # MoEConfig.predictor: predictions -> cache.prefetch (moe_infer.predictors)
         self._embedding = model.get_input_embeddings()
         self._model = weakref.ref(model)  # the model's decoder layers, for a predictor's attention lookahead
@@ -60,10 +79,18 @@ class ModelExecutor:
         self.forward_lock = threading.RLock()
         self._lock_handles = [model.register_forward_pre_hook(self._lock_forward),
                               model.register_forward_hook(self._unlock_forward, always_call=True)]
-        self.parallel = None  # moe_infer.parallel.ParallelRuntime when config.parallel is set
+        self.parallel = None  # moe_infer.distributed.parallel.ParallelRuntime when config.parallel is set
         self._configure_parallel(config)
         for layer in layers:
             layer.executor = self
+        self._choose_runners()
+
+    def _choose_runners(self) -> None:
+        """Give every layer the replay and the runner of the current configuration: the cache's when a
+        budget built one, the multi-rank path's, or the in-memory experts' (`moe_infer.runners`)."""
+        for layer in self.layers:
+            layer.replay = self._replay
+            layer.runner = choose_runner(layer, self._cache, self.kernel_for)
 
     def _apply(self, config: MoEConfig) -> None:
         """Build the cache and the replay of `config` (everything is checked before anything changes)."""
@@ -230,13 +257,14 @@ class ModelExecutor:
         self.placement = placement
         self._configure_parallel(config)
         self.config = config
+        self._choose_runners()
 
     def _load_placement(self, config: MoEConfig):
         """The plan at `config.placement` (None when unset), refused unless it is a plan for this
         model's MoE layers and experts."""
         if config.placement is None:
             return None
-        from moe_infer.placement import PlacementPlan
+        from moe_infer.distributed.placement import PlacementPlan
 
         plan = PlacementPlan.load(config.placement)
         experts = self.layers[0].num_experts
@@ -252,7 +280,7 @@ class ModelExecutor:
         if config.parallel is None:
             self.stop_parallel()
         elif self.parallel is None:
-            from moe_infer.parallel import build_runtime
+            from moe_infer.distributed.parallel import build_runtime
 
             self.parallel = build_runtime(self.layers, config.parallel, placement=self.placement)
         else:  # a new MoEConfig.placement replaces the plan; otherwise set_parallelism's stays
@@ -264,10 +292,11 @@ class ModelExecutor:
         experts modules (a collective: every rank must call it, as `unwrap` and
         `configure(parallel=None)` do)."""
         if self.parallel is not None:
-            from moe_infer.parallel import release
+            from moe_infer.distributed.parallel import release
 
             release(self.layers)
             self.parallel = None
+            self._choose_runners()
 
     def layer(self, layer_idx: int) -> MoELayer:
         for layer in self.layers:
@@ -346,7 +375,7 @@ class ModelExecutor:
         `capacity_factor`: None = dropless; c > 0 keeps at most ceil(c * T * K / E) (token, expert)
         pairs per rank and expert (T = largest token count of a rank), giving fixed message shapes.
         `placement`: an object with `device_of(layer_idx, expert) -> int` (e.g. a
-        `moe_infer.placement.PlacementPlan`); each expert then runs on its planned rank (r = 1)
+        `moe_infer.distributed.placement.PlacementPlan`); each expert then runs on its planned rank (r = 1)
         or on the r ranks that include it; None keeps MoEConfig.placement's plan (if set).
         Every rank must make the same call.
         """

@@ -1,8 +1,11 @@
 """`MoELayer`: the executor of one sparse MoE block, put in the block's place by `wrap`.
 
-Data flow: route (router adapter) -> group the (token, k) pairs by expert ->
-compute every hit expert once on its rows -> weighted combine in the original token order ->
-shared experts. The layer registers the original block's children under their own names, so
+Data flow of `forward`, one seam: route (router adapter, or a replayed trace) -> notify the
+router's hooks and the routing observers (profiler, predictors, schedulers) -> the layer's runner
+(`moe_infer.runners`: resident, cached, parallel or quantized, chosen by the executor when the model
+is (re)configured) groups the (token, k) pairs by expert, acquires and computes every used expert
+once on its rows, and combines in the original token order -> plus the shared experts. The layer
+registers the original block's children under their own names, so
 parameter names, `state_dict`, `.to()` and `output_router_logits` hooks are those of the
 unwrapped model; the original block is kept aside (not as a submodule) for `unwrap`.
 
@@ -16,12 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from moe_infer import kernels
 from moe_infer.experts.layout import ModuleExperts
-from moe_infer.experts.math import expert_counts, group_by_expert, moe_forward
-from moe_infer.experts.quantized import QuantizedExperts
 from moe_infer.families import FoundBlock
 from moe_infer.routing.adapters import Routing
+from moe_infer.runners import ResidentRunner
 
 if TYPE_CHECKING:
     from moe_infer.executor import ModelExecutor
@@ -101,6 +102,8 @@ class MoELayer(nn.Module):
         self.routing_observers: list = []
         # moe_infer.distributed.parallel.ParallelExperts when MoEConfig.parallel is set: the experts run across ranks
         self.parallel = None
+        self.replay = None  # moe_infer.cache.replay.RoutingReplay: MoEConfig.routing_override, set by the executor
+        self.runner = ResidentRunner()  # how the routed experts are computed (moe_infer.runners), set by the executor
         self.train(block.training)
 
     # -- the block's own state, wherever it lives now (buffers on self follow .to(); the rest on the original)
@@ -135,36 +138,12 @@ class MoELayer(nn.Module):
         shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, shape[-1])  # [T, H]
         routing = self.route(hidden)
-        if self.executor is not None and self.executor.replay is not None:
-            routing = self.executor.replay.apply(self.layer_idx, routing)
+        if self.replay is not None:
+            routing = self.replay.apply(self.layer_idx, routing)
         self._feed_router_hooks(hidden, routing)
         for observer in self.routing_observers:
             observer(self, hidden, routing)
-        cache = self.executor.cache if self.executor is not None else None
-        if cache is not None:  # weights come through the tiered expert cache (fetched or run on the CPU)
-            out, counts = cache.forward(self, hidden, routing)
-            if isinstance(counts, Tensor):  # a fully resident layer: the counts stayed on the device
-                self.stats.record_on_device(hidden.shape[0], counts)
-            else:
-                self.stats.record(hidden.shape[0], counts, cache.kernel)
-        elif self.parallel is not None:
-            grouping = group_by_expert(routing.expert_ids, self.num_experts)
-            out = self.parallel(hidden, routing.expert_ids, routing.expert_weights)
-            self.stats.record(hidden.shape[0], grouping[1], "torch")
-        elif self._runs_fused_kernels() and isinstance(self.expert_source, QuantizedExperts):
-            source = self.expert_source
-            out = kernels.fused_experts(hidden, source.w13, source.w2, routing.expert_ids, routing.expert_weights,
-                                        activation=source.activation, b13=source.b13, b2=source.b2)
-            self.stats.record_on_device(hidden.shape[0], expert_counts(routing.expert_ids, self.num_experts))
-        elif self._runs_fused_kernels():
-            out = kernels.module_experts_forward(self.expert_source.module, hidden, routing.expert_ids,
-                                                 routing.expert_weights, self.expert_source.activation)
-            self.stats.record_on_device(hidden.shape[0], expert_counts(routing.expert_ids, self.num_experts))
-        else:
-            grouping = group_by_expert(routing.expert_ids, self.num_experts)
-            out = moe_forward(hidden, routing.expert_ids, routing.expert_weights, self.expert_source,
-                              self.num_experts, self.expert_source.activation, grouping=grouping)
-            self.stats.record(hidden.shape[0], grouping[1], "torch")
+        out = self.runner(self, hidden, routing)  # plan -> acquire -> compute -> combine
         shared = self.shared_output(hidden)
         if shared is not None:
             out = out + shared
@@ -172,13 +151,6 @@ class MoELayer(nn.Module):
         if self._returns_router_scores:
             return out, routing.expert_weights
         return out
-
-    def _runs_fused_kernels(self) -> bool:
-        """The fused Triton kernels run when the kernel for this layer's device is "triton" and every
-        expert of the layer is resident in the experts module or quantized in memory (their stacked
-        weights are the input)."""
-        return (self.executor is not None and isinstance(self.expert_source, (ModuleExperts, QuantizedExperts))
-                and self.executor.kernel_for(self.expert_source.device) == "triton")
 
     def _feed_router_hooks(self, hidden: Tensor, routing: Routing) -> None:
         """Run the router module's forward hooks as if it had been called: `transformers`
@@ -209,4 +181,4 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, family={self.family}, experts={self.num_experts}, "
-                f"top_k={self.adapter.top_k}, router={self.adapter.name}")
+                f"top_k={self.adapter.top_k}, router={self.adapter.name}, runner={self.runner.name}")

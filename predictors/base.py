@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moe_infer.files import save_safetensors
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError, FileFormatError, MissingFile, NotSupported
 
 FORMAT = "moe_infer.predictor/1"
@@ -95,6 +95,14 @@ class Predictor(ABC):
     kind: ClassVar[str] = "base"
     # whether runtime_scores reads CallState.lookahead_features (moe_infer.predictors.lookahead)
     reads_attention_lookahead: ClassVar[bool] = False
+    # kind -> class, filled as each kind's class is defined (`moe_infer.predictors` imports them all):
+    # `load` finds a file's class here, without importing the registry that imports this module
+    KINDS: ClassVar[dict[str, type[Predictor]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in vars(cls):
+            Predictor.KINDS[cls.kind] = cls
 
     def __init__(self, signature: ModelSignature, options: dict[str, Any] | None = None,
                  training: dict[str, Any] | None = None):
@@ -211,8 +219,6 @@ class Predictor(ABC):
     @classmethod
     def load(cls, path: str | os.PathLike) -> Predictor:
         """Read a predictor file written by ``save``; the class comes from its ``kind``."""
-        from moe_infer.predictors.registry import predictor_class
-
         path = Path(path)
         if not path.is_file():
             raise MissingFile(f"predictor file {os.fspath(path)!r} does not exist")
@@ -231,7 +237,9 @@ class Predictor(ABC):
             options, training = json.loads(metadata["options"]), json.loads(metadata["training"])
         except (KeyError, ValueError, TypeError) as error:
             raise FileFormatError(f"{path}: malformed predictor metadata ({error!r})") from None
-        klass = predictor_class(kind)
+        klass = Predictor.KINDS.get(kind)
+        if klass is None:
+            raise FileFormatError(f"{path}: unknown predictor kind {kind!r}; kinds are {', '.join(Predictor.KINDS)}")
         if cls is not Predictor and not issubclass(klass, cls):
             raise FileFormatError(f"{path}: holds a {kind!r} predictor, not a {cls.kind!r} one")
         try:

@@ -16,7 +16,7 @@ from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, Predictor, check_shape, source_position
 from moe_infer.predictors.features import (model_moe_inputs, recorded_embeddings, recorded_moe_inputs)
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError
 
 

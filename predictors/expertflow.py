@@ -33,7 +33,7 @@ from moe_infer.predictors.features import (model_features, multi_hot, previous_r
                                            same_sequence_offsets, token_windows)
 from moe_infer.predictors.nets import (NetPredictor, TokenWindowEmbedding, loss_targets, mlp, routing_loss,
                                        train_loop)
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError
 
 # hidden 192 and the membership loss: chosen on validation text only (`moe-infer bench predictors --tune`;

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from moe_infer.predictors.progress import bar
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError
 
 PAD_TOKEN = -1  # a window slot before the start of the sequence

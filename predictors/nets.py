@@ -30,7 +30,7 @@ from torch import nn
 from moe_infer.predictors.base import ModelSignature, Predictor
 from moe_infer.predictors.features import group_limit, multi_hot, routing_targets
 from moe_infer.predictors.progress import bar
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError
 
 MAX_WINDOW = 32  # tokens a running model's prediction hook keeps per row (window + lookahead)

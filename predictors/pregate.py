@@ -21,7 +21,7 @@ from torch import nn
 from moe_infer.predictors.base import ModelSignature
 from moe_infer.predictors.features import token_windows
 from moe_infer.predictors.nets import NetPredictor, TokenWindowEmbedding, loss_targets, mlp, routing_loss, train_loop
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 
 DEFAULTS = {"window": 8, "lookahead": 0, "embed_dim": 16, "hidden": 96, "group_limit": True, "loss": "membership",
             "epochs": 6, "batch_size": 256, "learning_rate": 3e-3, "max_seconds": None, "seed": 0}

@@ -13,7 +13,7 @@ from moe_infer.predictors.base import Predictor
 from moe_infer.predictors.baselines import FrequencyPredictor, GateLookaheadPredictor, MarkovPredictor
 from moe_infer.predictors.expertflow import ExpertFlowPredictor
 from moe_infer.predictors.pregate import PreGatePredictor
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError
 
 PREDICTORS: dict[str, type[Predictor]] = {

@@ -37,6 +37,7 @@ from moe_infer.predictors.base import ModelSignature, Predictor, PredictorMismat
 from moe_infer.predictors.lookahead import AttentionLookahead
 from moe_infer.predictors.nets import MAX_WINDOW as _MAX_WINDOW
 from moe_infer.errors import ConfigError
+from moe_infer.wrapped import executor_of
 
 Sink = Callable[[int, list, list], Any]
 
@@ -246,13 +247,11 @@ def attach(model: nn.Module, predictor: Predictor | str, *, depth: int = 1, sink
            ) -> PredictionHook:
     """Attach ``predictor`` (a ``Predictor``, the path of a saved one, or "gate-lookahead") to the
     wrapped ``model``; ``sink(layer_idx, expert_ids, scores)`` receives the predictions."""
-    import moe_infer
-
-    if not moe_infer.is_wrapped(model):
+    executor = executor_of(model)
+    if executor is None:
         raise ConfigError("attach needs a wrapped model: call moe_infer.wrap(model) first")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ConfigError(f"depth={depth!r}: expected an int >= 1 (MoE layers ahead)")
-    executor = moe_infer.executor(model)
     predictor = checked_predictor(executor, getattr(model.config, "_name_or_path", ""), predictor)
     lookahead = AttentionLookahead(model, executor) if predictor.reads_attention_lookahead else None
     return PredictionHook(executor, model.get_input_embeddings(), predictor, depth, sink, lookahead)

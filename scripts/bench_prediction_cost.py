@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost and recall of runtime prediction in decode: the shipped tiny-mixtral `expertflow` predictor
 driving the prefetch of a wrapped model (the demo's "ours": half the expert bytes, expertflow cache
-policy), teacher-forced one token per step over held-out text (`moe_infer.corpus`).
+policy), teacher-forced one token per step over held-out text (`moe_infer.traces.corpus`).
 
 Per prefetch depth it reports the median decode step, the wall time spent in the prediction hook
 per step and its share of the decode time, and the hook's recall per distance (the true experts
@@ -28,7 +28,8 @@ import time
 import torch
 
 import moe_infer
-from moe_infer import corpus, demo
+from moe_infer import demo
+from moe_infer.traces import corpus
 from moe_infer.helpformat import HelpFormatter
 from moe_infer.models import encode_text, load_model
 

@@ -56,6 +56,7 @@ call1)
     timeout 90 python3 -m pytest -q -p no:cacheprovider --junitxml="$out/cache-tests.xml" \
         tests/test_cache_pool.py tests/test_cache_runtime.py::test_gpu_tier_with_pinned_host_tier \
         tests/test_store.py::test_pinned_reads_on_cuda tests/test_bench_offload.py::test_accelerate_row_reports_no_hit_rate \
+        tests/test_quant_wrap.py::test_a_gpu_budget_caches_the_experts_quantized_in_memory \
         2>&1 | tee "$out/cache-tests.log"
     step "kernel tests"
     if [ "$rehearse" = 1 ]; then collect=--collect-only; else collect=; fi

@@ -4,7 +4,7 @@ of one Mixtral-8x7B-shaped MoE layer.
 
     python scripts/quant_accuracy.py [--max-bytes 65536] [--layer-experts 8]
 
-Held-out text: the corpus files `moe_infer.corpus.is_heldout` holds out (never trained on), cut into
+Held-out text: the corpus files `moe_infer.traces.corpus.is_heldout` holds out (never trained on), cut into
 512-byte windows as the models were evaluated when trained; bits per byte = the mean cross-entropy
 of each next byte, in bits. Top-1 agreement: the fraction of positions whose argmax next byte is the
 unquantized model's (teacher-forced on the same text). The Mixtral-shaped layer: H 4096, I 14336,
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import moe_infer
 from moe_infer import assets
-from moe_infer.corpus import is_heldout, stdlib_files
+from moe_infer.traces.corpus import is_heldout, stdlib_files
 from moe_infer.experts.quant import QuantizedWeight, QuantScheme, quantize
 from moe_infer.kernels import reference_moe, reference_moe_quantized
 

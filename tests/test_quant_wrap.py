@@ -141,3 +141,41 @@ def test_quantized_experts_move_their_tensors_in_place(family, scheme):
     assert (expert.b13 is not None) == (family == "gpt_oss")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier needs a CUDA device")
+@pytest.mark.parametrize("scheme", ["int8", QuantScheme("int4", 32)], ids=["int8", "int4-g32"])
+def test_a_gpu_budget_caches_the_experts_quantized_in_memory(scheme):
+    """On CUDA, wrap(quantize=, gpu_memory=): the quantized experts move to page-locked host memory
+    (the backing), the GPU tier holds slots of their quantized bytes, and the output is the one of
+    the model quantized on the GPU without a budget; unwrapping the budget puts them back."""
+    scheme = QuantScheme(scheme) if isinstance(scheme, str) else scheme
+    ids = torch.randint(3, tiny_models.VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(4)).cuda()
+    reference = moe_infer.wrap(tiny_models.build("mixtral", seed=2).cuda(), quantize=scheme)
+    quantized = moe_infer.executor(reference).layers[0].expert_source.expert_nbytes()
+    model = moe_infer.wrap(tiny_models.build("mixtral", seed=2).cuda(), quantize=scheme, gpu_memory=3 * quantized + 16)
+    source = moe_infer.executor(model).layers[0].expert_source
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in source.tensors())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-3, atol=1e-3)
+    tier = moe_infer.executor(model).stats()["tiers"]["gpu"]
+    assert tier["slots"] == 3 and quantized <= tier["slot_bytes"] <= quantized + 64
+    moe_infer.wrap(model, moe_infer.MoEConfig())  # no budget: the experts back on the GPU
+    assert all(t.device.type == "cuda" for t in source.tensors())
+
+
+@pytest.mark.parametrize("rows", [64, 128])
+def test_int4_kernel_form_is_built_in_row_blocks_exactly(monkeypatch, rows):
+    """The int4 CPU kernel's tiles built REPACK_ROWS rows at a time (bounding the int32 values it
+    needs) are the tiles of the whole weight, a short last block included, and compute the same."""
+    import moe_infer.experts.quant_matmul as qm
+    from moe_infer.experts.quant import unpack_int4
+
+    weight = quantize(torch.randn(208, 256, generator=torch.Generator().manual_seed(3)) * 0.05, "int4")
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(weight.qweight).to(torch.int32), 2)
+    monkeypatch.setattr(qm, "REPACK_ROWS", rows)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    got = quantized_matmul(x, weight)
+    tiles = weight.prepared[("int4_tiles", torch.float32)][0]
+    assert 208 % rows and torch.equal(tiles, whole)
+    torch.testing.assert_close(got, quantized_linear(x, weight), rtol=1e-5, atol=1e-5)

@@ -70,7 +70,7 @@ from moe_infer.errors import ConfigError
 from moe_infer.experts.layout import ModuleExperts
 from moe_infer.helpformat import HelpFormatter
 from moe_infer.models import cache_argument, output_cache
-from moe_infer.trace import Trace
+from moe_infer.traces.trace import Trace
 
 ROUTING_STATS = Path(__file__).resolve().parents[1] / "assets" / "routing-stats" / "mixtral-8x7b.json"
 RESULTS = Path("bench") / "results" / "offload.jsonl"  # under the current directory

@@ -2,7 +2,8 @@
 
 - `trace`: the ``moe_infer.trace/1`` file format and the `Trace` class (read, write, validate,
   combine, split, import JSONL routing logs);
-- `profiler`: running a wrapped model over text or prompts and recording a trace, streamed to disk;
+- `profiler`: running a wrapped model over text or prompts and recording a trace, streamed to disk
+  in parts (`parts`: part traces and their merge into one file);
 - `stats`: statistics of a trace (load, entropy, predictability) and their reports;
 - `popularity`: per-expert load, inter-layer affinity and the hot set (read by the cache and placement);
 - `corpus`: the text the shipped tiny models were trained on and its held-out split.
@@ -11,4 +12,4 @@ Traces sit below the cache, the predictors and placement: those read a `Trace`, 
 Importing this package imports none of its modules (import the one you need).
 """
 
-__all__ = ["corpus", "popularity", "profiler", "stats", "trace"]
+__all__ = ["corpus", "parts", "popularity", "profiler", "stats", "trace"]

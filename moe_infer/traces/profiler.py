@@ -6,10 +6,11 @@ loop with a KV cache), capturing every MoE layer's routing through ``MoELayer.ro
 and writing a ``moe_infer.trace/1`` file with bounded memory. It does not define the trace format
 (``moe_infer.traces.trace``) nor compute statistics on traces (``moe_infer.traces.stats``).
 
-Streaming: records are accumulated for at most ``chunk_tokens`` tokens, each chunk is saved as a
-part trace in a temporary folder next to the output, and the parts are joined into one
-``.safetensors`` file tensor by tensor, part by part, so neither the records nor the final file
-are ever held in memory whole. The final file is written under a temporary name and renamed.
+Streaming (`moe_infer.traces.parts`): records are accumulated for at most ``chunk_tokens`` tokens,
+each chunk is saved as a part trace in a temporary folder next to the output, and the parts are
+joined into one ``.safetensors`` file tensor by tensor, part by part, so neither the records nor
+the final file are ever held in memory whole. The final file is written under a temporary name
+and renamed.
 
 Shape legend: B sequences in a batch, S tokens per sequence (padded), T = B * S tokens of one
 forward call, N recorded tokens, L MoE layers, K top-k, E experts, H hidden size, F feature columns.
@@ -22,22 +23,18 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
-from moe_infer.experts.tensorfile import DTYPES as SAFETENSORS_DTYPES, build_header
 from moe_infer.models import DTYPES, decode_tokens, encode_text, load_model  # noqa: F401 (re-exported)
 from moe_infer.models import cache_argument, output_cache
-from moe_infer.traces.trace import Trace
+from moe_infer.traces.parts import PartWriter, check_written, merge_trace_parts  # noqa: F401 (merge_trace_parts: re-exported)
 from moe_infer.errors import ConfigError, MissingFile
 
 __all__ = [
@@ -60,13 +57,6 @@ MOE_INPUT_FEATURE = "moe_input"  # "moe_input:<decoder-layer index>"
 # Text files are read this many characters at a time (cut at a line end), so a corpus file is
 # never held in memory whole.
 _TEXT_BLOCK_CHARS = 1 << 20
-# The finished trace is re-read with Trace.load (every invariant checked) up to this size; a
-# larger one gets the header check only, so validation does not undo the bounded memory.
-_FULL_CHECK_BYTES = 1 << 30
-_SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float32: "F32", torch.float16: "F16"}
-# Tensor order of the merged file (required first, then optional; absent ones skipped).
-_TRACE_TENSORS = ("expert_ids", "expert_weights", "seq_ids", "positions", "token_ids",
-                  "router_logits", "features")
 
 
 # ----------------------------------------------------------------------------- options
@@ -420,121 +410,6 @@ def _generate_batch(model, recorder, options, batch: list[list[int]], pad_id: in
     return batch_records
 
 
-# ----------------------------------------------------------------------------- streaming parts
-
-
-class _PartWriter:
-    """Accumulates token records and writes every ``chunk_tokens`` of them as a part trace."""
-
-    def __init__(self, directory: Path, chunk_tokens: int, trace_fields: dict[str, Any]):
-        self.directory = directory
-        self.chunk_tokens = chunk_tokens
-        self.trace_fields = trace_fields
-        self.pending: list[dict[str, Tensor]] = []
-        self.pending_tokens = 0
-        self.parts: list[Path] = []
-
-    def add(self, records: dict[str, Tensor]) -> None:
-        self.pending.append(records)
-        self.pending_tokens += len(records["seq_ids"])
-        while self.pending_tokens >= self.chunk_tokens:
-            joined = self._join()
-            self._write({name: tensor[:self.chunk_tokens] for name, tensor in joined.items()})
-            rest = {name: tensor[self.chunk_tokens:] for name, tensor in joined.items()}
-            self.pending, self.pending_tokens = [rest], len(rest["seq_ids"])
-
-    def finish(self) -> list[Path]:
-        if self.pending_tokens:
-            self._write(self._join())
-        self.pending, self.pending_tokens = [], 0
-        return self.parts
-
-    def _join(self) -> dict[str, Tensor]:
-        return {name: torch.cat([records[name] for records in self.pending]) for name in self.pending[0]}
-
-    def _write(self, records: dict[str, Tensor]) -> None:
-        path = self.directory / f"part-{len(self.parts):06d}.safetensors"
-        Trace.from_arrays(**records, **self.trace_fields).save(path)
-        self.parts.append(path)
-
-
-def merge_trace_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> int:
-    """Join part traces (same metadata and tensors, seq ids already global) into one trace file.
-
-    The safetensors header is written here, then each tensor's bytes part by part, so at most one
-    tensor of one part is in memory. Written to a temporary name, synced, renamed. Returns N.
-    """
-    if sys.byteorder != "little":
-        raise RuntimeError("safetensors files are little-endian; this host is big-endian")
-    parts = [Path(part) for part in parts]
-    if not parts:
-        raise ConfigError("merge_trace_parts needs at least one part")
-    out = Path(out)
-    shapes: dict[str, list[list[int]]] = {}
-    dtypes: dict[str, str] = {}
-    metadata = None
-    for part in parts:
-        with safe_open(part, framework="pt") as file:
-            if metadata is None:
-                metadata = file.metadata()
-            elif file.metadata() != metadata:
-                raise ConfigError(f"{part}: metadata differs from {parts[0]}")
-            if set(file.keys()) != set(shapes or file.keys()):
-                raise ConfigError(f"{part}: tensors {sorted(file.keys())} differ from {sorted(shapes)}")
-            for name in file.keys():
-                tensor_slice = file.get_slice(name)
-                shapes.setdefault(name, []).append(list(tensor_slice.get_shape()))
-                dtypes.setdefault(name, tensor_slice.get_dtype())
-    names = [name for name in _TRACE_TENSORS if name in shapes]
-    unknown = sorted(set(shapes) - set(names))
-    if unknown:
-        raise ConfigError(f"{parts[0]}: unknown tensors {unknown}")
-
-    specs = []
-    for name in names:
-        part_shapes = shapes[name]
-        if any(shape[1:] != part_shapes[0][1:] for shape in part_shapes):
-            raise ConfigError(f"tensor {name}: part shapes {part_shapes} differ past the first axis")
-        if dtypes[name] not in SAFETENSORS_DTYPES:
-            raise ConfigError(f"unexpected tensor dtype {dtypes[name]} in a trace part")
-        rows = sum(shape[0] for shape in part_shapes)
-        specs.append((name, SAFETENSORS_DTYPES[dtypes[name]], (rows, *part_shapes[0][1:])))
-    # sorted: safetensors returns metadata in hash order, and equal traces should be equal bytes
-    header, offsets = build_header(specs, dict(sorted((metadata or {}).items())))
-    name, dtype, shape = specs[-1]
-    expected = offsets[name] + math.prod(shape) * dtype.itemsize
-
-    temporary = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            file.write(header)
-            for name in names:
-                for part in parts:
-                    with safe_open(part, framework="pt") as part_file:
-                        tensor = part_file.get_tensor(name).contiguous()
-                    file.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-            written = file.tell()
-            file.flush()
-            os.fsync(file.fileno())
-        assert written == expected, (written, expected)
-        os.replace(temporary, out)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return specs[names.index("expert_ids")][2][0]
-
-
-def _check_written(path: Path, tokens: int) -> None:
-    """Re-read the finished file: Trace.load when it is small enough, the header otherwise."""
-    if path.stat().st_size <= _FULL_CHECK_BYTES:
-        trace = Trace.load(path)
-        assert trace.num_tokens == tokens, (trace.num_tokens, tokens)
-        return
-    with safe_open(path, framework="pt") as file:
-        shape = file.get_slice("expert_ids").get_shape()
-        assert shape[0] == tokens, (shape, tokens)
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -576,13 +451,13 @@ def record_trace(model: nn.Module, out: str | os.PathLike, *, texts: Sequence[st
         trace_fields = _trace_fields(model, executor, texts, prompts, options, model_name)
         feature_layers = [layer for layer in map(parse_feature, options.features) if layer is not None]
         recorder = _RoutingRecorder(executor.layers, feature_layers, options.router_logits)
-        writer = _PartWriter(parts_dir, options.chunk_tokens, trace_fields)
+        writer = PartWriter(parts_dir, options.chunk_tokens, trace_fields)
         tokens, sequences = _run(model, executor, recorder, writer, texts, prompts, tokenizer, options)
         if tokens == 0:
             raise ConfigError("the inputs hold no text: no token was recorded")
         parts = writer.finish()
         merge_trace_parts(parts, out)
-        _check_written(out, tokens)
+        check_written(out, tokens)
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
         model.train(was_training)
