@@ -8,7 +8,8 @@
 - `popularity`: per-expert load, inter-layer affinity and the hot set (read by the cache and placement);
 - `corpus`: the text the shipped tiny models were trained on and its held-out split.
 
-Traces sit below the cache, the predictors and placement: those read a `Trace`, none is imported here.
+Traces sit below the cache, the predictors and placement, which read a `Trace`; nothing here imports
+them. The profiler is the exception by layer: it runs a wrapped model (docs/architecture.md).
 Importing this package imports none of its modules (import the one you need).
 """
 
