@@ -156,12 +156,16 @@ class RuntimeWeights:
         starts: token windows [T, W], the previous token's experts [T, L*E] and its MoE inputs
         [T, L, H] (None: unknown, zeros). ``add_routing`` and ``layer`` add to it in place."""
         net = self.net
-        parts = [net.embed(windows), previous_hot]
+        embed = net.embed
+        # TokenWindowEmbedding's padding row for ids < 0 or >= V, in two ops: -1 and V both land on row V
+        ids = windows[:, -embed.width:].clamp(-1, embed.vocab_size).remainder(embed.vocab_size + 1)
+        parts = [F.embedding(ids, embed.table.weight).flatten(1), previous_hot]
         if net.previous_projection is not None:
             if previous_hidden is None:
                 parts.append(previous_hot.new_zeros(len(windows), net.num_layers * net.previous_dim))
-            else:
-                parts.append(torch.einsum("tlh,lhr->tlr", previous_hidden, net.previous_projection).flatten(1))
+            else:  # [L, T, H] @ [L, H, r]: each layer's projection of the previous token's MoE input
+                projected = torch.bmm(previous_hidden.transpose(0, 1), net.previous_projection)
+                parts.append(projected.transpose(0, 1).flatten(1))
         return torch.addmm(self.step_bias, torch.cat(parts, 1), self.step_weight.t())
 
     def add_routing(self, position: int, step: torch.Tensor, expert_ids: torch.Tensor) -> None:
