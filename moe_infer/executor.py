@@ -111,7 +111,7 @@ class ModelExecutor:
         if predictor is not None and predictor.reads_attention_lookahead:
             from moe_infer.predictors.lookahead import AttentionLookahead
 
-            lookahead = AttentionLookahead(self._model(), self)  # checks the model; then hooks its layers
+            lookahead = AttentionLookahead(self._model(), self.layers)  # checks the model; then hooks its layers
         self.close()
         self._quantize(config.quantize)
         try:

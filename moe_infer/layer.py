@@ -122,6 +122,10 @@ class MoELayer(nn.Module):
         """What the family's own router module returns for `hidden` [T, H] (for verification)."""
         return self.router(hidden, *self._router_args(self._block_attr))
 
+    @property
+    def hidden_size(self) -> int:
+        return self.expert_source.hidden_size
+
     def route(self, hidden: Tensor) -> Routing:
         return self.adapter.route(hidden)
 

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from moe_infer.predictors.base import ModelSignature, Predictor, check_shape, source_position
+from moe_infer.predictors.blocks import moe_blocks
 from moe_infer.predictors.features import (model_moe_inputs, recorded_embeddings, recorded_moe_inputs)
+from moe_infer.models import load_model
 from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError
 
@@ -134,6 +136,7 @@ class GateLookaheadPredictor(Predictor):
     def __init__(self, signature: ModelSignature, model: nn.Module | None = None, options=None, training=None):
         super().__init__(signature, options, training)
         self._model = model
+        self._blocks: list | None = None  # the model's MoE blocks (moe_infer.predictors.blocks), on first use
 
     @classmethod
     def fit(cls, trace: Trace, *, model: nn.Module | str | None = None) -> GateLookaheadPredictor:
@@ -142,24 +145,21 @@ class GateLookaheadPredictor(Predictor):
         return cls(ModelSignature.of(trace), loaded, {"model": name}, {"tokens": 0})
 
     def model(self) -> nn.Module:
-        """The wrapped model whose routers are applied; loaded by name on first use."""
-        import moe_infer
-        from moe_infer.models import load_model
-
+        """The model whose routers are applied, as given or loaded by name on first use (not wrapped)."""
         if self._model is None:
             self._model, _ = load_model(self.options["model"], device="cpu")
-        if not moe_infer.is_wrapped(self._model):
-            moe_infer.wrap(self._model)
-        layers = moe_infer.executor(self._model).moe_layer_indices
-        if tuple(layers) != self.signature.moe_layers:
-            raise ConfigError(f"model {self.options['model']!r} has MoE layers {layers}, the predictor "
-                             f"{list(self.signature.moe_layers)}")
         return self._model
 
     def _routers(self) -> list:
-        import moe_infer
-
-        return moe_infer.executor(self.model()).layers
+        """The model's MoE blocks, checked against the predictor's MoE layers."""
+        if self._blocks is None:
+            blocks = moe_blocks(self.model())
+            layers = [block.layer_idx for block in blocks]
+            if tuple(layers) != self.signature.moe_layers:
+                raise ConfigError(f"model {self.options['model']!r} has MoE layers {layers}, the predictor "
+                                  f"{list(self.signature.moe_layers)}")
+            self._blocks = blocks
+        return self._blocks
 
     @torch.inference_mode()
     def _apply(self, target: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -170,6 +170,7 @@ class GateLookaheadPredictor(Predictor):
     def _predict(self, trace: Trace, distance: int) -> np.ndarray:
         hidden, embeddings = recorded_moe_inputs(trace), recorded_embeddings(trace)
         if hidden is None or embeddings is None:
+            self._routers()  # the model's MoE layers are the predictor's
             hidden, embeddings = model_moe_inputs(trace, self.model())
         normed = torch.from_numpy(embeddings)
         normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -187,7 +188,7 @@ class GateLookaheadPredictor(Predictor):
                     for target in state.targets(position, max_depth)}
 
     def macs_per_token(self) -> int:
-        return self.num_layers * self._routers()[0].expert_source.hidden_size * self.num_experts
+        return self.num_layers * self._routers()[0].hidden_size * self.num_experts
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}  # the routers are the model's; the file names the model

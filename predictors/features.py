@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from moe_infer.predictors.blocks import moe_blocks
+from moe_infer.predictors.lookahead import AttentionLookahead
 from moe_infer.predictors.progress import bar
 from moe_infer.traces.trace import Trace
 from moe_infer.errors import ConfigError
@@ -142,74 +144,64 @@ def model_features(trace: Trace, model: torch.nn.Module, *, attention_lookahead:
     each layer's ``AttentionLookahead.features`` as estimated at the layer before
     (``moe_infer.predictors.lookahead``).
 
-    The model must be the trace's model: its routing is compared with the trace's and a mismatch
-    raises ``ValueError``.
+    The model runs as it is, wrapped or not: a forward pre-hook on each MoE block
+    (``moe_infer.predictors.blocks.moe_blocks``) sees its input and routes it with the block's
+    router adapter. The model must be the trace's model: its routing is compared with the trace's
+    and a mismatch raises ``ValueError``.
     """
-    import moe_infer
-    from moe_infer.predictors.lookahead import AttentionLookahead
-
     if int(trace.token_ids.min()) < 0:
         raise ConfigError("the trace has unknown token ids (-1): hidden states cannot be recomputed; "
                          "record it with `moe-infer profile --features moe_input:...`")
-    we_wrapped = not moe_infer.is_wrapped(model)
-    if we_wrapped:
-        moe_infer.wrap(model)
-    executor = moe_infer.executor(model)
-    lookahead = None
+    blocks = moe_blocks(model)
+    indices = [block.layer_idx for block in blocks]
+    if indices != list(trace.moe_layers):
+        raise ConfigError(f"the model's MoE layers {indices} are not the trace's {list(trace.moe_layers)}")
+    num_layers = len(blocks)
+    lookahead = AttentionLookahead(model, blocks) if attention_lookahead else None
+    macs = lookahead.macs_per_token() if lookahead is not None else 0
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+
+    def see_input(position: int, args: tuple, kwargs: dict) -> None:
+        states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        hidden = states.reshape(-1, states.shape[-1])  # [T, H], as the block routes it
+        captured["hidden", position] = hidden.float().cpu()
+        captured["routing", position] = blocks[position].route(hidden).expert_ids.cpu()
+        if lookahead is not None:
+            if position + 1 < num_layers:
+                captured["lookahead", position + 1] = lookahead.features(position, hidden).half().cpu()
+            else:
+                lookahead.end_call()
+
+    handles = [model.get_submodule(block.block_name).register_forward_pre_hook(
+        lambda module, args, kwargs, p=position: see_input(p, args, kwargs), with_kwargs=True)
+        for position, block in enumerate(blocks)]
+    device = model.get_input_embeddings().weight.device
+    parts: dict[str, list[torch.Tensor]] = {"hidden": [], "embeddings": [], "lookahead": []}
+    agree = 0  # (token, layer) pairs routed as in the trace
+    token_ids = trace.token_ids.to(torch.long)
+    starts = [0, *(np.flatnonzero(np.diff(trace.seq_ids.numpy())) + 1).tolist(), trace.num_tokens]
+    progress = bar(trace.num_tokens, "tok", "model features")
     try:
-        if executor.moe_layer_indices != list(trace.moe_layers):
-            raise ConfigError(f"the model's MoE layers {executor.moe_layer_indices} are not the trace's "
-                             f"{list(trace.moe_layers)}")
-        num_layers = len(executor.layers)
-        macs = 0
-        if attention_lookahead:
-            lookahead = AttentionLookahead(model, executor)
-            macs = lookahead.macs_per_token()
-        captured: dict[tuple[str, int], torch.Tensor] = {}
-        positions = {layer.layer_idx: i for i, layer in enumerate(executor.layers)}
-
-        def observer(layer, hidden, routing):
-            position = positions[layer.layer_idx]
-            captured["hidden", position] = hidden.float().cpu()
-            captured["routing", position] = routing.expert_ids.cpu()
+        for start, end in zip(starts[:-1], starts[1:]):
+            progress.update(end - start)
+            ids = token_ids[start:end][None].to(device)  # [1, S]
+            captured.clear()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            routed = torch.stack([captured["routing", i] for i in range(num_layers)], 1)  # [S, L, K]
+            agree += int((routed.sort(-1).values.to(torch.int32)
+                          == trace.expert_ids[start:end].sort(-1).values).all(-1).sum())
+            parts["hidden"].append(torch.stack([captured["hidden", i] for i in range(num_layers)], 1))
+            parts["embeddings"].append(model.get_input_embeddings()(ids[0]).float().cpu())
             if lookahead is not None:
-                if position + 1 < num_layers:
-                    captured["lookahead", position + 1] = lookahead.features(position, hidden).half().cpu()
-                else:
-                    lookahead.end_call()
-
-        for layer in executor.layers:
-            layer.routing_observers.append(observer)
-        device = model.get_input_embeddings().weight.device
-        parts: dict[str, list[torch.Tensor]] = {"hidden": [], "embeddings": [], "lookahead": []}
-        agree = 0  # (token, layer) pairs routed as in the trace
-        token_ids = trace.token_ids.to(torch.long)
-        starts = [0, *(np.flatnonzero(np.diff(trace.seq_ids.numpy())) + 1).tolist(), trace.num_tokens]
-        progress = bar(trace.num_tokens, "tok", "model features")
-        try:
-            for start, end in zip(starts[:-1], starts[1:]):
-                progress.update(end - start)
-                ids = token_ids[start:end][None].to(device)  # [1, S]
-                captured.clear()
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                routed = torch.stack([captured["routing", i] for i in range(num_layers)], 1)  # [S, L, K]
-                agree += int((routed.sort(-1).values.to(torch.int32)
-                              == trace.expert_ids[start:end].sort(-1).values).all(-1).sum())
-                parts["hidden"].append(torch.stack([captured["hidden", i] for i in range(num_layers)], 1))
-                parts["embeddings"].append(model.get_input_embeddings()(ids[0]).float().cpu())
-                if lookahead is not None:
-                    first = torch.zeros_like(captured["lookahead", 1])
-                    parts["lookahead"].append(torch.stack(
-                        [first, *(captured["lookahead", i] for i in range(1, num_layers))], 1))
-        finally:
-            progress.close()
-            for layer in executor.layers:
-                layer.routing_observers.remove(observer)
+                first = torch.zeros_like(captured["lookahead", 1])
+                parts["lookahead"].append(torch.stack(
+                    [first, *(captured["lookahead", i] for i in range(1, num_layers))], 1))
     finally:
+        progress.close()
+        for handle in handles:
+            handle.remove()
         if lookahead is not None:
             lookahead.detach()
-        if we_wrapped:
-            moe_infer.unwrap(model)
     # batching and padding in the profiler can flip near-ties; another model disagrees broadly
     agreement = agree / max(trace.num_tokens * trace.num_layers, 1)
     if agreement < 0.99:

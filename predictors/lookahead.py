@@ -43,11 +43,15 @@ PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm")
 
 
 class AttentionLookahead:
-    """Hooks on a wrapped model's MoE decoder layers that estimate the next MoE layer's input."""
+    """Hooks on a model's MoE decoder layers that estimate the next MoE layer's input.
 
-    def __init__(self, model: nn.Module, executor):
-        self.layers = executor.layers
-        indices = executor.moe_layer_indices
+    ``layers`` are the model's MoE blocks, first to last: a running executor's ``MoELayer`` objects,
+    or ``moe_infer.predictors.blocks.moe_blocks(model)`` offline (what is read of each: ``block_name``,
+    ``layer_idx``, ``route``, ``shared_output``, ``num_experts``, ``hidden_size``, ``named_parameters``)."""
+
+    def __init__(self, model: nn.Module, layers: list):
+        self.layers = list(layers)
+        indices = [layer.layer_idx for layer in self.layers]
         if any(b - a != 1 for a, b in zip(indices, indices[1:])):
             raise ConfigError(f"attention lookahead needs consecutive MoE layers; the model's are {indices}")
         config = getattr(model, "config", None)
@@ -128,7 +132,7 @@ class AttentionLookahead:
             shared = sum(p.numel() for name, p in self.layers[position].named_parameters()
                          if "shared" in name)
             total += (sum(p.numel() for p in self.decoders[position + 1].self_attn.parameters() if p.dim() > 1)
-                      + shared + nxt.expert_source.hidden_size * nxt.num_experts)
+                      + shared + nxt.hidden_size * nxt.num_experts)
         return total
 
     def end_call(self) -> None:

@@ -253,7 +253,7 @@ def attach(model: nn.Module, predictor: Predictor | str, *, depth: int = 1, sink
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ConfigError(f"depth={depth!r}: expected an int >= 1 (MoE layers ahead)")
     predictor = checked_predictor(executor, getattr(model.config, "_name_or_path", ""), predictor)
-    lookahead = AttentionLookahead(model, executor) if predictor.reads_attention_lookahead else None
+    lookahead = AttentionLookahead(model, executor.layers) if predictor.reads_attention_lookahead else None
     return PredictionHook(executor, model.get_input_embeddings(), predictor, depth, sink, lookahead)
 
 

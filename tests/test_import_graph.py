@@ -107,28 +107,14 @@ def imports(name: str, path: Path, known: dict[str, Path], lazy: dict[str, str])
     return [(module, line) for module, line in found if module != name]
 
 
-# Known upward imports, each a function-level import that closes a cycle, left until the code that
-# needs it moves. Every entry must still exist (delete it when it is fixed); nothing else may close one.
-KNOWN_UPWARD = {
-    ("moe_infer.predictors.features", "moe_infer.api"):
-        "model_features wraps an unwrapped model for the length of one pass over a trace, to recompute its "
-        "hidden states (training and offline evaluation), while the executor builds MoEConfig.predictor's hook",
-    ("moe_infer.predictors.baselines", "moe_infer.api"):
-        "GateLookaheadPredictor loads and wraps the model it names to evaluate offline (the runtime path "
-        "uses the executor's own layers)",
-}
-
-
-def graph(*, known_upward: bool = True) -> dict[str, dict[str, str]]:
-    """module -> {imported module: 'file:line' of the first such import} (without `KNOWN_UPWARD`
-    unless `known_upward`)."""
+def graph() -> dict[str, dict[str, str]]:
+    """module -> {imported module: 'file:line' of the first such import}."""
     known = modules()
     lazy = lazy_names()
     edges: dict[str, dict[str, str]] = {name: {} for name in known}
     for name, path in known.items():
         for module, line in imports(name, path, known, lazy):
-            if known_upward or (name, module) not in KNOWN_UPWARD:
-                edges[name].setdefault(module, f"{path.relative_to(ROOT)}:{line}")
+            edges[name].setdefault(module, f"{path.relative_to(ROOT)}:{line}")
     return edges
 
 
@@ -257,14 +243,8 @@ def test_cycles_are_found_with_their_lines():
     assert cycles({"a": {"b": ""}, "b": {}}) == []
 
 
-def test_known_upward_imports_still_exist():
-    edges = graph()
-    for (importer, imported), why in KNOWN_UPWARD.items():
-        assert imported in edges[importer], f"{importer} no longer imports {imported}: delete it from KNOWN_UPWARD"
-
-
 def test_no_import_cycle_between_modules():
-    edges = graph(known_upward=False)
+    edges = graph()
     found = cycles(edges)
     assert not found, "import cycles (move the shared piece down instead of importing inside a function):\n" + \
         "\n".join(describe(cycle, edges) for cycle in found)
@@ -273,7 +253,7 @@ def test_no_import_cycle_between_modules():
 def test_no_import_cycle_between_subpackages():
     """Each subpackage as one node (the flat modules of moe_infer/ as their own): `cache/` may use
     `moe_infer.traces`, and the executor `cache/`, but `cache/` never the executor."""
-    collapsed = package_graph(graph(known_upward=False))
+    collapsed = package_graph(graph())
     found = cycles(collapsed)
     assert not found, "cycles between subpackages:\n" + "\n".join(describe(cycle, collapsed) for cycle in found)
 
@@ -301,7 +281,7 @@ def layer_of(name: str) -> int | None:
 
 
 def test_imports_point_down_the_layers():
-    edges = graph(known_upward=False)
+    edges = graph()
     unplaced = [name for name in edges if name != PACKAGE and layer_of(name) is None
                 and name.removeprefix(PACKAGE + ".") not in SHIMS]
     assert not unplaced, f"modules in no layer of LAYERS (docs/architecture.md): {unplaced}"

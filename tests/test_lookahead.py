@@ -49,9 +49,9 @@ def test_estimate_is_the_next_moe_input_without_routed_experts_or_refused(tiny_m
         executor = moe_infer.executor(model)
         if name in REFUSED:
             with pytest.raises(ValueError, match=REFUSED[name]):
-                AttentionLookahead(model, executor)
+                AttentionLookahead(model, executor.layers)
             return
-        lookahead = AttentionLookahead(model, executor)
+        lookahead = AttentionLookahead(model, executor.layers)
         if len(executor.layers) < 2:  # qwen2_moe_sparse_step: no next MoE layer to estimate
             with pytest.raises(ValueError, match="last MoE layer"):
                 lookahead.estimate(0, torch.zeros(1, model.config.hidden_size))

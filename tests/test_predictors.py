@@ -17,8 +17,11 @@ from safetensors import safe_open
 
 import moe_infer
 import moe_infer.assets
+import tiny_models
 from moe_infer import Trace
 from moe_infer.predictors import PREDICTORS, Predictor, PredictorMismatch, attach, load, train
+from moe_infer.predictors.blocks import BlockView, moe_blocks
+from moe_infer.predictors.features import model_features, recorded_moe_inputs
 from moe_infer.traces.profiler import record_trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -242,6 +245,47 @@ def test_gate_lookahead_offline_from_features_equals_recomputed_and_runtime(ship
     assert {layer for layer, _, _ in received} == set(range(1, len(trace.moe_layers)))
     for layer, experts, scores in received:
         assert experts and all(0 <= e < trace.num_experts for e in experts) and scores == sorted(scores, reverse=True)
+
+
+def test_model_features_run_the_model_as_it_is_and_see_what_the_wrapped_model_sees(shipped):
+    """`model_features` neither wraps the model nor leaves hooks on it, and the MoE inputs and lookahead
+    features it captures on the plain model are those of the wrapped model (and, to float16, of the
+    profiler's recording, which ran the wrapped model)."""
+    model, trace, _ = shipped
+    hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    before = hooks()
+    plain = model_features(trace, model, attention_lookahead=True)
+    assert not moe_infer.is_wrapped(model) and hooks() == before
+    with tiny_models.wrapped(model):
+        wrapped = model_features(trace, model, attention_lookahead=True)
+    for name in ("hidden", "embeddings", "lookahead", "lookahead_macs"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(wrapped, name), err_msg=name)
+    # the profiler ran the sequences batched and padded, and stored float16: equal to about one fp16 step
+    np.testing.assert_allclose(plain.hidden, recorded_moe_inputs(trace).astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", sorted(tiny_models.TINY_MODELS))
+def test_block_views_route_and_share_as_the_wrapped_layers(tiny_model, name):
+    """The predictors' view of a plain model's MoE blocks (`moe_blocks`) routes, adds shared experts
+    and sizes each block exactly as the wrapped model's `MoELayer` does, in every family."""
+    model = tiny_model(name)
+    views = moe_blocks(model)
+    assert all(isinstance(view, BlockView) for view in views)
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with tiny_models.wrapped(model), torch.no_grad():
+        layers = moe_infer.executor(model).layers
+        assert moe_blocks(model) == layers
+        assert [v.block_name for v in views] == [layer.block_name for layer in layers]
+        for view, layer in zip(views, layers):
+            assert (view.layer_idx, view.num_experts, view.hidden_size) == \
+                (layer.layer_idx, layer.num_experts, layer.hidden_size)
+            ours, theirs = view.route(hidden), layer.route(hidden)
+            assert torch.equal(ours.expert_ids, theirs.expert_ids)
+            assert torch.equal(ours.expert_weights, theirs.expert_weights)
+            shared, expected = view.shared_output(hidden), layer.shared_output(hidden)
+            assert (shared is None) == (expected is None)
+            if shared is not None:
+                assert torch.equal(shared, expected)
 
 
 def test_runtime_hook_keeps_outputs_and_follows_decoding(shipped):
