@@ -24,6 +24,7 @@ import torch
 
 from .backing import copy_expert
 
+URGENT = -1  # a forward is waiting for this expert now (before every queued priority)
 DEMAND, PREDICTED, RING = 0, 1, 2
 PRIORITY_NAMES = {DEMAND: "demand", PREDICTED: "predicted", RING: "ring"}
 

@@ -34,110 +34,44 @@ by the executor's lock around the whole model forward (`ModelExecutor.forward_lo
 calls of one forward, its predictor state and its prefetches belong together); the loader and
 CPU worker threads run beside it. `prefetch` and `stats` may be called from any thread.
 
+This module owns the cache's runtime decisions: which experts a layer call needs, which of its
+misses load and which run on the CPU, the requests and their priorities, waiting for and pinning
+entries, and closing. The rest of `ExpertCache` comes from its base classes, one concern each:
+how a call computes once its experts are held (`compute.py`), how the loader thread fills a slot
+(`fill.py`), and what the cache reports (`report.py`); one tier's books are `tier.py`.
+
 Shape legend: T tokens, H hidden, K top-k, E experts, S slots.
 """
 
 from __future__ import annotations
 
 import atexit
-import resource
 import sys
 import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from moe_infer.errors import ConfigError
-from moe_infer.experts.math import ExpertTensors, expert_counts, group_by_expert, moe_forward
-from moe_infer.experts.quant import QuantizedWeight
+from moe_infer.experts.math import expert_counts, group_by_expert, moe_forward
 from moe_infer.traces.popularity import expert_load
 from moe_infer.traces.trace import Trace
 
 from .backing import Backing
+from .compute import KERNELS, ComputeMixin, _LayerSource
 from .cpu_compute import CostModel, split_misses
-from .loader import DEMAND, PREDICTED, RING, CopyEngine, Job, LoadQueue, Loader, ring_schedule
+from .fill import FillMixin
+from .loader import DEMAND, PREDICTED, RING, URGENT, CopyEngine, LoadQueue, Loader, ring_schedule
 from .policies import ExpertFlowPolicy, Policy, RingPolicy, StaticPolicy, make_policy
-from .pool import SlotPool, pinned_bytes, slot_ids
-
-URGENT = -1  # a forward is waiting for this expert now
-Key = tuple[int, int]  # (decoder-layer index, expert)
-KERNELS = ("torch", "triton")
+from .pool import SlotPool
+from .report import StatsMixin
+from .tier import Entry, Key, Tier
 
 
-@dataclass(eq=False)
-class Entry:
-    key: Key
-    nbytes: int  # bytes charged: one slot
-    tensors: ExpertTensors | None = None  # views of the slot
-    slot: int | None = None
-    slot_wait: Any = None  # CUDA event: the last kernel that read this slot for its previous expert
-    ready: bool = False
-    error: BaseException | None = None
-    pins: int = 0
-    reserved: bool = False  # requested by a forward, not used yet
-    demand_miss: bool = False  # requested as a miss: its use counts as a miss however fast it came
-    prefetched: bool = False  # loaded ahead of use, not used yet
-    charged: bool = False
-    abandoned: bool = False  # its load hung past the timeout: the slot is freed when the load returns
-    event: Any = None  # CUDA event: the copy into (or, in the host tier, out of) the slot is complete
-    release_event: Any = None  # CUDA event: the last kernel reading the slot is complete
-
-
-class Tier:
-    """One tier: its pool of slots, its entries, its policy and counters."""
-
-    def __init__(self, name: str, pool: SlotPool, budget_bytes: int, policy: Policy):
-        self.name = name
-        self.pool = pool
-        self.device = pool.device
-        self.budget_bytes = budget_bytes
-        self.policy = policy
-        self.entries: dict[Key, Entry] = {}
-        self.used_bytes = self.peak_bytes = 0
-        self.hits = self.misses = self.bytes_moved = 0
-
-    def charge(self, entry: Entry) -> None:
-        """Charge one slot for `entry` and hand it the slot."""
-        assert not entry.charged
-        assert self.used_bytes + entry.nbytes <= self.budget_bytes, (
-            f"{self.name} tier over budget: {self.used_bytes} + {entry.nbytes} > {self.budget_bytes}")
-        self.used_bytes += entry.nbytes
-        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
-        entry.charged = True
-        entry.slot, entry.slot_wait = self.pool.take()
-
-    def fits(self, entry: Entry) -> bool:
-        return self.used_bytes + entry.nbytes <= self.budget_bytes and self.pool.free_slots() > 0
-
-    def remove(self, entry: Entry) -> None:
-        if self.entries.get(entry.key) is entry:
-            del self.entries[entry.key]
-        if entry.charged:
-            self.used_bytes -= entry.nbytes
-            entry.charged = False
-            self.pool.give(entry.slot, after=entry.release_event)
-            entry.slot = None
-        entry.tensors = None
-        self.policy.removed(entry.key)
-
-    def evictable(self, entry: Entry, urgent: bool) -> bool:
-        if not entry.ready or entry.pins or (entry.reserved and not urgent):
-            return False
-        # a host entry may still be the source of a running copy to the device
-        return entry.event is None or self.device.type == "cuda" or entry.event.query()
-
-    def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "bytes_moved": self.bytes_moved,
-                "peak_bytes": self.peak_bytes, "used_bytes": self.used_bytes, "budget_bytes": self.budget_bytes,
-                "slots": self.pool.num_slots, "slot_bytes": self.pool.slot_bytes, "pool_bytes": self.pool.nbytes}
-
-
-class ExpertCache:
+class ExpertCache(ComputeMixin, FillMixin, StatsMixin):
     """The tiered cache of one wrapped model (see the module docstring)."""
 
     def __init__(self, backing: Backing, layer_order: list[int], *, device: torch.device | str,
@@ -334,169 +268,6 @@ class ExpertCache:
                 if tier is not None:
                     tier.pool.close()
 
-    def fetch_once(self) -> None:
-        """One fetch of expert 0 of the first layer by the path a miss takes (what the cost model
-        times): page-locked backing -> device directly, otherwise backing -> staging buffer (a disk
-        read for a checkpoint) -> device; into a scratch buffer, synchronised. It touches no cache
-        entry; the staging buffers are the loader's, so it runs at start-up, before the loader."""
-        layer_idx = self.layer_order[0]
-        layout = self.layouts[layer_idx]
-        if self._fetch_scratch is None:
-            self._fetch_scratch = torch.empty(self.tier.pool.slot_bytes, dtype=torch.uint8, device=self.device)
-        scratch = self._fetch_scratch[:layout.nbytes]
-        pinned = self.backing.pinned_source(layer_idx, 0)
-        if pinned is not None and self.host_tier is None:
-            event = self.engine.copy(layout.view(self._fetch_scratch), pinned)
-        else:
-            index, staging = self.engine.staging()
-            self.backing.fill(layer_idx, 0, staging, drop_page_cache=True)
-            event = self.engine.copy(scratch, staging[:layout.nbytes])
-            self.engine.staged(index, event)
-        if event is not None:
-            event.synchronize()
-
-    def stats(self) -> dict[str, Any]:
-        with self.cond:
-            self._flush_hits()
-            tiers = {self.tier.name: self.tier.stats()}
-            if self.host_tier is not None:
-                tiers["cpu"] = self.host_tier.stats()
-            if self.backing.tier_name is not None:  # every read is a hit: the backing holds every expert
-                tiers[self.backing.tier_name] = {"hits": self.backing.reads - self._backing_reads_at_reset,
-                                                 "misses": 0, "bytes_moved": 0, "peak_bytes": 0,
-                                                 "bytes_read": self.backing.bytes_read - self._backing_bytes_at_reset}
-            return {"tiers": tiers, "prefetch": dict(self.prefetch_counts),
-                    "cpu_computed_experts": self.cpu_computed_experts, "stall_seconds": self.stall_seconds,
-                    "kernel_calls": dict(self.kernel_calls), "host_reads": self.host_reads,
-                    "memory": self.memory()}
-
-    def memory(self) -> dict[str, int]:
-        """Where this cache's memory is: each pool's slab, the staging buffers, the process's pinned
-        total (`pool.pinned_bytes`, every live slab of this process) and its resident set."""
-        pools = {f"{tier.name}_pool_bytes": tier.pool.nbytes for tier in (self.tier, self.host_tier) if tier}
-        return {**pools, "staging_bytes": self.engine.staging_bytes, "pinned_bytes": pinned_bytes(),
-                **process_memory()}
-
-    def reset_stats(self) -> None:
-        with self.cond:
-            self._pending_hits = []
-            for tier in (self.tier, self.host_tier):
-                if tier is not None:
-                    tier.hits = tier.misses = tier.bytes_moved = 0
-                    tier.peak_bytes = tier.used_bytes
-            self.prefetch_counts = dict.fromkeys(self.prefetch_counts, 0)
-            self.cpu_computed_experts = 0
-            self.stall_seconds = 0.0
-            self.kernel_calls = dict.fromkeys(KERNELS, 0)
-            self.host_reads = 0
-            self._backing_reads_at_reset = getattr(self.backing, "reads", 0)
-            self._backing_bytes_at_reset = getattr(self.backing, "bytes_read", 0)
-
-    def resident(self) -> dict[Key, int]:
-        """Ready entries of the compute tier and their bytes (for tests and reports)."""
-        with self.cond:
-            return {k: e.nbytes for k, e in self.tier.entries.items() if e.ready}
-
-    # -- one layer ---------------------------------------------------------------------------
-    def _resident_forward(self, layer_idx: int, hidden: Tensor, routing):
-        """A layer call whose experts are all resident (every expert of the layer is ready in the
-        pool) reads nothing back: one fused launch over the pool, the routing counts left on the
-        device (hits are counted from them later, `_flush_hits`). None when some expert is not
-        resident (the caller then reads which experts the call uses). The policy sees every expert
-        of the layer accessed (which ones were used is not read back)."""
-        num_experts = self.num_experts[layer_idx]
-        with self.cond:
-            self._check_open()
-            entries = [self.tier.entries.get((layer_idx, e)) for e in range(num_experts)]
-            if any(entry is None or not entry.ready or entry.demand_miss for entry in entries):
-                return None
-            for entry in entries:
-                entry.pins += 1
-                self.tier.policy.access(entry.key)
-        try:
-            if self.device.type == "cuda":
-                stream = torch.cuda.current_stream(self.device)
-                for entry in entries:
-                    if entry.event is not None:
-                        stream.wait_event(entry.event)
-            out = self._fused(layer_idx, hidden, routing, entries, self.backing.activation(layer_idx))
-        finally:
-            self._release_all(entries)
-            self._end(layer_idx)
-        counts = expert_counts(routing.expert_ids, num_experts)  # [E] on the device
-        with self.cond:
-            self._pending_hits.append(counts)
-            if len(self._pending_hits) >= 256:
-                self._flush_hits()
-        return out, counts
-
-    def _flush_hits(self) -> None:
-        """Count the hits of the layer calls that left their counts on the device (caller holds the
-        lock): one read for all of them."""
-        pending, self._pending_hits = self._pending_hits, []
-        if pending:
-            self.tier.hits += int((torch.stack(pending) > 0).sum())
-
-    def _fused(self, layer_idx: int, hidden: Tensor, routing, held: list[Entry], activation) -> Tensor:
-        """One fused launch pair over the compute pool: expert ids -> slot ids on the device. The
-        launch config is looked up for the layer's own expert count (the tuned files are keyed by
-        E, and rows per expert are T*K/E, not T*K/S)."""
-        from moe_infer.kernels.config import get_config
-        from moe_infer.kernels.fused_moe import fused_moe_with_config
-
-        pool = self.tier.pool
-        slot_map = torch.full((self.num_experts[layer_idx],), -1, dtype=torch.int32)
-        for entry in held:
-            slot_map[entry.key[1]] = entry.slot
-        slot_map = slot_map.pin_memory() if self.device.type == "cuda" else slot_map
-        slots = slot_ids(slot_map.to(hidden.device, non_blocking=True), routing.expert_ids)
-        weights = pool.stacked(layer_idx)
-        quant = weights.w13.scheme if isinstance(weights.w13, QuantizedWeight) else None
-        dtype = hidden.dtype if quant is not None else weights.w13.dtype  # quantized: computed in hidden's dtype
-        num_tokens, top_k = routing.expert_ids.shape
-        config = self._launch_configs.get((layer_idx, num_tokens))
-        if config is None:  # looked up once per layer and token count (the lookup touches the file system)
-            if len(self._launch_configs) > 4096:
-                self._launch_configs.clear()
-            config = self._launch_configs[(layer_idx, num_tokens)] = get_config(
-                self.num_experts[layer_idx], weights.w2.shape[2], top_k, num_tokens, dtype, hidden.device, quant)
-        out = fused_moe_with_config(hidden.to(dtype), weights.w13, weights.w2, slots,
-                                    routing.expert_weights, config, activation=activation, b13=weights.b13,
-                                    b2=weights.b2, interleaved=weights.interleaved)
-        with self.cond:
-            self.kernel_calls["triton"] += 1
-        return out.to(hidden.dtype)
-
-    def _submit_cpu_experts(self, layer_idx: int, hidden: Tensor, routing, cpu_experts: list[int]):
-        """Run `cpu_experts` of this call on the CPU worker from the backing; on CUDA the rows go to
-        pinned host memory asynchronously and the worker waits for that copy only."""
-        num_experts = self.num_experts[layer_idx]
-        ids = routing.expert_ids
-        on_cpu = torch.zeros(num_experts + 1, dtype=torch.bool)
-        on_cpu[cpu_experts] = True
-        cpu_ids = torch.where(on_cpu.to(ids.device)[ids.clamp(0, num_experts)], ids, -1)
-        with self.cond:
-            self.tier.misses += len(cpu_experts)
-            self.cpu_computed_experts += len(cpu_experts)
-        inputs = (hidden, cpu_ids, routing.expert_weights)
-        ready = None
-        if hidden.device.type == "cuda":
-            host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in inputs]
-            for dst, src in zip(host, inputs):
-                dst.copy_(src, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(hidden.device))
-            inputs = tuple(host)
-        source = _BackingSource(self.backing, layer_idx)
-        activation = self.backing.activation(layer_idx)
-
-        def run() -> Tensor:
-            if ready is not None:
-                ready.synchronize()
-            out = moe_forward(*inputs, source, num_experts, activation)
-            return out.pin_memory() if ready is not None else out
-
-        return self._cpu_pool.submit(run)
 
     def _note_counts(self, layer_idx: int, counts: list[int]) -> None:
         acc = self.expert_counts.setdefault(layer_idx, [0] * len(counts))
@@ -667,133 +438,6 @@ class ExpertCache:
         if self.closed:
             raise RuntimeError("the expert cache is closed (the model was unwrapped or its cache replaced)")
 
-    # -- the loader thread -------------------------------------------------------------------
-    def _run_job(self, job: Job) -> None:
-        tier = self.tier
-        with self.cond:
-            entry = tier.entries.get(job.key)
-            if entry is None or entry.ready or entry.charged:
-                return
-            if not self._make_room(tier, entry, job):
-                return
-            tier.charge(entry)
-            if entry.prefetched:
-                self.prefetch_counts["issued"] += 1
-        try:
-            tensors, event = self._fill(entry)
-        except BaseException as err:  # noqa: BLE001 - surfaces in the forward that waits for it
-            with self.cond:
-                entry.error = err
-                tier.remove(entry)
-                self.cond.notify_all()
-            return
-        with self.cond:
-            if entry.abandoned:  # the forward gave up on it: free its slot now that nothing writes it
-                tier.remove(entry)
-                return
-            entry.tensors, entry.event, entry.ready = tensors, event, True
-            tier.bytes_moved += self.expert_bytes[entry.key[0]]
-            self.cond.notify_all()
-
-    def _make_room(self, tier: Tier, entry: Entry, job: Job) -> bool:
-        """Evict until `entry` fits (caller holds the lock). False when the job was given up (a
-        prefetch with no room, a demand overtaken by an urgent request, or shutdown)."""
-        urgent = job.priority == URGENT
-        while not tier.fits(entry):
-            candidates = [k for k, e in tier.entries.items() if e is not entry and e.charged
-                          and tier.evictable(e, urgent) and tier.policy.may_evict_for_use(k, entry.key)]
-            if urgent and not candidates:  # a forward waits: a protected (e.g. hot) expert may go too
-                candidates = [k for k, e in tier.entries.items() if e is not entry and e.charged
-                              and tier.evictable(e, urgent)]
-            if urgent:  # take an expert reserved for later in this call only when nothing else can go
-                free = [k for k in candidates if not tier.entries[k].reserved]
-                candidates = free or candidates
-            victim_key = tier.policy.victim_for(entry.key, candidates, [k for k, e in tier.entries.items()
-                                                                        if e.charged]) if candidates else None
-            if victim_key is not None and job.priority in (PREDICTED, RING) and \
-                    not tier.policy.worth_evicting(victim_key, entry.key):
-                victim_key = None
-            if victim_key is None:
-                if job.priority in (PREDICTED, RING):
-                    tier.remove(entry)
-                    self.prefetch_counts["cancelled"] += 1
-                    return False
-                if self.loader.stopping or entry.abandoned:
-                    return False
-                top = self.queue.top_priority()
-                if not urgent and top is not None and top < job.priority:
-                    self.queue.push(entry.key, job.priority)  # let the urgent request go first
-                    return False
-                self.cond.wait(0.05)
-                continue
-            victim = tier.entries[victim_key]
-            if victim.prefetched:
-                self.prefetch_counts["wasted"] += 1
-            tier.remove(victim)  # its slot is reused after the kernels still reading it (release_event)
-        return True
-
-    def _fill(self, entry: Entry):
-        """Write expert `entry.key` into its compute-tier slot; returns (tensors, the copy's CUDA
-        event or None)."""
-        layer_idx, expert = entry.key
-        pool = self.tier.pool
-        raw = pool.raw(entry.slot)
-        if self.device.type != "cuda":
-            self.backing.fill(layer_idx, expert, raw, drop_page_cache=True)
-            return pool.view(layer_idx, entry.slot), None
-        nbytes = self.layouts[layer_idx].nbytes
-        if self.host_tier is not None:
-            host_entry = self._host_entry(entry.key)
-            event = self.engine.copy(raw[:nbytes], self.host_tier.pool.raw(host_entry.slot)[:nbytes],
-                                     wait_for=entry.slot_wait)
-            with self.cond:
-                host_entry.event = event
-                host_entry.pins -= 1
-        elif (pinned := self.backing.pinned_source(layer_idx, expert)) is not None:
-            event = self.engine.copy(pool.view(layer_idx, entry.slot), pinned, wait_for=entry.slot_wait)
-        else:
-            index, staging = self.engine.staging()
-            self.backing.fill(layer_idx, expert, staging, drop_page_cache=True)
-            event = self.engine.copy(raw[:nbytes], staging[:nbytes], wait_for=entry.slot_wait)
-            self.engine.staged(index, event)
-        entry.slot_wait = None
-        return pool.view(layer_idx, entry.slot), event
-
-    def _host_entry(self, key: Key) -> Entry:
-        """The expert's entry in the pinned host tier, filled from the backing on a miss; pinned
-        until the caller has issued its copy out of it."""
-        layer_idx, expert = key
-        host = self.host_tier
-        with self.cond:
-            entry = host.entries.get(key)
-            if entry is not None and entry.ready:
-                host.hits += 1
-                host.policy.access(key)
-                entry.pins += 1
-                return entry
-            host.misses += 1
-            entry = Entry(key, host.pool.slot_bytes)
-            host.entries[key] = entry
-            if not self._make_room(host, entry, Job(URGENT, 0, key)):
-                host.remove(entry)
-                raise RuntimeError("the expert cache is shutting down")
-            host.charge(entry)
-            entry.pins += 1
-        try:
-            if entry.slot_wait is not None:
-                entry.slot_wait.synchronize()  # the copy that last read this host slot
-            self.backing.fill(layer_idx, expert, host.pool.raw(entry.slot), drop_page_cache=True)
-        except BaseException:
-            with self.cond:
-                entry.pins -= 1
-                host.remove(entry)
-            raise
-        with self.cond:
-            entry.tensors, entry.ready = host.pool.view(layer_idx, entry.slot), True
-            host.bytes_moved += self.expert_bytes[layer_idx]
-            host.policy.access(key)
-        return entry
-
 
 _LIVE_CACHES: "weakref.WeakSet[ExpertCache]" = weakref.WeakSet()
 
@@ -808,82 +452,3 @@ def _close_live_caches() -> None:
             cache.close()
         except Exception as err:  # noqa: BLE001 - exit goes on; a thread that cannot stop is a daemon
             print(f"moe_infer: closing an expert cache at exit: {type(err).__name__}: {err}", file=sys.stderr)
-
-
-def process_memory() -> dict[str, int]:
-    """The process's resident set now and at its peak (bytes; Linux /proc, else getrusage's peak)."""
-    found = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name in ("VmRSS", "VmHWM"):
-                    found["rss_bytes" if name == "VmRSS" else "peak_rss_bytes"] = int(value.split()[0]) * 1024
-    except OSError:
-        found["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return found
-
-
-class _LayerSource:
-    """The expert source one layer's forward computes from: waits for each expert and pins it until
-    the call ends (the layer computes with every expert of the call at once)."""
-
-    def __init__(self, cache: ExpertCache, layer_idx: int, cpu_experts: set[int]):
-        self.cache = cache
-        self.layer_idx = layer_idx
-        self.cpu_experts = cpu_experts
-        self.counted: set[int] = set()
-        self.held: list[Entry] = []
-
-    def __call__(self, expert: int) -> ExpertTensors:
-        if expert in self.cpu_experts:  # CPU compute device: run it from the backing, uncached
-            self._count(expert)
-            return self._read(lambda: self.cache.backing.read(self.layer_idx, expert), expert)
-        entry = self.cache._acquire(self.layer_idx, expert)
-        self.held.append(entry)
-        return entry.tensors
-
-    def projection(self, expert: int, projection: str) -> ExpertTensors:
-        """One projection of an expert run from the backing (read once per call, see `moe_forward`)."""
-        self._count(expert)
-        return self._read(lambda: self.cache.backing.projection(self.layer_idx, expert, projection), expert)
-
-    def _count(self, expert: int) -> None:
-        if expert not in self.counted:  # counted once per call
-            self.counted.add(expert)
-            with self.cache.cond:
-                self.cache.tier.misses += 1
-                self.cache.cpu_computed_experts += 1
-
-    def _read(self, read, expert: int) -> ExpertTensors:
-        try:
-            return read()
-        except Exception as err:
-            raise RuntimeError(f"reading expert {expert} of layer {self.layer_idx} failed: "
-                               f"{type(err).__name__}: {err}") from err
-
-    def is_resident(self, expert: int) -> bool:
-        """Cached experts stay pinned for the call; an expert run from the backing is read per use."""
-        return expert not in self.cpu_experts
-
-    def release(self) -> None:
-        self.cache._release_all(self.held)
-        self.held = []
-
-
-class _BackingSource:
-    """Experts read straight from the backing for one call (CPU compute of misses): not resident,
-    so `moe_forward` reads one projection of one of them at a time."""
-
-    def __init__(self, backing, layer_idx: int):
-        self.backing = backing
-        self.layer_idx = layer_idx
-
-    def __call__(self, expert: int) -> ExpertTensors:
-        return self.backing.read(self.layer_idx, expert)
-
-    def projection(self, expert: int, projection: str) -> ExpertTensors:
-        return self.backing.projection(self.layer_idx, expert, projection)
-
-    def is_resident(self, expert: int) -> bool:
-        return False

@@ -20,7 +20,8 @@ from torch import nn
 from moe_infer.cache.replay import RoutingReplay
 from moe_infer.cache.setup import build_cache, check_budgets, compute_device
 from moe_infer.cache.pool import pinned_bytes
-from moe_infer.cache.tiered import ExpertCache, process_memory
+from moe_infer.cache.report import process_memory
+from moe_infer.cache.tiered import ExpertCache
 from moe_infer import envs, kernels
 from moe_infer.config import MoEConfig
 from moe_infer.layer import MoELayer
