@@ -1,7 +1,8 @@
 """Expert-routing traces: what was routed where, on disk and in memory, and what can be read from it.
 
 - `trace`: the ``moe_infer.trace/1`` file format and the `Trace` class (read, write, validate,
-  combine, split, import JSONL routing logs);
+  combine, split, import JSONL routing logs); `format`: the format's names, file dtypes and header
+  checks; `jsonl`: parsing routing logs of other systems;
 - `profiler`: running a wrapped model over text or prompts and recording a trace, streamed to disk
   in parts (`parts`: part traces and their merge into one file);
 - `stats`: statistics of a trace (load, entropy, predictability) and their reports;
@@ -13,4 +14,4 @@ them. The profiler is the exception by layer: it runs a wrapped model (docs/arch
 Importing this package imports none of its modules (import the one you need).
 """
 
-__all__ = ["corpus", "parts", "popularity", "profiler", "stats", "trace"]
+__all__ = ["corpus", "format", "jsonl", "parts", "popularity", "profiler", "stats", "trace"]

@@ -1,8 +1,9 @@
 """Expert-routing traces: the ``moe_infer.trace/1`` file format and the ``Trace`` class.
 
-This module owns reading, writing, validating, combining and splitting traces, and importing
-routing logs written by other systems (JSONL, below). It does not record traces (the profiler
-does), train predictors or simulate caches; those consume ``Trace``.
+This module owns reading, writing, validating, combining and splitting traces, and building one
+from routing logs written by other systems (``Trace.from_jsonl``). The format's names, file dtypes
+and header checks are in `format.py`; parsing the JSONL layout is in `jsonl.py`. It does not
+record traces (the profiler does), train predictors or simulate caches; those consume ``Trace``.
 
 File layout (one ``.safetensors`` file, DESIGN section 5)
 ---------------------------------------------------------
@@ -32,22 +33,8 @@ tensors are rejected (they would be lost on the next save).
 Invariant: the tokens of one sequence form one contiguous run with strictly increasing
 positions. Runs need not be sorted by ``seq_id``.
 
-JSONL import layout (``Trace.from_jsonl``)
-------------------------------------------
-One JSON object per line, one line per token and MoE layer::
-
-    {"seq": 0, "pos": 5, "layer": 1, "experts": [3, 7], "weights": [0.62, 0.38], "token": 1337}
-
-- ``seq`` (int >= 0): sequence id; ``pos`` (int >= 0): position of the token in that sequence;
-- ``layer`` (int >= 0): decoder-layer index (not the index among MoE layers);
-- ``experts`` (list of K distinct ints in [0, num_experts)) and ``weights`` (list of K finite
-  numbers): the top-k routing of that token at that layer; K is the same on every line;
-- ``token`` (int >= 0, optional): vocabulary id; missing on every line of a token means -1;
-- other keys are ignored; blank lines are skipped; lines may come in any order.
-
-Every (seq, pos) must have exactly one line for every MoE layer. The MoE layers are
-``moe_layers`` when given, otherwise every ``layer`` value seen. Tokens are sorted by
-(seq, pos); positions need not start at 0 or be consecutive.
+Routing logs of other systems are imported with ``Trace.from_jsonl``; their layout (one JSON
+object per token and MoE layer) is documented in `jsonl.py`.
 """
 
 from __future__ import annotations
@@ -56,7 +43,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -68,26 +54,23 @@ from safetensors import SafetensorError, safe_open
 from moe_infer.files import save_safetensors
 from moe_infer.errors import ConfigError
 
+from .format import (
+    _INT32,
+    _OPTIONAL_TENSOR_DTYPES,
+    _TENSOR_DTYPES,
+    FORMAT,
+    UNKNOWN_TOKEN,
+    _check_file_header,
+    _check_positive_int,
+    _dtype_name,
+    _is_int,
+    _parse_metadata,
+    _to_file_dtype,
+)
+from .jsonl import read_jsonl
+
 # Shapes: N tokens, L MoE layers, K top-k (experts per token), E experts, F feature columns,
 # S sequences.
-
-FORMAT = "moe_infer.trace/1"
-UNKNOWN_TOKEN = -1
-
-_REQUIRED_TENSOR_DTYPES = {
-    "expert_ids": torch.int32,  # [N, L, K]
-    "expert_weights": torch.float32,  # [N, L, K]
-    "seq_ids": torch.int32,  # [N]
-    "positions": torch.int32,  # [N]
-    "token_ids": torch.int32,  # [N]
-}
-_OPTIONAL_TENSOR_DTYPES = {
-    "router_logits": torch.float16,  # [N, L, E]
-    "features": torch.float16,  # [N, F]
-}
-_TENSOR_DTYPES = {**_REQUIRED_TENSOR_DTYPES, **_OPTIONAL_TENSOR_DTYPES}
-_REQUIRED_METADATA = ("format", "model", "family", "num_experts", "top_k", "moe_layers", "source")
-_INT32 = torch.iinfo(torch.int32)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -223,78 +206,10 @@ class Trace:
         ``source`` defaults to ``"jsonl:<file name>"``. Errors name the file and line.
         """
         path = Path(path)
-        _check_positive_int("num_experts", num_experts)
-        allowed_layers = None if moe_layers is None else set(moe_layers)
-        # (seq, pos) -> layer -> (experts, weights, line number)
-        routing: dict[tuple[int, int], dict[int, tuple[list[int], list[float], int]]] = {}
-        tokens: dict[tuple[int, int], tuple[int, int]] = {}  # (seq, pos) -> (token, line number)
-        top_k_line: tuple[int, int] | None = None  # (K, line number that fixed it)
-        with open(path, encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                seq, pos, layer, experts, weights, token = _parse_jsonl_record(
-                    line, where, num_experts
-                )
-                if top_k_line is None:
-                    top_k_line = (len(experts), line_number)
-                elif len(experts) != top_k_line[0]:
-                    raise ConfigError(
-                        f"{where}: {len(experts)} experts, but line {top_k_line[1]} has "
-                        f"{top_k_line[0]}; top_k must be the same on every line"
-                    )
-                if allowed_layers is not None and layer not in allowed_layers:
-                    raise ConfigError(
-                        f"{where}: layer {layer} is not in moe_layers {sorted(allowed_layers)}"
-                    )
-                by_layer = routing.setdefault((seq, pos), {})
-                if layer in by_layer:
-                    raise ConfigError(
-                        f"{where}: duplicate record for seq {seq} pos {pos} layer {layer} "
-                        f"(first on line {by_layer[layer][2]})"
-                    )
-                by_layer[layer] = (experts, weights, line_number)
-                if token is not None:
-                    known_token, known_line = tokens.setdefault((seq, pos), (token, line_number))
-                    if token != known_token:
-                        raise ConfigError(
-                            f"{where}: token {token} for seq {seq} pos {pos}, but line "
-                            f"{known_line} says {known_token}"
-                        )
-        if top_k_line is None:
-            raise ConfigError(f"{path}: no routing records")
-
-        layers = (
-            tuple(moe_layers)
-            if moe_layers is not None
-            else tuple(sorted({layer for by_layer in routing.values() for layer in by_layer}))
-        )
-        keys = sorted(routing)
-        expert_ids = np.empty((len(keys), len(layers), top_k_line[0]), dtype=np.int64)  # [N, L, K]
-        expert_weights = np.empty(expert_ids.shape, dtype=np.float64)  # [N, L, K]
-        for token_index, (seq, pos) in enumerate(keys):
-            by_layer = routing[(seq, pos)]
-            missing = [layer for layer in layers if layer not in by_layer]
-            if missing:
-                first_line = min(line for _, _, line in by_layer.values())
-                raise ConfigError(
-                    f"{path}: seq {seq} pos {pos} has no record for layer(s) {missing} "
-                    f"(its first record is on line {first_line})"
-                )
-            for layer_index, layer in enumerate(layers):
-                experts, weights, _ = by_layer[layer]
-                expert_ids[token_index, layer_index] = experts
-                expert_weights[token_index, layer_index] = weights
+        arrays, layers = read_jsonl(path, num_experts=num_experts, moe_layers=moe_layers)
         try:
             return cls.from_arrays(
-                expert_ids=expert_ids,
-                expert_weights=expert_weights,
-                seq_ids=np.array([seq for seq, _ in keys], dtype=np.int64),
-                positions=np.array([pos for _, pos in keys], dtype=np.int64),
-                token_ids=np.array(
-                    [tokens.get(key, (UNKNOWN_TOKEN, 0))[0] for key in keys], dtype=np.int64
-                ),
+                **arrays,
                 num_experts=num_experts,
                 moe_layers=layers,
                 model=model,
@@ -628,132 +543,3 @@ class Trace:
                 f"token {token - 1} has position {int(self.positions[token - 1])}, token {token} "
                 f"has position {int(self.positions[token])}"
             )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ConfigError(f"{name} must be >= 1, got {value}")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _to_file_dtype(name: str, array: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """``array`` as a CPU tensor of the file dtype of tensor ``name``, refusing lossy casts."""
-    if isinstance(array, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    elif isinstance(array, torch.Tensor):
-        tensor = array.detach().cpu()
-    else:
-        raise TypeError(
-            f"{name} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}"
-        )
-    target = _TENSOR_DTYPES[name]
-    if tensor.dtype == target:
-        return tensor.contiguous()
-    if target.is_floating_point:
-        if not tensor.dtype.is_floating_point:
-            raise ConfigError(
-                f"{name}: expected floating-point values (stored as {_dtype_name(target)}), "
-                f"got {_dtype_name(tensor.dtype)}"
-            )
-        cast = tensor.to(target)
-        overflowed = torch.isinf(cast) & torch.isfinite(tensor)
-        if overflowed.any():
-            raise ConfigError(
-                f"{name}: values up to {float(tensor[overflowed].abs().max())} overflow "
-                f"{_dtype_name(target)} (max {torch.finfo(target).max})"
-            )
-        return cast
-    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
-        raise ConfigError(
-            f"{name}: expected integer values (stored as int32), got {_dtype_name(tensor.dtype)}"
-        )
-    if tensor.numel() and (int(tensor.min()) < _INT32.min or int(tensor.max()) > _INT32.max):
-        raise ConfigError(
-            f"{name}: values in [{int(tensor.min())}, {int(tensor.max())}] do not fit in int32"
-        )
-    return tensor.to(torch.int32)
-
-
-def _check_file_header(path: Path, metadata: dict[str, str], names: set[str]) -> None:
-    if metadata.get("format") != FORMAT:
-        raise ConfigError(
-            f"{path}: format is {metadata.get('format')!r}, expected {FORMAT!r}; "
-            "not a moe_infer trace"
-        )
-    missing_metadata = [key for key in _REQUIRED_METADATA if key not in metadata]
-    if missing_metadata:
-        raise ConfigError(f"{path}: metadata lacks {missing_metadata}")
-    missing_tensors = [name for name in _REQUIRED_TENSOR_DTYPES if name not in names]
-    if missing_tensors:
-        raise ConfigError(
-            f"{path}: missing tensor(s) {missing_tensors}; a {FORMAT} file holds "
-            f"{list(_REQUIRED_TENSOR_DTYPES)} and optionally {list(_OPTIONAL_TENSOR_DTYPES)}"
-        )
-    unknown_tensors = sorted(names - _TENSOR_DTYPES.keys())
-    if unknown_tensors:
-        raise ConfigError(f"{path}: unknown tensor(s) {unknown_tensors} are not part of {FORMAT}")
-
-
-def _parse_metadata(path: Path, metadata: dict[str, str], key: str, parse):
-    try:
-        return parse(metadata[key])
-    except ValueError as error:  # json.JSONDecodeError is a ValueError
-        raise ConfigError(
-            f"{path}: metadata {key}={metadata[key]!r} cannot be parsed ({error})"
-        ) from error
-
-
-def _parse_jsonl_record(
-    line: str, where: str, num_experts: int
-) -> tuple[int, int, int, list[int], list[float], int | None]:
-    """One JSONL line as (seq, pos, layer, experts, weights, token or None).
-
-    Errors cite ``where`` (file and line).
-    """
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{where}: not valid JSON ({error})") from error
-    if not isinstance(record, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    missing = [key for key in ("seq", "pos", "layer", "experts", "weights") if key not in record]
-    if missing:
-        raise ConfigError(f"{where}: missing key(s) {missing}")
-    for key in ("seq", "pos", "layer", "token"):
-        if key in record and not (_is_int(record[key]) and record[key] >= 0):
-            raise ConfigError(f"{where}: {key} must be an int >= 0, got {record[key]!r}")
-    experts, weights = record["experts"], record["weights"]
-    if not (
-        isinstance(experts, list)
-        and experts
-        and all(_is_int(expert) and 0 <= expert < num_experts for expert in experts)
-        and len(set(experts)) == len(experts)
-    ):
-        raise ConfigError(
-            f"{where}: experts must be a non-empty list of distinct ints in "
-            f"[0, num_experts={num_experts}), got {experts!r}"
-        )
-    if not (
-        isinstance(weights, list)
-        and len(weights) == len(experts)
-        and all(
-            isinstance(weight, (int, float))
-            and not isinstance(weight, bool)
-            and math.isfinite(weight)
-            for weight in weights
-        )
-    ):
-        raise ConfigError(
-            f"{where}: weights must be a list of {len(experts)} finite numbers (one per expert), "
-            f"got {weights!r}"
-        )
-    return record["seq"], record["pos"], record["layer"], experts, weights, record.get("token")
