@@ -190,7 +190,7 @@ class _Converter:
 
     def _quantized_parts(self, plan: LayerPlan, e: int):
         """`_expert_parts` with w13 and w2 quantized (`--quantize`), in the file order of
-        `store.QUANTIZED_TENSORS`: each row block is quantized as it arrives (rows are quantized
+        `manifest.QUANTIZED_TENSORS`: each row block is quantized as it arrives (rows are quantized
         independently, so gate and up rows give the same bytes as their concatenation), and only the
         quantized blocks wait for the tensors before them."""
         quantized: dict[str, list[QuantizedWeight]] = {"w13": [], "w2": []}
