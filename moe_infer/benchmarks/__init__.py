@@ -1,7 +1,8 @@
 """The benchmarks behind ``moe-infer bench NAME``.
 
 One module per benchmark, each with ``main(argv=None, prog=None) -> int`` and its own argparse
-options; ``scripts/bench_NAME.py`` are thin shells over the same ``main``. Results go to
+options (a benchmark's own helpers may sit beside it, as ``offload_routing.py`` does for
+``offload.py``); ``scripts/bench_NAME.py`` are thin shells over the same ``main``. Results go to
 ``bench/results/`` under the current directory unless ``--out`` says otherwise.
 """
 
